@@ -1,0 +1,1 @@
+"""raygrpo training: config, GRPO math, rollout and the training loop."""

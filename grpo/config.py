@@ -1,0 +1,238 @@
+"""The run config: one flat, typed, validated model for `python -m grpo.run`.
+
+Covers what a GRPO run needs to start (model, task, sampling, loss variant, workers, checkpoints)
+and where it is loaded from (YAML, then `key=value` overrides from the command line). It does not
+cover the job API's request schema; the API maps its request onto this model.
+
+Every check that can fail does so here, before any Ray actor starts, with the field named.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message names the offending field(s)."""
+
+
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+def _looks_local(path: str) -> bool:
+    """A model string that can only mean a local directory (an HF id is `name` or `org/name`)."""
+    return path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or os.sep == "\\"
+
+
+class GRPOConfig(BaseModel):
+    """Everything one GRPO run needs. Unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    # ---- model -------------------------------------------------------------------------------
+    model: str = Field(min_length=1)
+    """HF model id or local directory (anything `from_pretrained` takes); also the KL reference"""
+    tokenizer: str | None = None
+    """tokenizer id or directory; defaults to `model`"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """parameter dtype for policy, reference and rollout copies"""
+
+    # ---- data ----------------------------------------------------------------------------------
+    task: str = Field("digit", min_length=1)
+    """built-in task (`digit`, `arithmetic`, `countdown`, `code`) or `jsonl` with `dataset`"""
+    dataset: str | None = None
+    """JSONL file of `{query, expected_outcome}` rows; sets task to `jsonl`"""
+    reward: str | None = None
+    """reward function: a registered name or `module:function`; defaults to the task's verifier"""
+    eval_size: int = Field(32, ge=0, le=100_000)
+    """held-out prompts scored greedily at each evaluation (0 disables evaluation)"""
+    eval_interval: int = Field(0, ge=0, le=1_000_000)
+    """evaluate every N steps (0: only at checkpoints and at the end)"""
+
+    # ---- sampling ------------------------------------------------------------------------------
+    group_size: int = Field(8, ge=2, le=64)
+    """completions sampled per prompt"""
+    prompts_per_step: int = Field(16, ge=1, le=4096)
+    """prompts per optimizer step, across all policy workers"""
+    max_prompt_tokens: int = Field(256, ge=1, le=32_768)
+    """prompts longer than this are truncated from the left"""
+    max_new_tokens: int = Field(8, ge=1, le=32_768)
+    """completion length limit"""
+    temperature: float = Field(1.0, gt=0.0, le=2.0)
+    """sampling temperature; log-probs are taken from the same tempered distribution"""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """nucleus sampling mass"""
+
+    # ---- optimisation --------------------------------------------------------------------------
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
+    """AdamW learning rate"""
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    """AdamW weight decay"""
+    max_grad_norm: float = Field(1.0, ge=0.0, le=1e6)
+    """gradient clipping norm (0 disables)"""
+    num_steps: int = Field(100, ge=1, le=10_000_000)
+    """optimizer steps in the run"""
+    micro_batch_size: int = Field(64, ge=1, le=65_536)
+    """sequences per forward/backward on one policy worker (gradient accumulation above it)"""
+
+    # ---- GRPO loss -----------------------------------------------------------------------------
+    kl_coef: float = Field(0.0, ge=0.0, le=10.0)
+    """weight of the KL penalty to the frozen reference (0: no reference model is loaded)"""
+    kl_estimator: KLEstimator = "k3"
+    """k1 = log r, k2 = (log r)^2 / 2, k3 = r - 1 - log r (Schulman's unbiased, low variance)"""
+    clip_eps_low: float = Field(0.2, ge=0.0, le=1.0)
+    """lower clip of the ratio: 1 - eps_low"""
+    clip_eps_high: float = Field(0.2, ge=0.0, le=10.0)
+    """upper clip of the ratio: 1 + eps_high (DAPO clip-higher uses 0.28)"""
+    loss_agg: LossAgg = "token-mean"
+    """how per-token losses become one number; changes the length bias (see grpo.loss.aggregate)"""
+    scale_advantages: bool = True
+    """divide group advantages by the group std (GRPO); False is Dr. GRPO's mean-only"""
+    dynamic_sampling: bool = False
+    """drop groups whose rewards are all equal (DAPO): they carry no gradient signal"""
+    overlong_buffer: int = Field(0, ge=0, le=32_768)
+    """soft overlong penalty over the last N tokens before max_new_tokens (0 disables)"""
+    overlong_penalty: float = Field(1.0, ge=0.0, le=100.0)
+    """size of the soft overlong penalty at max_new_tokens"""
+
+    # ---- cluster -------------------------------------------------------------------------------
+    num_policy_workers: int = Field(1, ge=1, le=1024)
+    """Ray Train workers updating the policy (DDP/FSDP)"""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """parallel strategy of the policy workers; fsdp needs GPUs"""
+    num_rollout_workers: int = Field(1, ge=1, le=1024)
+    """rollout actors sampling completions"""
+    num_reward_workers: int = Field(1, ge=1, le=1024)
+    """reward actors in the ActorPool"""
+    gpus_per_worker: float = Field(0.0, ge=0.0, le=8.0)
+    """GPUs for each policy worker and each rollout actor (0: CPU)"""
+    cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0)
+    """logical CPUs reserved by each policy worker and rollout actor"""
+    cpus_per_reward_worker: float = Field(0.5, gt=0.0, le=256.0)
+    """logical CPUs reserved by each reward actor"""
+    torch_threads: int = Field(1, ge=1, le=256)
+    """intra-op threads of torch in every worker process"""
+    reward_timeout_s: float = Field(10.0, gt=0.0, le=3600.0)
+    """a reward call slower than this scores 0 and is counted as a timeout"""
+
+    # ---- checkpoints and output ----------------------------------------------------------------
+    output_dir: str = "runs"
+    """root folder: checkpoints, metrics.jsonl, trajectories and the plot go to output_dir/run_name"""
+    run_name: str = Field("grpo", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
+    """run folder name; starting a run with an existing name resumes it from its latest checkpoint"""
+    checkpoint_interval: int = Field(10, ge=0, le=1_000_000)
+    """checkpoint every N steps (0: only at the end)"""
+    keep_checkpoints: int = Field(3, ge=1, le=1000)
+    """checkpoints kept: the best k by eval reward when evaluation runs, else the latest k"""
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    """seeds the prompt order, the sampling and the model init of the tiny factory"""
+
+    # ---- async ---------------------------------------------------------------------------------
+    async_rollouts: bool = False
+    """sample step k+1 while step k trains; the loss importance-weights against sampling log-probs"""
+    max_staleness: int = Field(1, ge=1, le=16)
+    """how many policy versions a rollout may lag the policy it trains (async only)"""
+
+    # ---- accounting ----------------------------------------------------------------------------
+    max_budget_usd: float | None = Field(None, gt=0.0, le=1e7)
+    """stop the run (with a checkpoint) when its compute cost reaches this; warn at 75% and 90%"""
+    cpu_hour_usd: float = Field(0.05, ge=0.0, le=1000.0)
+    """price of one logical CPU for one hour, for the cost metric"""
+    gpu_hour_usd: float = Field(2.5, ge=0.0, le=1000.0)
+    """price of one GPU for one hour, for the cost metric"""
+
+    @model_validator(mode="after")
+    def _check(self) -> GRPOConfig:
+        if self.dataset is not None:
+            if not Path(self.dataset).expanduser().is_file():
+                raise ValueError(f"dataset: no such file: {self.dataset}")
+            if self.task not in ("digit", "jsonl"):
+                raise ValueError("task: must be 'jsonl' (or left out) when dataset is given")
+            object.__setattr__(self, "task", "jsonl")
+        elif self.task == "jsonl":
+            raise ValueError("dataset: required when task is 'jsonl'")
+        for field in ("model", "tokenizer"):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            local = Path(value).expanduser()
+            if local.exists():
+                if not local.is_dir() or not any(local.glob("*.json")):
+                    raise ValueError(f"{field}: {value} is not a Hugging Face model directory")
+            elif _looks_local(value):
+                raise ValueError(f"{field}: no such directory: {value}")
+        if self.prompts_per_step % self.num_policy_workers:
+            raise ValueError(
+                f"prompts_per_step: {self.prompts_per_step} must be a multiple of "
+                f"num_policy_workers ({self.num_policy_workers}) so that whole groups land on each worker"
+            )
+        if self.strategy == "fsdp" and self.gpus_per_worker == 0:
+            raise ValueError("strategy: fsdp needs gpus_per_worker > 0")
+        if self.overlong_buffer >= self.max_new_tokens and self.overlong_buffer:
+            raise ValueError("overlong_buffer: must be smaller than max_new_tokens")
+        return self
+
+    # ---- derived values, computed in one place -------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve() / self.run_name
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.model
+
+    @property
+    def prompts_per_worker(self) -> int:
+        return self.prompts_per_step // self.num_policy_workers
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(msg if msg.startswith(f"{loc}:") else f"{loc}: {msg}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`key=value` strings -> dict; values are parsed as YAML scalars (`lr=1e-3`, `async_rollouts=true`)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip().removeprefix("--").replace("-", "_")
+        if not sep or not key:
+            raise ConfigError(f"invalid override {item!r}: expected key=value")
+        out[key] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> GRPOConfig:
+    """Load a YAML config, apply overrides, validate. Raises ConfigError naming the field."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        data.update(loaded)
+    if overrides:
+        data.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    try:
+        return GRPOConfig(**data)
+    except ValidationError as e:
+        raise ConfigError(_format(e)) from None

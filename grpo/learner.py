@@ -1,0 +1,144 @@
+"""The policy update: one GRPO optimizer step on a scored batch, on one policy worker.
+
+`Learner` is an ordinary class: the Ray Train loop (grpo.trainer) builds one per worker and hands
+it a model already wrapped by `ray.train.torch.prepare_model` (DDP/FSDP); benchmarks and unit
+tests build it on a bare model. The loss math lives in grpo.loss; this module only lays the
+batch out as tensors, runs forward/backward per micro-batch and steps the optimizer.
+
+Counts are global: the caller passes the number of completion tokens and sequences of the whole
+step across all workers, so each worker's loss is its share of the global loss and DDP's gradient
+average (times world size) equals the one-worker gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from grpo import loss as L
+from grpo.config import GRPOConfig
+from grpo.rollout import Rollout, left_pad, position_ids
+
+
+@dataclass
+class ScoredBatch:
+    """A rollout with its rewards and group advantages; `keep` drops whole groups (dynamic sampling)."""
+
+    rollout: Rollout
+    rewards: Tensor  # (N,) float32, after shaping (overlong penalty)
+    advantages: Tensor  # (N,) float32
+    keep: Tensor  # (N,) bool
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.rollout.completion_mask[self.keep].sum())
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.keep.sum())
+
+
+def score_batch(rollout: Rollout, raw_rewards: list[float], cfg: GRPOConfig) -> ScoredBatch:
+    """Rewards -> shaped rewards -> group advantages, with the variant switches chosen by the config."""
+    rewards = torch.tensor(raw_rewards, dtype=torch.float32)  # (N,)
+    if cfg.overlong_buffer:
+        rewards = rewards + L.overlong_penalty(rollout.lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+    advantages = L.group_advantages(rewards, rollout.group_size, scale=cfg.scale_advantages)  # (N,)
+    if cfg.dynamic_sampling:
+        keep = L.dynamic_sampling_mask(rewards, rollout.group_size).repeat_interleave(rollout.group_size)  # (N,)
+    else:
+        keep = torch.ones_like(rewards, dtype=torch.bool)
+    return ScoredBatch(rollout=rollout, rewards=rewards, advantages=advantages, keep=keep)
+
+
+def training_tensors(rollout: Rollout, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Prompt + completion laid out exactly as at sampling time: prompts left-padded to one width."""
+    g = rollout.group_size
+    prompt_ids, prompt_mask = left_pad([p for p in rollout.prompt_ids for _ in range(g)], pad_id)  # (N, Lp)
+    ids = torch.cat([prompt_ids, rollout.completion_ids], dim=1)  # (N, Lp+L)
+    mask = torch.cat([prompt_mask, rollout.completion_mask], dim=1)  # (N, Lp+L)
+    return ids, mask, position_ids(mask)
+
+
+class Learner:
+    """Owns the trainable policy, its optimizer and the frozen reference (when KL is on)."""
+
+    def __init__(self, cfg: GRPOConfig, model: torch.nn.Module, *, ref_model: torch.nn.Module | None, pad_id: int):
+        self.cfg = cfg
+        self.model = model
+        self.ref_model = ref_model
+        self.pad_id = pad_id
+        self.device = next(model.parameters()).device
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.99)
+        )
+        if cfg.kl_coef > 0 and ref_model is None:
+            raise ValueError("kl_coef > 0 needs a reference model")
+
+    @property
+    def base_model(self) -> torch.nn.Module:
+        """The HF model under any DDP/FSDP wrapper (what gets saved and published)."""
+        return getattr(self.model, "module", self.model)
+
+    def _logits(self, model: torch.nn.Module, ids: Tensor, mask: Tensor, pos: Tensor, n_completion: int) -> Tensor:
+        # Only the last L+1 positions matter: position Lp-1+t predicts completion token t.
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=n_completion + 1)
+        return out.logits[:, :-1]  # (B, L, V)
+
+    def step(self, batch: ScoredBatch, *, num_tokens: float, num_seqs: float, world_size: int = 1) -> dict[str, float]:
+        """Forward/backward over micro-batches, clip, optimizer step. Returns this worker's share of
+        each metric (sum over workers gives the global value)."""
+        cfg, ro = self.cfg, batch.rollout
+        ids, mask, pos = training_tensors(ro, self.pad_id)
+        rows = batch.keep.nonzero().squeeze(-1)  # (n_keep,)
+        n_comp = ro.completion_ids.shape[1]
+        sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
+        # Every worker does at least one backward so DDP's all-reduce always has all ranks,
+        # even when dynamic sampling left this worker nothing (a zero-weight pass then).
+        empty = rows.numel() == 0
+        chunks = [torch.zeros(1, dtype=torch.long)] if empty else list(rows.split(cfg.micro_batch_size))
+        if num_seqs == 0:  # every group on every worker was flat: nothing to learn, keep the optimizer still
+            return {k: 0.0 for k in (*sums, "grad_norm")}
+        self.model.train()
+        for i, idx in enumerate(chunks):
+            last = i == len(chunks) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                b_ids, b_mask, b_pos = (t[idx].to(self.device) for t in (ids, mask, pos))
+                c_ids = ro.completion_ids[idx].to(self.device)  # (B, L)
+                c_mask = ro.completion_mask[idx].to(self.device) & (not empty)  # (B, L)
+                logits = self._logits(self.model, b_ids, b_mask, b_pos, n_comp)  # (B, L, V)
+                logp = L.token_logprobs(logits, c_ids, cfg.temperature)  # (B, L)
+                # On-policy (sync) the ratio is 1 with the right gradient; async corrects with the
+                # importance ratio against the log-probs the stale sampler actually used.
+                old = ro.logprobs[idx].to(self.device) if cfg.async_rollouts else logp.detach()
+                ref = None
+                if self.ref_model is not None:
+                    with torch.no_grad():
+                        ref = L.token_logprobs(self._logits(self.ref_model, b_ids, b_mask, b_pos, n_comp), c_ids, cfg.temperature)
+                out = L.policy_loss(
+                    logp, old, batch.advantages[idx].to(self.device), c_mask,
+                    eps_low=cfg.clip_eps_low, eps_high=cfg.clip_eps_high, agg=cfg.loss_agg,
+                    kl_coef=cfg.kl_coef, ref_logp=ref, kl_estimator=cfg.kl_estimator,
+                    num_tokens=max(num_tokens, 1.0), num_seqs=max(num_seqs, 1.0), norm_len=cfg.max_new_tokens,
+                )
+                (out.loss * world_size).backward()
+            with torch.no_grad():
+                ent = L.entropy(logits.detach(), cfg.temperature)  # (B, L)
+                sums["entropy"] += float((ent * c_mask).sum()) / max(num_tokens, 1.0)
+            for k in ("loss", "pg_loss", "kl", "clip_frac"):
+                sums[k] += float(getattr(out, k).detach())
+        if cfg.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # grad_norm is already global after DDP's all-reduce; divide so the cross-worker sum is right.
+        sums["grad_norm"] = float(grad_norm) / world_size
+        return sums

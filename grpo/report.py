@@ -1,0 +1,132 @@
+"""How a run tells the world what it is doing: the reporter hook and the run monitor.
+
+`Reporter` is the small interface `grpo.run` accepts: the job API passes a DB-backed one (issue
+of the job API), the engine always adds `LocalReporter` (metrics.jsonl, trajectories.jsonl and a
+reward/loss plot in the run folder). Reporters run in the driver process, never in a worker.
+
+`RunMonitor` is the Ray actor between the policy workers and the driver: rank 0 posts each step's
+metrics and trajectories and gets back a stop reason (cancel, budget) decided by the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+from grpo.config import GRPOConfig
+
+
+class Reporter(Protocol):
+    """Everything is optional to act on; every method must return quickly (it runs in the poll loop)."""
+
+    def on_start(self, cfg: GRPOConfig, *, job_id: str | None) -> None: ...
+
+    def on_step(self, metrics: dict[str, float]) -> None: ...
+
+    def on_trajectories(self, rows: list[dict[str, Any]]) -> None: ...
+
+    def should_stop(self) -> str | None:
+        """A reason to stop now ("cancelled", ...) or None."""
+        ...
+
+    def on_end(self, status: str, *, error: str | None, summary: dict[str, Any]) -> None: ...
+
+
+class RunMonitor:
+    """Mailbox between rank 0 and the driver (a Ray actor with num_cpus=0)."""
+
+    def __init__(self) -> None:
+        self.metrics: list[dict[str, float]] = []
+        self.rows: list[dict[str, Any]] = []
+        self.stop_reason: str | None = None
+
+    def record(self, step: int, metrics: dict[str, float], rows: list[dict[str, Any]]) -> str | None:
+        self.metrics.append(dict(metrics, step=step))
+        self.rows += rows
+        return self.stop_reason
+
+    def add_trajectories(self, rows: list[dict[str, Any]]) -> None:
+        self.rows += rows
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = self.stop_reason or reason
+
+    def drain(self) -> tuple[list[dict[str, float]], list[dict[str, Any]]]:
+        metrics, rows, self.metrics, self.rows = self.metrics, self.rows, [], []
+        return metrics, rows
+
+
+def _clean(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+class LocalReporter:
+    """Writes the run folder: metrics.jsonl (appended, so a resumed run continues the curve),
+    trajectories.jsonl, and curves.png at the end."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.traj_path = run_dir / "trajectories.jsonl"
+
+    def on_start(self, cfg: GRPOConfig, *, job_id: str | None) -> None:
+        (self.run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+
+    def on_step(self, metrics: dict[str, float]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in metrics.items()}) + "\n")
+
+    def on_trajectories(self, rows: list[dict[str, Any]]) -> None:
+        with self.traj_path.open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+    def should_stop(self) -> str | None:
+        return None
+
+    def on_end(self, status: str, *, error: str | None, summary: dict[str, Any]) -> None:
+        (self.run_dir / "summary.json").write_text(json.dumps({"status": status, "error": error, **summary}, indent=2,
+                                                               default=str))
+        if self.metrics_path.exists():
+            plot_curves(read_metrics(self.metrics_path), self.run_dir / "curves.png")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The metric rows of a run; a resumed run's later rows win over replayed steps."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_step[int(row["step"])] = row
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def plot_curves(rows: list[dict[str, Any]], out: Path) -> Path:
+    """Reward (train and eval), loss and KL against step, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(steps, [r.get("reward_mean") for r in rows], label="train reward")
+    ev = [(r["step"], r["eval_reward"]) for r in rows if r.get("eval_reward") is not None]
+    if ev:
+        axes[0].plot(*zip(*ev, strict=True), "o-", label="eval reward")
+    axes[0].set_title("reward")
+    axes[0].legend()
+    axes[1].plot(steps, [r.get("loss") for r in rows], color="tab:red")
+    axes[1].set_title("loss")
+    axes[2].plot(steps, [r.get("kl") for r in rows], color="tab:green")
+    axes[2].set_title("KL to reference")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,330 @@
+"""Reward functions: the built-in verifiers, the name registry, and the worker that scores batches.
+
+A reward function is `fn(prompt, completion, expected) -> float`, a plain function of strings that
+knows nothing about Ray or tensors. `resolve` turns the config's `reward` string (a registered name
+or `package.module:function`) into one, after a probe call shows it returns a finite number.
+`RewardWorker` scores a batch with one function and contains its failures: an exception or a
+non-finite value scores 0.0 and counts as an error, a call past the timeout scores 0.0 and counts as
+a timeout, so one bad completion never takes down a training step. The engine wraps RewardWorker
+with `ray.remote` and spreads batches over an ActorPool; nothing here imports Ray.
+
+Not covered: shaping or normalising rewards across a group (that is the advantage computation in
+grpo/loss.py) and running code safely (grpo/sandbox.py; the `code` reward calls it).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib
+import math
+import numbers
+import operator
+import re
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from grpo.sandbox import run_python
+
+RewardFn = Callable[[str, str, str], float]
+"""(prompt, completion, expected) -> reward"""
+
+PROBE = ("digit 1:", "1", "1")
+"""the (prompt, completion, expected) every reward function is called with before it is accepted"""
+
+MAX_MESSAGES = 5
+"""failure messages kept per ScoreResult; the counts are always complete"""
+
+CODE_TIMEOUT_S = 5.0
+"""wall-clock limit for one `code` reward program in the sandbox"""
+
+
+class RewardError(ValueError):
+    """A reward spec that cannot be used: unknown, not importable, or failing the probe call."""
+
+
+# ---- built-in reward functions ------------------------------------------------------------------
+
+
+def digit_reward(prompt: str, completion: str, expected: str) -> float:
+    """Share of the first 6 completion characters equal to the expected digit (count / 6).
+
+    Partial credit on purpose: a random tiny model gets a gradient from its very first steps.
+    """
+    target = expected.strip()
+    if len(target) != 1:
+        raise ValueError(f"digit reward: expected a single character, got {expected!r}")
+    return sum(ch == target for ch in completion[:6]) / 6
+
+
+def exact_match_reward(prompt: str, completion: str, expected: str) -> float:
+    """1.0 if the completion's first line (whitespace stripped) equals `expected` stripped, else 0.0."""
+    first_line = completion.strip().split("\n", 1)[0].strip()
+    return 1.0 if first_line == expected.strip() else 0.0
+
+
+_INTEGER = re.compile(r"-?\d+")
+
+
+def arithmetic_reward(prompt: str, completion: str, expected: str) -> float:
+    """1.0 if the first integer in the completion equals the expected integer, else 0.0."""
+    target = int(expected.strip())
+    match = _INTEGER.search(completion)
+    return 1.0 if match is not None and int(match.group()) == target else 0.0
+
+
+def parse_countdown_expected(expected: str) -> tuple[list[int], int]:
+    """Decode a countdown answer key "3 5 7|22" into ([3, 5, 7], 22)."""
+    numbers_part, sep, target_part = expected.partition("|")
+    if not sep:
+        raise ValueError(f"countdown expected must look like '3 5 7|22', got {expected!r}")
+    return [int(tok) for tok in numbers_part.split()], int(target_part)
+
+
+class _Malformed(Exception):
+    """The completion is not an expression of integers, + - * / and parentheses."""
+
+
+_OPS: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,  # on Fractions: exact, so 7/2*2 == 7
+}
+
+_MAX_EXPRESSION_CHARS = 200  # bounds parse time and nesting depth on arbitrary completions
+
+
+def _literals(node: ast.expr) -> list[int]:
+    """The integer literals of a checked expression tree; raises _Malformed on any other node."""
+    if isinstance(node, ast.Constant) and type(node.value) is int:  # not bool, float or str
+        return [node.value]
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        return _literals(node.left) + _literals(node.right)
+    raise _Malformed(type(node).__name__)
+
+
+def _value(node: ast.expr) -> Fraction:
+    """Exact value of a tree already checked by `_literals`. ZeroDivisionError propagates."""
+    if isinstance(node, ast.Constant):
+        return Fraction(node.value)
+    assert isinstance(node, ast.BinOp)  # guaranteed by _literals
+    return _OPS[type(node.op)](_value(node.left), _value(node.right))
+
+
+def countdown_reward(prompt: str, completion: str, expected: str) -> float:
+    """1.0 for an expression hitting the target, 0.1 if well-formed but wrong, 0.0 if malformed.
+
+    The expression is the completion's first line, cut at an "=" (so "3*5+7=22" counts), parsed
+    with `ast` and evaluated by walking the tree with Fractions; nothing is ever eval'd. Each given
+    number may be used at most as often as it is given; using others is well-formed but wrong.
+    """
+    numbers, target = parse_countdown_expected(expected)
+    text = completion.split("\n", 1)[0].split("=", 1)[0].strip()
+    if not text or len(text) > _MAX_EXPRESSION_CHARS:
+        return 0.0
+    try:
+        tree = ast.parse(text, mode="eval").body
+        used = _literals(tree)
+    except (SyntaxError, ValueError, RecursionError, _Malformed):
+        return 0.0
+    if Counter(used) - Counter(numbers):  # some literal used more often than given
+        return 0.1
+    try:
+        value = _value(tree)
+    except ZeroDivisionError:
+        return 0.1
+    return 1.0 if value == target else 0.1
+
+
+def _extract_code(completion: str) -> str:
+    """The first ``` fenced block of the completion if it has one, else the whole completion."""
+    match = re.search(r"```[^\n]*\n(.*?)(?:```|\Z)", completion, flags=re.DOTALL)
+    return match.group(1) if match else completion
+
+
+def code_reward(prompt: str, completion: str, expected: str) -> float:
+    """1.0 if the completion followed by the expected test code runs to exit status 0, else 0.0."""
+    program = _extract_code(completion) + "\n" + expected
+    return 1.0 if run_python(program, timeout_s=CODE_TIMEOUT_S).ok else 0.0
+
+
+# ---- calling a reward function safely -----------------------------------------------------------
+
+
+@dataclass
+class _Outcome:
+    value: Any = None
+    error: Exception | None = None
+    finished: bool = False
+    timed_out: bool = False
+
+
+def _call(fn: RewardFn, args: tuple[str, str, str], timeout_s: float) -> _Outcome:
+    """Call fn(*args) in a daemon thread and wait at most timeout_s.
+
+    A Python thread cannot be killed, so a call that overruns is abandoned: its daemon thread keeps
+    running (and holding CPU, if it spins) until it returns or the process exits, but it never
+    blocks the caller or interpreter shutdown. A worker that piles up hung calls should be
+    restarted by its owner; reward code that may hang for real belongs in grpo.sandbox.
+    """
+    outcome = _Outcome()
+
+    def target() -> None:
+        try:
+            outcome.value = fn(*args)
+            outcome.finished = True
+        except Exception as exc:  # reward code is user code: any failure is data, not a crash
+            outcome.error = exc
+
+    thread = threading.Thread(target=target, name="reward-call", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        outcome.timed_out = True
+    elif not outcome.finished and outcome.error is None:
+        outcome.error = RuntimeError("reward function exited without returning (SystemExit?)")
+    return outcome
+
+
+def _as_reward(value: Any) -> float:
+    """`value` as a float if it is a real finite number (bool, int, float, numpy scalars), else raise."""
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"returned {value!r} ({type(value).__name__}), not a number")
+    reward = float(value)
+    if not math.isfinite(reward):
+        raise ValueError(f"returned a non-finite value {reward!r}")
+    return reward
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+# ---- registry -----------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, RewardFn] = {
+    # Ours and covered by tests, so they skip the probe (which for `code` would start a subprocess
+    # at import time).
+    "digit": digit_reward,
+    "exact_match": exact_match_reward,
+    "arithmetic": arithmetic_reward,
+    "countdown": countdown_reward,
+    "code": code_reward,
+}
+
+
+def names() -> list[str]:
+    """Registered reward names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def validate(fn: RewardFn, name: str, *, timeout_s: float = 10.0) -> None:
+    """Raise RewardError naming `name` unless fn(*PROBE) returns a real finite number in time."""
+    if not callable(fn):
+        raise RewardError(f"reward {name!r} is {type(fn).__name__}, not a callable")
+    outcome = _call(fn, PROBE, timeout_s)
+    if outcome.timed_out:
+        raise RewardError(f"reward {name!r} did not return within {timeout_s}s on the probe {PROBE}")
+    if outcome.error is not None:
+        raise RewardError(f"reward {name!r} raised on the probe {PROBE}: {_describe(outcome.error)}")
+    try:
+        _as_reward(outcome.value)
+    except (TypeError, ValueError) as exc:
+        raise RewardError(
+            f"reward {name!r} {exc} on the probe {PROBE}; it must return a finite real number"
+        ) from None
+
+
+def register(name: str, fn: RewardFn, *, replace: bool = False) -> None:
+    """Make `fn` available under `name` (after `validate`). Re-registering needs `replace=True`."""
+    if not name or ":" in name:
+        raise RewardError(f"reward name {name!r}: must be non-empty and contain no ':'")
+    if name in _REGISTRY and not replace and _REGISTRY[name] is not fn:
+        raise RewardError(f"reward {name!r} is already registered; pass replace=True to override it")
+    validate(fn, name)
+    _REGISTRY[name] = fn
+
+
+def resolve(spec: str) -> RewardFn:
+    """The reward function for a registered name or a "package.module:function" path.
+
+    Imported functions are validated with the probe call; registered ones already were.
+    """
+    if ":" not in spec:
+        if spec in _REGISTRY:
+            return _REGISTRY[spec]
+        raise RewardError(f"unknown reward {spec!r}: use one of {names()} or 'package.module:function'")
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise RewardError(f"reward {spec!r}: expected 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or anything the module raises while importing
+        raise RewardError(f"reward {spec!r}: cannot import {module_name!r}: {_describe(exc)}") from exc
+    try:
+        fn = functools.reduce(getattr, attr_path.split("."), module)
+    except AttributeError:
+        raise RewardError(f"reward {spec!r}: module {module_name!r} has no attribute {attr_path!r}") from None
+    validate(fn, spec)
+    return fn
+
+
+# ---- the worker ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreResult:
+    """Rewards for one batch, in input order, and what went wrong while computing them."""
+
+    rewards: list[float]
+    errors: int
+    """items whose call raised or returned something other than a finite number (scored 0.0)"""
+    timeouts: int
+    """items whose call ran past the timeout (scored 0.0)"""
+    messages: list[str]
+    """up to MAX_MESSAGES short descriptions of the failures, e.g. "ValueError: ..." """
+
+
+class RewardWorker:
+    """Scores (prompt, completion, expected) triples with one reward function, failures contained.
+
+    A plain class so it can be tested without Ray; the engine builds `ray.remote(RewardWorker)`.
+    Items are scored one after another: parallelism comes from several workers in an ActorPool.
+    """
+
+    def __init__(self, spec: str, timeout_s: float = 10.0):
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.spec = spec
+        self.timeout_s = timeout_s
+        self.fn = resolve(spec)  # fails here, at start-up, rather than on the first batch
+
+    def score(self, items: list[tuple[str, str, str]]) -> ScoreResult:
+        rewards: list[float] = []
+        errors = timeouts = 0
+        messages: list[str] = []
+        for prompt, completion, expected in items:
+            outcome = _call(self.fn, (prompt, completion, expected), self.timeout_s)
+            failure: str | None = None
+            if outcome.timed_out:
+                timeouts += 1
+                failure = f"TimeoutError: reward {self.spec!r} took longer than {self.timeout_s}s"
+            elif outcome.error is not None:
+                errors += 1
+                failure = _describe(outcome.error)
+            else:
+                try:
+                    rewards.append(_as_reward(outcome.value))
+                except (TypeError, ValueError) as exc:
+                    errors += 1
+                    failure = _describe(exc)
+            if failure is not None:
+                rewards.append(0.0)
+                if len(messages) < MAX_MESSAGES:
+                    messages.append(failure)
+        return ScoreResult(rewards=rewards, errors=errors, timeouts=timeouts, messages=messages)

@@ -1,0 +1,269 @@
+"""Rollout: batched sampling of G completions per prompt with a KV cache.
+
+`RolloutWorker` is an ordinary class (unit-testable without Ray); the engine makes it a Ray actor
+where it builds the run (`ray.remote(...)(RolloutWorker)`). It holds one copy of the policy for
+sampling, returns token ids, the sampling log-probs and finish reasons, and swaps in new weights
+when the trainer publishes a new policy version.
+
+Not covered here: scoring (grpo.rewards) and the policy update (grpo.learner).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Rollout:
+    """What sampling produced for P prompts x G completions; rows are grouped by prompt."""
+
+    prompt_ids: list[list[int]]  # P prompts, unpadded token ids
+    completion_ids: Tensor  # (P*G, L) int64, pad after the end
+    completion_mask: Tensor  # (P*G, L) bool, True on sampled tokens (the EOS included)
+    logprobs: Tensor  # (P*G, L) float32, log-prob of each sampled token under the sampling policy
+    finish_reasons: list[str]  # P*G of "stop" (EOS sampled) or "length"
+    texts: list[str]  # P*G decoded completions, special tokens removed
+    group_size: int
+    version: int  # policy version that sampled these
+    gen_seconds: float = 0.0
+    meta: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.completion_mask.sum(dim=1)  # (P*G,)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+
+class WeightBoard:
+    """The latest published policy weights, as an object-store reference (one small Ray actor).
+
+    The trainer puts the state dict in the object store once per step and posts the reference
+    here; rollout workers that fall behind pull it. The list keeps Ray from inlining the weights:
+    the board only holds the reference.
+    """
+
+    def __init__(self) -> None:
+        self.version = -1
+        self.refs: list = []
+
+    def publish(self, version: int, refs: list) -> None:
+        if version >= self.version:
+            self.version, self.refs = version, refs
+
+    def latest(self) -> tuple[int, list]:
+        return self.version, self.refs
+
+
+def concat_rollouts(parts: list[Rollout]) -> Rollout:
+    """Join rollouts of the same step (e.g. from several rollout actors), keeping group order."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.completion_ids.shape[1] for p in parts)
+
+    def pad(t: Tensor, value: float | int | bool) -> Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)  # (N, width)
+
+    pad_id = int(parts[0].meta.get("pad_id", 0))
+    return Rollout(
+        prompt_ids=[p for r in parts for p in r.prompt_ids],
+        completion_ids=torch.cat([pad(r.completion_ids, pad_id) for r in parts]),
+        completion_mask=torch.cat([pad(r.completion_mask, False) for r in parts]),
+        logprobs=torch.cat([pad(r.logprobs, 0.0) for r in parts]),
+        finish_reasons=[f for r in parts for f in r.finish_reasons],
+        texts=[t for r in parts for t in r.texts],
+        group_size=parts[0].group_size,
+        version=min(r.version for r in parts),
+        gen_seconds=max(r.gen_seconds for r in parts),
+        meta=dict(parts[0].meta),
+    )
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad token lists so every prompt ends at the same column (generation appends on the right)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (N, Lp)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)  # (N, Lp)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = True
+    return ids, mask
+
+
+def position_ids(mask: Tensor) -> Tensor:
+    """Positions that skip left padding, so a padded prompt sees the same positions as an unpadded one."""
+    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (N, T)
+
+
+def sample_token(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Sample one token per row; return it and its log-prob under the tempered full distribution.
+
+    The log-prob is taken before top-p truncation (as vLLM and verl report it), so it matches what
+    the trainer recomputes from the same tempered logits.
+    """
+    # Greedy (temperature 0) reports log-probs of the untempered distribution.
+    logp = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)  # (N, V)
+    if temperature <= 0.0:
+        token = logp.argmax(dim=-1)  # (N,)
+    else:
+        probs = logp.exp()
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)  # (N, V)
+            outside = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # mass before this token already > p
+            sorted_p = sorted_p.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        token = torch.multinomial(probs, 1, generator=gen).squeeze(-1)  # (N,)
+    return token, logp.gather(-1, token[:, None]).squeeze(-1)  # (N,), (N,)
+
+
+class RolloutWorker:
+    """Holds the policy for sampling; one per rollout actor."""
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: str | None = None,
+        *,
+        dtype: str = "float32",
+        device: str | None = None,
+        torch_threads: int = 1,
+        max_prompt_tokens: int = 256,
+        weight_board=None,
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(torch_threads)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(self.device)
+        self.model.eval()
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        self.max_prompt_tokens = max_prompt_tokens
+        self.version = 0
+        # Where a restarted or lagging worker pulls the latest published weights (a WeightBoard actor).
+        self.weight_board = weight_board
+
+    # ---- weights ---------------------------------------------------------------------------------
+    def load_weights(self, state_dict: dict[str, Tensor], version: int) -> int:
+        """Copy a published state dict into the sampling model in place; returns the version now held."""
+        with torch.no_grad():
+            missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        if unexpected or [k for k in missing if "rotary" not in k]:
+            raise ValueError(f"weights do not fit the rollout model: missing={missing[:3]} unexpected={unexpected[:3]}")
+        self.version = version
+        return version
+
+    def pull_weights(self, min_version: int) -> int:
+        if self.weight_board is None:
+            raise RuntimeError(f"rollout worker holds version {self.version}, {min_version} needed, no weight board")
+        import ray
+
+        version, refs = ray.get(self.weight_board.latest.remote())
+        if version < min_version:
+            raise RuntimeError(f"weight board has version {version}, {min_version} needed")
+        return self.load_weights(ray.get(refs[0]), version)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def get_version(self) -> int:
+        return self.version
+
+    def ping(self) -> int:
+        import os
+
+        return os.getpid()
+
+    # ---- sampling --------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        return [p[-self.max_prompt_tokens :] for p in ids]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        group_size: int,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        min_version: int = 0,
+    ) -> Rollout:
+        """Sample `group_size` completions for each prompt.
+
+        `min_version` lets a caller insist on a policy at least that new: a worker that holds an
+        older one (it was restarted and came back with the initial weights, or missed a publish)
+        pulls the latest from the weight board first.
+        """
+        if min_version > self.version:
+            self.pull_weights(min_version)
+        t0 = time.perf_counter()
+        gen = None
+        if seed is not None and temperature > 0:
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+        prompt_ids = self.encode_prompts(prompts)
+        ids, mask = left_pad(prompt_ids, self.pad_id)  # (P, Lp)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        n = len(prompts) * group_size
+
+        # 1. prefill each prompt once, then copy its KV cache to the G members of its group
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+            past_key_values=cache, use_cache=True, logits_to_keep=1,
+        )
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(group_size)
+        logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)  # (N, V)
+        attn = mask.repeat_interleave(group_size, dim=0)  # (N, Lp)
+        pos = position_ids(attn)[:, -1]  # (N,)
+
+        # 2. decode one token a step for all rows; finished rows keep feeding pad (masked out)
+        tokens = torch.full((n, max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)  # (N, L)
+        logps = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=self.device)  # (N, L)
+        alive = torch.ones(n, dtype=torch.bool, device=self.device)  # (N,)
+        live = torch.zeros((n, max_new_tokens), dtype=torch.bool, device=self.device)  # (N, L)
+        steps = 0
+        for t in range(max_new_tokens):
+            tok, lp = sample_token(logits, temperature, top_p, gen)  # (N,), (N,)
+            tok = torch.where(alive, tok, self.pad_id)
+            tokens[:, t], logps[:, t], live[:, t] = tok, torch.where(alive, lp, 0.0), alive
+            alive = alive & (tok != self.eos_id)
+            steps = t + 1
+            if not alive.any() or t == max_new_tokens - 1:
+                break
+            attn = torch.cat([attn, torch.ones((n, 1), dtype=torch.bool, device=self.device)], dim=1)  # (N, Lp+t+1)
+            pos = pos + 1
+            out = self.model(
+                input_ids=tok[:, None], attention_mask=attn, position_ids=pos[:, None],
+                past_key_values=cache, use_cache=True,
+            )
+            logits = out.logits[:, -1]  # (N, V)
+
+        tokens, logps, live = tokens[:, :steps].cpu(), logps[:, :steps].cpu(), live[:, :steps].cpu()
+        ended = (tokens == self.eos_id).any(dim=1)
+        texts = self.tokenizer.batch_decode(tokens.masked_fill(~live, self.pad_id), skip_special_tokens=True)
+        return Rollout(
+            prompt_ids=prompt_ids,
+            completion_ids=tokens,
+            completion_mask=live,
+            logprobs=logps,
+            finish_reasons=["stop" if e else "length" for e in ended.tolist()],
+            texts=texts,
+            group_size=group_size,
+            version=self.version,
+            gen_seconds=time.perf_counter() - t0,
+            meta={"pad_id": float(self.pad_id)},
+        )

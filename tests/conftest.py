@@ -1,0 +1,41 @@
+"""Shared fixtures: one local Ray per session, a tiny HF model directory per session.
+
+Tests marked `gpu` are skipped without CUDA. Under CI (CI=true) tests marked `services` fail
+instead of skipping when Redis/PostgreSQL are missing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A random-init 4-layer Llama (hidden 128) and byte tokenizer, saved as an ordinary HF directory."""
+    from grpo.tiny import save_tiny_model
+
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", seed=0))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session; logical CPUs above the 2 real cores so every actor fits."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    ray.init(num_cpus=8, log_to_driver=True)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,102 @@
+"""The run config: validation names the field, YAML + overrides, and bad configs stop before Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from grpo.config import ConfigError, GRPOConfig, load_config, parse_overrides
+
+
+def test_defaults_and_derived_values(tiny_model_dir):
+    cfg = GRPOConfig(model=tiny_model_dir, prompts_per_step=16, num_policy_workers=2, group_size=4)
+    assert cfg.prompts_per_worker == 8
+    assert cfg.completions_per_step == 64
+    assert cfg.tokenizer_path == tiny_model_dir
+    assert cfg.run_dir.name == "grpo"
+
+
+def test_yaml_then_overrides(tmp_path, tiny_model_dir):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"model: {tiny_model_dir}\ngroup_size: 4\nlearning_rate: 0.01\n")
+    cfg = load_config(path, ["group_size=16", "async_rollouts=true", "--kl-coef=0.05"])
+    assert cfg.group_size == 16 and cfg.async_rollouts is True
+    assert cfg.learning_rate == 0.01 and cfg.kl_coef == 0.05
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("group_size=1", "group_size"),
+        ("learning_rate=-1", "learning_rate"),
+        ("loss_agg=token-sum", "loss_agg"),
+        ("kl_estimator=k4", "kl_estimator"),
+        ("temperature=0", "temperature"),
+        ("no_such_key=3", "no_such_key"),
+        ("prompts_per_step=15", "prompts_per_step"),
+        ("strategy=fsdp", "strategy"),
+        ("dataset=/nonexistent/rows.jsonl", "dataset"),
+        ("run_name=../escape", "run_name"),
+    ],
+)
+def test_bad_values_name_the_field(tiny_model_dir, override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"model={tiny_model_dir}", "num_policy_workers=2", override])
+    assert field in str(err.value)
+
+
+def test_unknown_key_is_called_unknown(tiny_model_dir):
+    with pytest.raises(ConfigError, match="grup_size: unknown key"):
+        load_config(None, {"model": tiny_model_dir, "grup_size": 4})
+
+
+def test_missing_model_path_and_not_a_model_dir(tmp_path):
+    with pytest.raises(ConfigError, match="model: no such directory"):
+        load_config(None, {"model": str(tmp_path / "missing")})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="model: .* is not a Hugging Face model directory"):
+        load_config(None, {"model": str(tmp_path / "empty")})
+    with pytest.raises(ConfigError, match="model"):
+        load_config(None, {})
+
+
+def test_hub_ids_are_accepted_without_a_local_dir():
+    # Real users name hub models; nothing is downloaded at validation time.
+    assert GRPOConfig(model="Qwen/Qwen2.5-0.5B-Instruct").model == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_dataset_sets_task(tmp_path, tiny_model_dir):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"query": "1+1=", "expected_outcome": "2"}\n')
+    cfg = GRPOConfig(model=tiny_model_dir, dataset=str(rows))
+    assert cfg.task == "jsonl"
+    with pytest.raises(ConfigError, match="dataset: required"):
+        load_config(None, {"model": tiny_model_dir, "task": "jsonl"})
+
+
+def test_override_syntax():
+    assert parse_overrides(["a=1", "b=x", "c=[1, 2]", "d="]) == {"a": 1, "b": "x", "c": [1, 2], "d": None}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["justakey"])
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_cli_rejects_bad_config_before_ray_starts(tiny_model_dir, capsys):
+    import ray
+
+    from grpo.run import main
+
+    was_up = ray.is_initialized()
+    assert main([f"model={tiny_model_dir}", "group_size=100"]) == 2
+    assert "group_size" in capsys.readouterr().err
+    assert ray.is_initialized() == was_up
+    assert main([f"model={tiny_model_dir}", "reward=no_such_module:score"]) == 2
+    assert "reward" in capsys.readouterr().err
+    assert ray.is_initialized() == was_up

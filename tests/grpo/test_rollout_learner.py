@@ -1,0 +1,148 @@
+"""Rollout sampling and the policy update as plain classes (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grpo.config import GRPOConfig
+from grpo.learner import Learner, score_batch, training_tensors
+from grpo.rollout import RolloutWorker, concat_rollouts, left_pad, position_ids, sample_token
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model_dir) -> RolloutWorker:
+    return RolloutWorker(tiny_model_dir, torch_threads=1)
+
+
+def test_generate_shapes_and_finish_reasons(worker):
+    r = worker.generate(["digit 1:", "digit 22:"], group_size=3, max_new_tokens=5, seed=0)
+    assert r.completion_ids.shape[0] == 6 and r.completion_ids.shape[1] <= 5
+    assert len(r.texts) == len(r.finish_reasons) == 6
+    for i in range(6):
+        n = int(r.lengths[i])
+        ended = bool((r.completion_ids[i, :n] == worker.eos_id).any())
+        assert r.finish_reasons[i] == ("stop" if ended else "length")
+        assert (r.logprobs[i, n:] == 0).all() and (r.logprobs[i, :n] < 0).all()
+
+
+def test_same_seed_same_samples_and_retries_are_deterministic(worker):
+    a = worker.generate(["digit 3:"] * 4, group_size=4, max_new_tokens=6, seed=7)
+    b = worker.generate(["digit 3:"] * 4, group_size=4, max_new_tokens=6, seed=7)
+    c = worker.generate(["digit 3:"] * 4, group_size=4, max_new_tokens=6, seed=8)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+def test_sampling_logprobs_match_a_full_forward_with_padding(worker):
+    # Prompts of different lengths are left-padded; the KV-cached log-probs must equal what the
+    # trainer recomputes on the padded layout (the trainer's ratio relies on it).
+    r = worker.generate(["digit 1:", "a much longer prompt 9:"], group_size=2, max_new_tokens=6,
+                        temperature=0.7, seed=3)
+    ids, mask, pos = training_tensors(r, worker.pad_id)
+    with torch.no_grad():
+        logits = worker.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    lp = torch.log_softmax(logits[:, -r.completion_ids.shape[1] - 1 : -1].float() / 0.7, dim=-1)
+    lp = lp.gather(-1, r.completion_ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(lp[r.completion_mask], r.logprobs[r.completion_mask], atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_and_top_p():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 0.0]])
+    tok, lp = sample_token(logits, 0.0, 1.0, None)
+    assert tok.tolist() == [1, 0]
+    torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1))
+    gen = torch.Generator().manual_seed(0)
+    picks = {int(sample_token(logits[:1], 1.0, 0.5, gen)[0]) for _ in range(50)}
+    assert picks == {1}  # top-p 0.5 keeps only the dominant token
+
+
+def test_padding_helpers():
+    ids, mask = left_pad([[5, 6], [7]], pad_id=0)
+    assert ids.tolist() == [[5, 6], [0, 7]] and mask.tolist() == [[True, True], [False, True]]
+    assert position_ids(mask).tolist() == [[0, 1], [0, 0]]
+
+
+def test_concat_keeps_group_order(worker):
+    a = worker.generate(["digit 1:"], group_size=2, max_new_tokens=3, seed=1)
+    b = worker.generate(["digit 2:"], group_size=2, max_new_tokens=5, seed=2)
+    c = concat_rollouts([a, b])
+    assert c.texts == a.texts + b.texts and c.prompt_ids == a.prompt_ids + b.prompt_ids
+    assert c.completion_ids.shape == (4, max(a.completion_ids.shape[1], b.completion_ids.shape[1]))
+    assert c.num_tokens == a.num_tokens + b.num_tokens
+
+
+def test_load_weights_changes_samples_and_version(tiny_model_dir, worker):
+    other = RolloutWorker(tiny_model_dir)
+    sd = {k: v + 0.05 * torch.randn_like(v) for k, v in worker.state_dict().items()}
+    other.load_weights(sd, version=3)
+    assert other.version == 3
+    assert torch.equal(other.state_dict()["lm_head.weight"], sd["lm_head.weight"])
+    with pytest.raises(ValueError, match="do not fit"):
+        other.load_weights({"nonsense.weight": torch.zeros(1)}, version=4)
+    with pytest.raises(RuntimeError, match="no weight board"):
+        other.generate(["digit 1:"], group_size=2, max_new_tokens=2, min_version=9)
+
+
+def _learner(cfg: GRPOConfig, pad_id: int) -> Learner:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model)
+    ref = AutoModelForCausalLM.from_pretrained(cfg.model) if cfg.kl_coef else None
+    return Learner(cfg, model, ref_model=ref, pad_id=pad_id)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"kl_coef": 0.1}, {"loss_agg": "seq-mean-token-sum-norm",
+                                                              "scale_advantages": False}])
+def test_update_moves_parameters_towards_rewarded_samples(tiny_model_dir, worker, overrides):
+    cfg = GRPOConfig(model=tiny_model_dir, learning_rate=1e-3, max_new_tokens=6, **overrides)
+    learner = _learner(cfg, worker.pad_id)
+    r = worker.generate(["digit 4:"] * 2, group_size=8, max_new_tokens=6, seed=0)
+    # Reward the samples whose first character is '4'-ish: any deterministic, non-constant rule.
+    rewards = [float(i % 3 == 0) for i in range(len(r.texts))]
+    batch = score_batch(r, rewards, cfg)
+    before = {k: v.clone() for k, v in learner.base_model.state_dict().items()}
+    ids, mask, pos = training_tensors(r, worker.pad_id)
+
+    def mean_logp(rows):
+        with torch.no_grad():
+            logits = learner.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        lp = torch.log_softmax(logits[:, -r.completion_ids.shape[1] - 1 : -1], -1)
+        lp = lp.gather(-1, r.completion_ids[..., None]).squeeze(-1) * r.completion_mask
+        return float(lp[rows].sum() / r.completion_mask[rows].sum())
+
+    good = torch.tensor([x > 0 for x in rewards])
+    gap_before = mean_logp(good) - mean_logp(~good)
+    stats = learner.step(batch, num_tokens=batch.num_tokens, num_seqs=batch.num_seqs)
+    after = learner.base_model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert mean_logp(good) - mean_logp(~good) > gap_before  # rewarded samples became likelier
+    assert stats["grad_norm"] > 0 and stats["entropy"] > 0
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the first update
+    if cfg.kl_coef:
+        again = learner.step(batch, num_tokens=batch.num_tokens, num_seqs=batch.num_seqs)
+        assert again["kl"] > 0  # the updated policy has moved away from the frozen reference
+
+
+def test_dynamic_sampling_drops_flat_groups_and_still_steps(tiny_model_dir, worker):
+    cfg = GRPOConfig(model=tiny_model_dir, dynamic_sampling=True, max_new_tokens=4)
+    r = worker.generate(["digit 1:", "digit 2:"], group_size=4, max_new_tokens=4, seed=0)
+    batch = score_batch(r, [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0], cfg)
+    assert batch.keep.tolist() == [False] * 4 + [True] * 4
+    flat = score_batch(r, [0.5] * 8, cfg)
+    assert flat.num_seqs == 0
+    learner = _learner(cfg, worker.pad_id)
+    before = learner.base_model.lm_head.weight.clone()
+    stats = learner.step(flat, num_tokens=0, num_seqs=0)  # nothing to learn: a zero-weight pass
+    assert torch.equal(before, learner.base_model.lm_head.weight) and stats["loss"] == 0
+
+
+def test_overlong_penalty_shapes_rewards(tiny_model_dir, worker):
+    cfg = GRPOConfig(model=tiny_model_dir, max_new_tokens=6, overlong_buffer=2, overlong_penalty=1.0)
+    r = worker.generate(["digit 1:"], group_size=4, max_new_tokens=6, seed=0)
+    batch = score_batch(r, [1.0] * 4, cfg)
+    for i in range(4):
+        n = int(r.lengths[i])
+        expected = 1.0 - max(0, n - 4) / 2
+        assert float(batch.rewards[i]) == pytest.approx(expected)
