@@ -1,6 +1,7 @@
 """One GRPO step of raygrpo against Hugging Face TRL's `GRPOTrainer`, side by side, on CPU.
 
-    python bench/bench_vs_trl.py [--steps 20] [--warmup 3] [--prompts 16] [--group 8] [--max-new 8] [--threads 1]
+    python bench/bench_vs_trl.py [--steps 20] [--warmup 3] [--repeats 2] [--prompts 16] [--group 8] [--max-new 8]
+                                 [--threads 1] [--sides ours-inproc,trl,trl-gc,ours-ray] [--profile]
 
 Every side trains the same random-init tiny Llama (grpo.tiny, saved once to a temp directory) on the
 `digit` task ("digit d:" prompts, reward grpo.rewards.digit_reward) with the same batch: P prompts x G
@@ -16,7 +17,10 @@ loss, micro-batches of 64 sequences, torch.set_num_threads(threads). Sides, run 
                gradient_accumulation_steps 2 and num_generations G, so one optimizer step is one
                generation batch of P*G completions and TRL skips its extra old-logprob forward pass
 
-Warm-up steps are excluded from every figure. The headline is completion tokens per second, ours / TRL.
+Warm-up steps are excluded from every figure; the sides run `--repeats` times, every other pass in reverse
+order, and figures are medians over the pooled steps, so background load on a shared machine lands on all
+sides alike. tok/CPU-s (one-process sides) divides by this process's CPU time instead of wall time, which a
+neighbour process hardly moves. The headline is completion tokens per second, ours / TRL.
 The phase split printed for ours-inproc (and TRL's generate share) is what docs/benchmarks.md quotes.
 Not covered: learning speed (reward per step); both sides use the same loss, so per-step work is equal.
 """
@@ -50,6 +54,7 @@ class SideResult:
     step_times: list[float]  # seconds per optimizer step, warm-up excluded
     tokens: list[int]  # completion tokens per measured step
     wall_times: list[float] = field(default_factory=list)  # wall seconds between steps (ours-ray only)
+    cpu_times: list[float] = field(default_factory=list)  # this process's CPU seconds per step (one-process sides)
     phases: dict[str, float] = field(default_factory=dict)  # seconds per step by phase, where known
 
     @property
@@ -60,15 +65,29 @@ class SideResult:
     def wall_s(self) -> float:
         return statistics.median(self.wall_times) if self.wall_times else self.step_s
 
+    # Medians of per-step rates: one step slowed by a neighbour process does not move them.
     @property
     def tokens_per_s(self) -> float:
-        return sum(self.tokens) / sum(self.step_times)
+        return statistics.median(n / t for n, t in zip(self.tokens, self.step_times, strict=True))
+
+    @property
+    def tokens_per_cpu_s(self) -> float | None:
+        if not self.cpu_times:
+            return None
+        return statistics.median(n / t for n, t in zip(self.tokens, self.cpu_times, strict=True))
 
     @property
     def wall_tokens_per_s(self) -> float:
         if not self.wall_times:
             return self.tokens_per_s
-        return sum(self.tokens) / sum(self.wall_times)
+        return statistics.median(n / t for n, t in zip(self.tokens, self.wall_times, strict=False))
+
+    def merge(self, other: SideResult) -> SideResult:
+        """Pool the measured steps of two passes of the same side."""
+        n, m = len(self.step_times), len(other.step_times)
+        phases = {k: (v * n + other.phases.get(k, v) * m) / (n + m) for k, v in self.phases.items()}
+        return SideResult(self.name, self.step_times + other.step_times, self.tokens + other.tokens,
+                          self.wall_times + other.wall_times, self.cpu_times + other.cpu_times, phases)
 
 
 def base_config(model_dir: Path, args: argparse.Namespace, **extra):
@@ -105,6 +124,7 @@ def bench_ours_inproc(model_dir: Path, args: argparse.Namespace, profile: bool =
     phase_names = ("generate", "reward", "update", "publish")
     phases = {k: 0.0 for k in phase_names}
     step_times: list[float] = []
+    cpu_times: list[float] = []
     tokens: list[int] = []
     profiler = None
     for step in range(1, args.warmup + args.steps + 1):
@@ -112,6 +132,7 @@ def bench_ours_inproc(model_dir: Path, args: argparse.Namespace, profile: bool =
         if measured and profile and profiler is None:
             profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             profiler.__enter__()
+        cpu0 = time.process_time()
         t = [time.perf_counter()]
         samples = dataset.batch(step, args.prompts, args.seed)
         # 1. sample G completions per prompt (KV cache, one prefill per prompt)
@@ -132,6 +153,7 @@ def bench_ours_inproc(model_dir: Path, args: argparse.Namespace, profile: bool =
         t.append(time.perf_counter())
         if measured:
             step_times.append(t[-1] - t[0])
+            cpu_times.append(time.process_time() - cpu0)
             tokens.append(rollout.num_tokens)
             for name, a, b in zip(phase_names, t, t[1:], strict=False):
                 phases[name] += (b - a) / args.steps
@@ -139,7 +161,7 @@ def bench_ours_inproc(model_dir: Path, args: argparse.Namespace, profile: bool =
         profiler.__exit__(None, None, None)
         print("\n== torch.profiler, ours-inproc, measured steps (self CPU time) ==")
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
-    return SideResult("ours-inproc", step_times, tokens, phases=phases)
+    return SideResult("ours-inproc", step_times, tokens, cpu_times=cpu_times, phases=phases)
 
 
 # ---- ours, through the real Ray engine ------------------------------------------------------------
@@ -167,7 +189,7 @@ def bench_ours_ray(model_dir: Path, args: argparse.Namespace, out_dir: Path) -> 
     rows.sort(key=lambda r: r["step"])
     measured = [r for r in rows if r["step"] > args.warmup]
     elapsed = {r["step"]: r["elapsed_s"] for r in rows}
-    walls = [elapsed[r["step"]] - elapsed[r["step"] - 1] for r in measured if r["step"] - 1 in elapsed]
+    walls = [elapsed[r["step"]] - elapsed.get(r["step"] - 1, 0.0) for r in measured]  # elapsed_s starts at step 1
     train = statistics.mean(r["train_time_s"] for r in measured)
     step = statistics.mean(r["step_time_s"] for r in measured)
     return SideResult(
@@ -213,12 +235,15 @@ def bench_trl(model_dir: Path, args: argparse.Namespace, out_dir: Path, *, check
 
         def __init__(self) -> None:
             self.ends: list[float] = []
+            self.cpu: list[float] = []
 
         def on_train_begin(self, *a, **k):
             self.ends.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
         def on_step_end(self, *a, **k):
             self.ends.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), padding_side="left")
@@ -252,8 +277,9 @@ def bench_trl(model_dir: Path, args: argparse.Namespace, out_dir: Path, *, check
         raise RuntimeError(f"trl: expected {total} generations and steps, got {len(counted)} and {len(timer.ends) - 1}")
     steps = [b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False)]
     step_times = steps[args.warmup :]
+    cpu_times = [b - a for a, b in zip(timer.cpu, timer.cpu[1:], strict=False)][args.warmup :]
     gen = statistics.mean(gen_seconds[args.warmup :])
-    return SideResult("trl-gc" if checkpointing else "trl", step_times, counted[args.warmup :],
+    return SideResult("trl-gc" if checkpointing else "trl", step_times, counted[args.warmup :], cpu_times=cpu_times,
                       phases={"generate": gen, "rest (reward+forward/backward+optimizer)": statistics.mean(step_times) - gen})
 
 
@@ -288,15 +314,22 @@ def report(results: list[SideResult], args: argparse.Namespace) -> None:
     print(f"versions: {versions()}")
     print(f"settings: task digit, {args.prompts} prompts x {args.group} completions, max {args.max_new} new tokens, "
           f"lr {LEARNING_RATE}, beta 0, micro-batch {MICRO_BATCH}, torch threads {args.threads}, "
-          f"{args.steps} measured steps after {args.warmup} warm-up (median step time; tok/s = sum/sum)")
+          f"{args.steps} measured steps after {args.warmup} warm-up x {args.repeats} passes "
+          f"(medians over all measured steps)")
     print()
-    header = f"| {'side':<12} | {'step s':>7} | {'wall/step s':>11} | {'tokens/step':>11} | {'tok/s':>8} | {'x TRL':>6} |"
+    header = (f"| {'side':<12} | {'step s':>7} | {'wall/step s':>11} | {'tokens/step':>11} | {'tok/s':>8} "
+              f"| {'x TRL':>6} | {'tok/CPU-s':>9} | {'x TRL':>6} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in results:
         ratio = f"{r.tokens_per_s / trl.tokens_per_s:.2f}" if trl else "-"
+        per_cpu, cpu_ratio = "-", "-"
+        if r.tokens_per_cpu_s is not None:
+            per_cpu = f"{r.tokens_per_cpu_s:.0f}"
+            if trl and trl.tokens_per_cpu_s:
+                cpu_ratio = f"{r.tokens_per_cpu_s / trl.tokens_per_cpu_s:.2f}"
         print(f"| {r.name:<12} | {r.step_s:>7.3f} | {r.wall_s:>11.3f} | {statistics.mean(r.tokens):>11.1f} | "
-              f"{r.tokens_per_s:>8.0f} | {ratio:>6} |")
+              f"{r.tokens_per_s:>8.0f} | {ratio:>6} | {per_cpu:>9} | {cpu_ratio:>6} |")
     if trl:
         for r in results:
             if r.name.startswith("ours"):
@@ -318,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new", type=int, default=8, help="max completion tokens")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on every side")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="passes over the sides, every other one in reverse order; steps are pooled")
     parser.add_argument("--sides", default="ours-inproc,trl,trl-gc,ours-ray", help="comma-separated sides to run")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table for ours-inproc")
     parser.add_argument("--profile-rows", type=int, default=25)
@@ -331,11 +366,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from grpo.tiny import save_tiny_model
 
-    results: list[SideResult] = []
+    pooled: dict[str, SideResult] = {}
     loads: list[float] = []
+    # Alternating the order (A B C, C B A, ...) spreads drifting background load evenly over the sides.
+    order = [(i, side) for i in range(args.repeats) for side in (sides if i % 2 == 0 else sides[::-1])]
     with tempfile.TemporaryDirectory(prefix="bench-vs-trl-") as tmp:
         model_dir = save_tiny_model(Path(tmp) / "tiny", seed=args.seed)
-        for side in sides:
+        for i, side in order:
             load = os.getloadavg()[0]
             if load > 0.5:
                 print(f"[{side}] warning: load average {load:.1f} before start; other processes share these cores",
@@ -343,14 +380,16 @@ def main(argv: list[str] | None = None) -> None:
             loads.append(load)
             t0 = time.perf_counter()
             if side == "ours-inproc":
-                results.append(bench_ours_inproc(model_dir, args, profile=args.profile))
+                got = bench_ours_inproc(model_dir, args, profile=args.profile and i == 0)
             elif side in ("trl", "trl-gc"):
-                results.append(bench_trl(model_dir, args, Path(tmp) / side, checkpointing=side == "trl-gc"))
+                got = bench_trl(model_dir, args, Path(tmp) / f"{side}-{i}", checkpointing=side == "trl-gc")
             else:
-                results.append(bench_ours_ray(model_dir, args, Path(tmp) / "ray"))
+                got = bench_ours_ray(model_dir, args, Path(tmp) / f"ray-{i}")
+            pooled[side] = pooled[side].merge(got) if side in pooled else got
             torch.set_num_threads(args.threads)
-            print(f"[{side}] done in {time.perf_counter() - t0:.1f}s", flush=True)
-    report(results, args)
+            print(f"[{side}] pass {i + 1} done in {time.perf_counter() - t0:.1f}s: {got.step_s:.3f} s/step",
+                  flush=True)
+    report([pooled[s] for s in sides], args)
     print(f"1-min load average before each side: {', '.join(f'{x:.2f}' for x in loads)} (on {os.cpu_count()} cores)")
 
 

@@ -73,10 +73,12 @@ class Learner:
         self.pad_id = pad_id
         self.device = next(model.parameters()).device
         self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.99)
+            model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
         )
         if cfg.kl_coef > 0 and ref_model is None:
             raise ValueError("kl_coef > 0 needs a reference model")
+        # FSDP's root wrapper must see every forward, so the prompt pass cannot bypass it there.
+        self.share_prefix = cfg.share_prompt_prefix and cfg.strategy != "fsdp"
 
     @property
     def base_model(self) -> torch.nn.Module:
@@ -88,29 +90,64 @@ class Learner:
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=n_completion + 1)
         return out.logits[:, :-1]  # (B, L, V)
 
+    def _shared_prefix_logits(self, model: torch.nn.Module, ro: Rollout, groups: Tensor) -> Tensor:
+        """Completion logits with each prompt run ONCE per group, its KV cache (with gradient) shared
+        by the G completions, exactly as sampling did. The G copies of a prompt would otherwise cost
+        G forward/backward passes of identical work: -44% tokens at 8-token prompts and completions.
+        """
+        from transformers import DynamicCache
+
+        g = ro.group_size
+        inner = getattr(model, "module", model)  # the prompt pass bypasses DDP: one DDP forward per backward
+        p_ids, p_mask = left_pad([ro.prompt_ids[i] for i in groups.tolist()], self.pad_id)  # (P, Lp)
+        p_ids, p_mask = p_ids.to(self.device), p_mask.to(self.device)
+        out = inner(input_ids=p_ids, attention_mask=p_mask, position_ids=position_ids(p_mask),
+                    past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        first = out.logits[:, -1:].repeat_interleave(g, dim=0)  # (N, 1, V): predicts completion token 0
+        rows = (groups[:, None] * g + torch.arange(g)).reshape(-1)  # (N,)
+        c_ids = ro.completion_ids[rows, :-1].to(self.device)  # (N, L-1): token t predicts t+1
+        if c_ids.shape[1] == 0:
+            return first
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(g)
+        attn = torch.cat([p_mask.repeat_interleave(g, dim=0), ro.completion_mask[rows, :-1].to(self.device)], dim=1)
+        start = p_mask.sum(dim=1).repeat_interleave(g)[:, None]  # (N, 1): first completion position
+        pos = start + torch.arange(c_ids.shape[1], device=self.device)  # (N, L-1)
+        rest = model(input_ids=c_ids, attention_mask=attn, position_ids=pos, past_key_values=cache).logits
+        return torch.cat([first, rest], dim=1)  # (N, L, V)
+
     def step(self, batch: ScoredBatch, *, num_tokens: float, num_seqs: float, world_size: int = 1) -> dict[str, float]:
         """Forward/backward over micro-batches, clip, optimizer step. Returns this worker's share of
         each metric (sum over workers gives the global value)."""
         cfg, ro = self.cfg, batch.rollout
-        ids, mask, pos = training_tensors(ro, self.pad_id)
-        rows = batch.keep.nonzero().squeeze(-1)  # (n_keep,)
-        n_comp = ro.completion_ids.shape[1]
+        g = ro.group_size
+        # Micro-batches are whole groups (dynamic sampling keeps or drops whole groups too).
+        groups = batch.keep.view(-1, g).all(dim=1).nonzero().squeeze(-1)  # (n_groups_kept,)
         sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
-        # Every worker does at least one backward so DDP's all-reduce always has all ranks,
-        # even when dynamic sampling left this worker nothing (a zero-weight pass then).
-        empty = rows.numel() == 0
-        chunks = [torch.zeros(1, dtype=torch.long)] if empty else list(rows.split(cfg.micro_batch_size))
         if num_seqs == 0:  # every group on every worker was flat: nothing to learn, keep the optimizer still
             return {k: 0.0 for k in (*sums, "grad_norm")}
+        # Every worker does at least one backward so DDP's all-reduce always has all ranks,
+        # even when dynamic sampling left this worker nothing (a zero-weight pass then).
+        empty = groups.numel() == 0
+        per = max(1, cfg.micro_batch_size // g)
+        chunks = [torch.zeros(1, dtype=torch.long)] if empty else list(groups.split(per))
+        full = None if self.share_prefix else training_tensors(ro, self.pad_id)
+        n_comp = ro.completion_ids.shape[1]
+
+        def logits_of(model: torch.nn.Module, grp: Tensor, idx: Tensor) -> Tensor:
+            if full is None:
+                return self._shared_prefix_logits(model, ro, grp)
+            return self._logits(model, *(t[idx].to(self.device) for t in full), n_comp)
+
         self.model.train()
-        for i, idx in enumerate(chunks):
+        for i, grp in enumerate(chunks):
+            idx = (grp[:, None] * g + torch.arange(g)).reshape(-1)  # (B,) rows of these groups
             last = i == len(chunks) - 1
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
-                b_ids, b_mask, b_pos = (t[idx].to(self.device) for t in (ids, mask, pos))
                 c_ids = ro.completion_ids[idx].to(self.device)  # (B, L)
                 c_mask = ro.completion_mask[idx].to(self.device) & (not empty)  # (B, L)
-                logits = self._logits(self.model, b_ids, b_mask, b_pos, n_comp)  # (B, L, V)
+                logits = logits_of(self.model, grp, idx)  # (B, L, V)
                 logp = L.token_logprobs(logits, c_ids, cfg.temperature)  # (B, L)
                 # On-policy (sync) the ratio is 1 with the right gradient; async corrects with the
                 # importance ratio against the log-probs the stale sampler actually used.
@@ -118,7 +155,7 @@ class Learner:
                 ref = None
                 if self.ref_model is not None:
                     with torch.no_grad():
-                        ref = L.token_logprobs(self._logits(self.ref_model, b_ids, b_mask, b_pos, n_comp), c_ids, cfg.temperature)
+                        ref = L.token_logprobs(logits_of(self.ref_model, grp, idx), c_ids, cfg.temperature)
                 out = L.policy_loss(
                     logp, old, batch.advantages[idx].to(self.device), c_mask,
                     eps_low=cfg.clip_eps_low, eps_high=cfg.clip_eps_high, agg=cfg.loss_agg,

@@ -252,7 +252,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
         # 5. publish the new weights once; every rollout actor loads them
         version = step
+        t_pub = time.perf_counter()
         publish(version)
+        publish_s = time.perf_counter() - t_pub
 
         # 6. metrics: sums across workers
         r = batch.rewards
@@ -272,6 +274,7 @@ def train_loop(config: dict[str, Any]) -> None:
             step=step, reward_mean=mean, reward_std=max(s2 / n - mean**2, 0.0) ** 0.5, completion_tokens=toks,
             completion_len_mean=toks / n, stop_frac=stops / n, reward_errors=errs, reward_timeouts=tos,
             staleness=stale / world, kept_frac=kept / n, step_time_s=step_s, train_time_s=train_s,
+            rollout_time_s=t_train - t0, gen_time_s=got.batch.rollout.gen_seconds, publish_time_s=publish_s,
             tokens_per_s=toks / step_s, elapsed_s=time.perf_counter() - t_start, policy_version=version,
         )
 

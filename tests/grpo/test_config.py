@@ -100,3 +100,13 @@ def test_cli_rejects_bad_config_before_ray_starts(tiny_model_dir, capsys):
     assert main([f"model={tiny_model_dir}", "reward=no_such_module:score"]) == 2
     assert "reward" in capsys.readouterr().err
     assert ray.is_initialized() == was_up
+
+
+def test_config_reference_doc_is_current():
+    from pathlib import Path
+
+    from grpo.config import config_reference
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+    assert doc.read_text() == config_reference(), "regenerate: python -m grpo.config > docs/config.md"
+    assert "| `group_size` | int | `8` | >= 2, <= 64 | completions sampled per prompt |" in doc.read_text()

@@ -146,3 +146,68 @@ def test_overlong_penalty_shapes_rewards(tiny_model_dir, worker):
         n = int(r.lengths[i])
         expected = 1.0 - max(0, n - 4) / 2
         assert float(batch.rewards[i]) == pytest.approx(expected)
+
+
+def test_prompt_shared_once_per_group_gives_the_same_logits_and_update(tiny_model_dir, worker):
+    # Prompts of different lengths (left padding) and completions that stop early (right padding).
+    r = worker.generate(["digit 1:", "a longer prompt, digit 7:", "x"], group_size=4, max_new_tokens=6, seed=5)
+    rewards = [float(i % 2) for i in range(len(r.texts))]
+    learners = {}
+    for share in (True, False):
+        cfg = GRPOConfig(model=tiny_model_dir, max_new_tokens=6, share_prompt_prefix=share, kl_coef=0.1,
+                         micro_batch_size=8)
+        learners[share] = _learner(cfg, worker.pad_id)
+        # Plain SGD so the parameter change IS the gradient: Adam's g/sqrt(v) would blow float noise
+        # in near-zero gradients up to a full +-lr step.
+        learners[share].optimizer = torch.optim.SGD(learners[share].model.parameters(), lr=1.0)
+    shared, plain = learners[True], learners[False]
+    ids, mask, pos = training_tensors(r, worker.pad_id)
+    with torch.no_grad():
+        a = shared._shared_prefix_logits(shared.model, r, torch.arange(3))
+        b = plain._logits(plain.model, ids, mask, pos, r.completion_ids.shape[1])
+    m = r.completion_mask
+    torch.testing.assert_close(a[m], b[m], atol=2e-5, rtol=1e-4)
+    for learner in (shared, plain):
+        cfg = learner.cfg
+        batch = score_batch(r, rewards, cfg)
+        learner.step(batch, num_tokens=batch.num_tokens, num_seqs=batch.num_seqs)
+        learner.step(batch, num_tokens=batch.num_tokens, num_seqs=batch.num_seqs)  # KL now non-zero
+    for (k, v), (_, w) in zip(shared.base_model.state_dict().items(), plain.base_model.state_dict().items(),
+                              strict=True):
+        torch.testing.assert_close(v, w, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def _take_groups(r, groups: list[int]):
+    """The rollout of some groups only: what one policy worker sees of a step."""
+    from grpo.rollout import Rollout
+
+    g = r.group_size
+    rows = torch.tensor([p * g + j for p in groups for j in range(g)])
+    return Rollout(prompt_ids=[r.prompt_ids[p] for p in groups], completion_ids=r.completion_ids[rows],
+                   completion_mask=r.completion_mask[rows], logprobs=r.logprobs[rows],
+                   finish_reasons=[r.finish_reasons[i] for i in rows.tolist()],
+                   texts=[r.texts[i] for i in rows.tolist()], group_size=g, version=r.version)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_two_workers_with_global_counts_make_the_one_worker_update(tiny_model_dir, worker, agg):
+    """What DDP relies on: each worker's loss over global counts; the gradients of the shards SUM to the
+    gradient of the whole batch (DDP averages, and the Learner multiplies by world size)."""
+    r = worker.generate(["digit 1:", "digit 22:", "digit 3:", "digit 4:"], group_size=4, max_new_tokens=6, seed=9)
+    rewards = [float((i * 7) % 3 == 0) for i in range(16)]
+    cfg = GRPOConfig(model=tiny_model_dir, max_new_tokens=6, loss_agg=agg, max_grad_norm=0.0)
+
+    def delta(rollout, raw, num_tokens, num_seqs):
+        learner = _learner(cfg, worker.pad_id)
+        learner.optimizer = torch.optim.SGD(learner.model.parameters(), lr=1.0)
+        before = {k: v.clone() for k, v in learner.base_model.state_dict().items()}
+        learner.step(score_batch(rollout, raw, cfg), num_tokens=num_tokens, num_seqs=num_seqs)
+        return {k: before[k] - v for k, v in learner.base_model.state_dict().items()}
+
+    whole = score_batch(r, rewards, cfg)
+    n_tok, n_seq = whole.num_tokens, whole.num_seqs
+    one = delta(r, rewards, n_tok, n_seq)
+    a = delta(_take_groups(r, [0, 1]), rewards[:8], n_tok, n_seq)
+    b = delta(_take_groups(r, [2, 3]), rewards[8:], n_tok, n_seq)
+    for k in one:
+        torch.testing.assert_close(a[k] + b[k], one[k], atol=1e-6, rtol=1e-4, msg=k)

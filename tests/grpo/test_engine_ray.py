@@ -1,0 +1,223 @@
+"""The engine on a real local Ray: a distributed step, async mode, actor failures, resume, learning."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo.config import GRPOConfig
+from grpo.run import build_actors, run
+
+
+def _cfg(tiny_model_dir: str, tmp_path: Path, **overrides) -> GRPOConfig:
+    base = dict(model=tiny_model_dir, output_dir=str(tmp_path / "runs"), run_name="t", prompts_per_step=8,
+                group_size=4, max_new_tokens=6, checkpoint_interval=0, eval_size=0, cpus_per_worker=1,
+                cpus_per_reward_worker=0.5)
+    return GRPOConfig(**{**base, **overrides})
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _hf_weights(path: str) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+@pytest.mark.ray
+def test_distributed_step_updates_policy_and_rollout_actors(ray_session, tiny_model_dir, tmp_path):
+    import ray
+
+    cfg = _cfg(tiny_model_dir, tmp_path, num_policy_workers=2, num_rollout_workers=2, num_reward_workers=2,
+               num_steps=2, eval_size=4)
+    handles = build_actors(cfg)
+    initial = ray.get(handles["rollout_actors"][0].state_dict.remote())
+    try:
+        result = run(cfg, handles=handles)
+        assert result.status == "completed" and result.steps == 2, result.error
+        trained = _hf_weights(result.checkpoint)
+        # 1. the policy moved
+        assert any(not torch.equal(initial[k], trained[k]) for k in trained)
+        # 2. every rollout actor now samples with exactly the trained weights, at version 2
+        for actor in handles["rollout_actors"]:
+            assert ray.get(actor.get_version.remote()) == 2
+            held = ray.get(actor.state_dict.remote())
+            for k, v in trained.items():
+                torch.testing.assert_close(held[k], v, rtol=0, atol=0)
+    finally:
+        for h in handles["rollout_actors"] + handles["reward_actors"]:
+            ray.kill(h)
+    # 3. both workers' shards reached the trajectory log: 2 steps x 8 prompts x 4 completions
+    traj = _rows(cfg.run_dir / "trajectories.jsonl")
+    assert Counter(r["step"] for r in traj) == {1: 32, 2: 32}
+    metrics = _rows(cfg.run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert metrics[0]["completion_tokens"] == sum(r["tokens"] for r in traj if r["step"] == 1)
+    assert metrics[-1]["eval_reward"] is not None
+    assert (cfg.run_dir / "curves.png").stat().st_size > 0
+    state = torch.load(Path(result.checkpoint) / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2 and state["optimizer"]["state"]
+
+
+@pytest.mark.ray
+def test_async_rollouts_stay_within_the_staleness_bound(ray_session, tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, tmp_path, num_steps=4, async_rollouts=True, max_staleness=1)
+    result = run(cfg)
+    assert result.status == "completed" and result.steps == 4, result.error
+    stale = [m["staleness"] for m in _rows(cfg.run_dir / "metrics.jsonl")]
+    assert max(stale) <= 1 and max(stale) == 1  # step k+1 was sampled while step k trained
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killing_rollout_and_reward_actors_does_not_fail_the_run(ray_session, tiny_model_dir, tmp_path):
+    import ray
+
+    cfg = _cfg(tiny_model_dir, tmp_path, num_steps=8, num_rollout_workers=2, num_reward_workers=2)
+    handles = build_actors(cfg)
+    pids = ray.get([a.ping.remote() for a in handles["rollout_actors"]])
+    metrics = cfg.run_dir / "metrics.jsonl"
+    killed = threading.Event()
+
+    def killer() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if metrics.exists() and len(_rows(metrics)) >= 2:
+                ray.kill(handles["rollout_actors"][0], no_restart=False)
+                ray.kill(handles["reward_actors"][0], no_restart=False)
+                killed.set()
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    try:
+        result = run(cfg, handles=handles)
+        t.join(timeout=5)
+        assert killed.is_set()
+        assert result.status == "completed" and result.steps == 8, result.error
+        # the actor came back as a new process and caught up with the latest weights
+        assert ray.get(handles["rollout_actors"][0].ping.remote()) != pids[0]
+        assert ray.get(handles["rollout_actors"][0].get_version.remote()) == 8
+    finally:
+        for h in handles["rollout_actors"] + handles["reward_actors"]:
+            ray.kill(h)
+    # no trajectory lost: every step has all of its completions
+    traj = _rows(cfg.run_dir / "trajectories.jsonl")
+    assert Counter(r["step"] for r in traj) == {s: 32 for s in range(1, 9)}
+    assert [m["step"] for m in _rows(metrics)] == list(range(1, 9))
+
+
+def _run_cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen([sys.executable, "-m", "grpo.run", *args], cwd=cwd, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
+    """SIGKILL the whole run (driver and its local Ray) mid-way; the same command resumes it."""
+    args = [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'runs'}", "run_name=resume", "num_steps=14",
+            "checkpoint_interval=3", "eval_size=0", "prompts_per_step=8", "group_size=4", "max_new_tokens=6"]
+    metrics = tmp_path / "runs" / "resume" / "metrics.jsonl"
+    first = _run_cli(args, tmp_path)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(_rows(metrics)) < 8):
+        assert first.poll() is None, first.stdout.read()
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    steps_before = [m["step"] for m in _rows(metrics)]
+    assert 8 <= len(steps_before) < 14
+
+    second = _run_cli(args, tmp_path)
+    out, _ = second.communicate(timeout=400)
+    assert second.returncode == 0, out[-3000:]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    resumed_at = rows[len(steps_before)]["step"]
+    # It restarted right after a checkpoint (every 3 steps), not from step 1. The newest one may
+    # still have been in flight when the kill landed, so the one before it is as good.
+    assert (resumed_at - 1) % 3 == 0 and 4 <= resumed_at <= max(steps_before) + 1
+    assert [r["step"] for r in rows[len(steps_before):]] == list(range(resumed_at, 15))
+    summary = json.loads((tmp_path / "runs" / "resume" / "summary.json").read_text())
+    state = torch.load(Path(summary["checkpoint"]) / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 14  # the same step count as an uninterrupted run
+    assert json.loads((tmp_path / "runs" / "resume" / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_learns_the_digit_task_from_random_init(ray_session, tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, tmp_path, num_steps=260, prompts_per_step=16, group_size=8, max_new_tokens=8,
+               learning_rate=1e-3, eval_size=10, eval_interval=65, checkpoint_interval=130)
+    result = run(cfg)
+    assert result.status == "completed", result.error
+    rewards = [m["reward_mean"] for m in _rows(cfg.run_dir / "metrics.jsonl")]
+    start, end = sum(rewards[:10]) / 10, sum(rewards[-20:]) / 20
+    assert start < 0.3  # a random policy rarely emits the named digit
+    assert end >= 0.8, f"mean reward {start:.3f} -> {end:.3f}"
+
+
+class _CancelAfter:
+    """A reporter that asks the run to stop once it has seen `n` steps (as the job API's cancel does)."""
+
+    def __init__(self, n: int):
+        self.n, self.seen, self.ended = n, [], None
+
+    def on_start(self, cfg, *, job_id):
+        self.job_id = job_id
+
+    def on_step(self, metrics):
+        self.seen.append(metrics["step"])
+
+    def on_trajectories(self, rows):
+        pass
+
+    def should_stop(self):
+        return "cancelled" if len(self.seen) >= self.n else None
+
+    def on_end(self, status, *, error, summary):
+        self.ended = (status, summary)
+
+
+@pytest.mark.ray
+def test_a_reporter_can_cancel_and_the_run_checkpoints_first(ray_session, tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, tmp_path, num_steps=200, checkpoint_interval=0)
+    reporter = _CancelAfter(2)
+    result = run(cfg, reporters=[reporter], job_id="job-123")
+    assert result.status == "cancelled" and 2 <= result.steps < 200
+    assert reporter.job_id == "job-123" and reporter.ended[0] == "cancelled"
+    state = torch.load(Path(result.checkpoint) / "trainer_state.pt", weights_only=False)
+    assert state["step"] == result.steps  # the checkpoint holds the last step trained
+    assert json.loads((cfg.run_dir / "summary.json").read_text())["status"] == "cancelled"
+
+
+@pytest.mark.slow
+def test_sigterm_from_ray_job_stop_saves_a_checkpoint_and_exits_cancelled(tiny_model_dir, tmp_path):
+    args = [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'runs'}", "run_name=term", "num_steps=500",
+            "checkpoint_interval=0", "eval_size=0", "prompts_per_step=8", "group_size=4", "max_new_tokens=6"]
+    metrics = tmp_path / "runs" / "term" / "metrics.jsonl"
+    proc = _run_cli(args, tmp_path)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(_rows(metrics)) < 3):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # what `ray job stop` sends the entrypoint first
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    summary = json.loads((tmp_path / "runs" / "term" / "summary.json").read_text())
+    assert summary["status"] == "cancelled" and summary["steps"] < 500
+    state = torch.load(Path(summary["checkpoint"]) / "trainer_state.pt", weights_only=False)
+    assert state["step"] == summary["steps"]
