@@ -185,14 +185,19 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["py_rng"])
 
+    loading: list = []
+
     def publish(version: int) -> None:
         # Rank 0 puts the weights in the object store ONCE and hands every rollout actor the same
-        # reference; the board keeps it for actors that restart or lag and pull later.
+        # reference; the board keeps it for actors that restart or lag and pull later. The loads are
+        # not awaited here: an actor runs rank 0's calls in order, so it loads before rank 0's next
+        # generate, and any other caller's generate carries min_version and pulls if it got there first.
         sd = _full_state_dict(learner.model)
         if rank == 0:
             ref = ray.put(sd)
             ray.get(board.publish.remote(version, [ref]))
-            ray.get([a.load_weights.remote(ref, version) for a in actors])
+            ray.get(loading)  # the previous step's loads, long done: surfaces their errors
+            loading[:] = [a.load_weights.remote(ref, version) for a in actors]
 
     def save_checkpoint(step: int, metrics: dict[str, float]) -> None:
         sd = _full_state_dict(learner.model)
@@ -304,5 +309,6 @@ def train_loop(config: dict[str, Any]) -> None:
         # small step. Per-step metrics go to the driver through the RunMonitor instead.
         if stopping:
             break
+    ray.get(loading)  # the rollout actors hold the final weights when the run returns
     if executor is not None:
         executor.shutdown(wait=True, cancel_futures=True)

@@ -160,8 +160,10 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_learns_the_digit_task_from_random_init(ray_session, tiny_model_dir, tmp_path):
-    cfg = _cfg(tiny_model_dir, tmp_path, num_steps=260, prompts_per_step=16, group_size=8, max_new_tokens=8,
-               learning_rate=1e-3, eval_size=10, eval_interval=65, checkpoint_interval=130)
+    # The KL to the random-init reference keeps entropy up: without it a few prompts can collapse to
+    # one wrong digit (flat groups, no signal) and the mean stalls near 0.8.
+    cfg = _cfg(tiny_model_dir, tmp_path, num_steps=300, prompts_per_step=16, group_size=8, max_new_tokens=8,
+               learning_rate=1e-3, kl_coef=0.02, eval_size=10, eval_interval=100, checkpoint_interval=150)
     result = run(cfg)
     assert result.status == "completed", result.error
     rewards = [m["reward_mean"] for m in _rows(cfg.run_dir / "metrics.jsonl")]
