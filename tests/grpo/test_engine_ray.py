@@ -126,17 +126,27 @@ def _run_cli(args: list[str], cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _cli_args(tiny_model_dir: str, tmp_path: Path, name: str, **extra) -> list[str]:
+    base = {"model": tiny_model_dir, "output_dir": tmp_path / "runs", "run_name": name, "eval_size": 0,
+            "prompts_per_step": 8, "group_size": 4, "max_new_tokens": 6, **extra}
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _wait_for_steps(proc: subprocess.Popen, metrics: Path, n: int) -> None:
+    """Until the running CLI has logged n steps (fails if it exits first)."""
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(_rows(metrics)) < n):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.1)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
     """SIGKILL the whole run (driver and its local Ray) mid-way; the same command resumes it."""
-    args = [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'runs'}", "run_name=resume", "num_steps=14",
-            "checkpoint_interval=3", "eval_size=0", "prompts_per_step=8", "group_size=4", "max_new_tokens=6"]
+    args = _cli_args(tiny_model_dir, tmp_path, "resume", num_steps=14, checkpoint_interval=3)
     metrics = tmp_path / "runs" / "resume" / "metrics.jsonl"
     first = _run_cli(args, tmp_path)
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(_rows(metrics)) < 8):
-        assert first.poll() is None, first.stdout.read()
-        time.sleep(0.1)
+    _wait_for_steps(first, metrics, 8)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     steps_before = [m["step"] for m in _rows(metrics)]
@@ -208,14 +218,10 @@ def test_a_reporter_can_cancel_and_the_run_checkpoints_first(ray_session, tiny_m
 
 @pytest.mark.slow
 def test_sigterm_from_ray_job_stop_saves_a_checkpoint_and_exits_cancelled(tiny_model_dir, tmp_path):
-    args = [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'runs'}", "run_name=term", "num_steps=500",
-            "checkpoint_interval=0", "eval_size=0", "prompts_per_step=8", "group_size=4", "max_new_tokens=6"]
+    args = _cli_args(tiny_model_dir, tmp_path, "term", num_steps=500, checkpoint_interval=0)
     metrics = tmp_path / "runs" / "term" / "metrics.jsonl"
     proc = _run_cli(args, tmp_path)
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(_rows(metrics)) < 3):
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.1)
+    _wait_for_steps(proc, metrics, 3)
     proc.send_signal(signal.SIGTERM)  # what `ray job stop` sends the entrypoint first
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
