@@ -30,7 +30,7 @@ log = logging.getLogger("grpo.run")
 
 @dataclass
 class RunResult:
-    status: str  # completed | cancelled | budget_exceeded | failed
+    status: str  # completed | cancelled | paused | budget_exceeded | failed
     steps: int
     error: str | None = None
     checkpoint: str | None = None
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(cfg, reporters=reporters, job_id=args.job_id)
     print(f"run {cfg.run_name}: {result.status} after {result.steps} steps; output in {cfg.run_dir}"
           + (f"; error: {result.error}" if result.error else ""), flush=True)
-    return 0 if result.status in ("completed", "cancelled", "budget_exceeded") else 1
+    return 0 if result.status in ("completed", "cancelled", "paused", "budget_exceeded") else 1
 
 
 if __name__ == "__main__":

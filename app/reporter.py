@@ -1,0 +1,116 @@
+"""The DB-backed reporter a run launched by the job API records itself through.
+
+`python -m grpo.run --job-id ID --reporter app.reporter:DBReporter` builds it in the run's driver
+(the Ray Job's entrypoint). It writes progress, metrics, cost, trajectories and checkpoints to the
+database, asks the run to stop when the job's cancel flag is set, and marks the final status.
+It is the only place where grpo (the engine) meets app (the control plane), and grpo never imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from decimal import Decimal
+from typing import Any
+
+from grpo.config import GRPOConfig
+
+log = logging.getLogger("app.reporter")
+
+# How the engine's end states map onto the job's (status, stop_reason).
+FINAL = {
+    "completed": ("completed", None),
+    "cancelled": ("cancelled", "cancelled"),
+    "paused": ("paused", "paused"),
+    "budget_exceeded": ("cancelled", "budget_exceeded"),
+    "failed": ("failed", None),
+}
+
+
+class DBReporter:
+    """Reporter (grpo.report.Reporter) writing to the job API's database."""
+
+    def __init__(self, *, cfg: GRPOConfig, job_id: str | None, db_url: str | None = None,
+                 check_interval_s: float = 1.0):
+        from app.db import get_engine
+        from app.settings import get_settings
+
+        if not job_id:
+            raise ValueError("DBReporter needs --job-id")
+        self.job_id = job_id
+        self.engine = get_engine(db_url or get_settings().db_url)
+        self.check_interval_s = check_interval_s
+        self._last_check = 0.0
+        self._stop: str | None = None
+
+    def on_start(self, cfg: GRPOConfig, *, job_id: str | None) -> None:
+        log.info("job %s: run started (%d steps)", self.job_id, cfg.num_steps)
+
+    def on_step(self, metrics: dict[str, float]) -> None:
+        from app.db import record_progress, session_scope
+
+        with session_scope(self.engine) as s:
+            record_progress(s, job_id=self.job_id, step=int(metrics["step"]), metrics=metrics,
+                            cost_usd=Decimal(str(round(metrics.get("cost_usd", 0.0), 6))))
+
+    def on_trajectories(self, rows: list[dict[str, Any]]) -> None:
+        from app.db import add_trajectories, session_scope
+
+        with session_scope(self.engine) as s:
+            add_trajectories(s, job_id=self.job_id, rows=rows)
+
+    def should_stop(self) -> str | None:
+        """The job's cancel flag, read at most once per check interval (one small query)."""
+        if self._stop is None and time.monotonic() - self._last_check >= self.check_interval_s:
+            from app.db import get_job, session_scope
+
+            self._last_check = time.monotonic()
+            with session_scope(self.engine) as s:
+                job = get_job(s, job_id=self.job_id)
+                if job is not None and job.cancel_requested:
+                    self._stop = "paused" if job.stop_reason == "paused" else "cancelled"
+        return self._stop
+
+    def on_end(self, status: str, *, error: str | None, summary: dict[str, Any]) -> None:
+        from app.db import (
+            add_checkpoint,
+            finish_job,
+            record_progress,
+            session_scope,
+            set_best_checkpoint,
+            set_status,
+        )
+
+        job_status, reason = FINAL.get(status, ("failed", None))
+        with session_scope(self.engine) as s:
+            best = summary.get("best_checkpoints") or []
+            latest = summary.get("checkpoint")
+            ids: dict[str, str] = {}
+            for path in dict.fromkeys([*best, *([latest] if latest else [])]):
+                step = _step_of(path)
+                ids[path] = add_checkpoint(s, job_id=self.job_id, step=step, path=path).id
+            if best or latest:
+                set_best_checkpoint(s, job_id=self.job_id, checkpoint_id=ids[best[0] if best else latest])
+            last = summary.get("last_metrics") or {}
+            if last:
+                record_progress(s, job_id=self.job_id, step=int(last.get("step", 0)), metrics=last,
+                                cost_usd=Decimal(str(round(summary.get("cost_usd", 0.0), 6))))
+            if job_status == "paused":
+                set_status(s, job_id=self.job_id, status="paused")
+            else:
+                finish_job(s, job_id=self.job_id, status=job_status, error_message=error, stop_reason=reason)
+        log.info("job %s: run ended %s", self.job_id, status)
+
+
+def _step_of(checkpoint_path: str) -> int:
+    """The step saved in a checkpoint directory's trainer state (0 if unreadable)."""
+    from pathlib import Path
+
+    import torch
+
+    try:
+        state = torch.load(Path(checkpoint_path) / "trainer_state.pt", map_location="cpu", weights_only=False)
+        return int(state["step"])
+    except (OSError, KeyError, RuntimeError) as e:
+        log.warning("cannot read the step of checkpoint %s: %s", checkpoint_path, e)
+        return 0

@@ -1,0 +1,59 @@
+"""The job API as a Ray Serve application: `serve build app.serve:app` / `serve run app.serve:app`.
+
+The deployment wraps the FastAPI app of app.main (autoscaled replicas; each checks its database in
+`check_health`) and makes sure the single Dispatcher actor is running. `python -m app.serve` starts
+a local Ray (or joins RAY_ADDRESS) and serves on 127.0.0.1:8001 until interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ray import serve
+from sqlalchemy import text
+
+from app.main import create_app
+from app.settings import get_settings
+
+fastapi_app = create_app()
+
+
+@serve.deployment(
+    name="TrainingAPI",
+    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
+    max_ongoing_requests=64,
+    health_check_period_s=10,
+    ray_actor_options={"num_cpus": 0.1},
+)
+@serve.ingress(fastapi_app)
+class TrainingAPI:
+    def __init__(self) -> None:
+        from app.dispatcher import ensure_dispatcher
+
+        self.dispatcher = ensure_dispatcher(get_settings())
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose database is unreachable."""
+        with fastapi_app.state.ctx.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+
+app = TrainingAPI.bind()
+
+
+def start(*, host: str = "127.0.0.1", port: int | None = None) -> str:
+    """Start Serve's HTTP proxy and the app on this Ray cluster; returns the JSON-RPC URL."""
+    port = port or get_settings().api_port
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name="raygrpo-api", route_prefix="/", blocking=False)
+    return f"http://{host}:{port}/api/v1/jsonrpc"
+
+
+if __name__ == "__main__":
+    import ray
+
+    ray.init(address=os.environ.get("RAY_ADDRESS"), namespace="raygrpo")
+    print(f"job API at {start()}", flush=True)
+    while True:
+        time.sleep(3600)

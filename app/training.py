@@ -1,0 +1,399 @@
+"""The `training.*` JSON-RPC methods: thin handlers over the data functions in app.db.
+
+Each method has a pydantic params model (which also feeds `rpc.discover`) and a result model.
+Starting a job validates everything, stores the job as `queued` and enqueues it: the run itself
+is the Dispatcher's business (app.dispatcher), so no request ever waits on training.
+Not here: HTTP (app.main), auth and rate limits (the security issue), the registry endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy.engine import Engine
+
+from app import db
+from app.jsonrpc import (
+    BUDGET_EXCEEDED,
+    CANNOT_CANCEL,
+    EXPORT_LIMIT_EXCEEDED,
+    NOT_FOUND,
+    VALIDATION_FAILED,
+    Registry,
+    RPCError,
+)
+from app.models import JobStatus, TrainingJob
+from app.queue import JobQueue
+from app.settings import Settings
+from grpo.config import ConfigError, GRPOConfig, load_config
+
+registry = Registry(sync_in_thread=True)  # handlers open their own sessions
+
+EXPORT_LIMIT = 10_000
+
+
+@dataclass
+class Context:
+    """What every handler gets besides its params."""
+
+    settings: Settings
+    engine: Engine
+    queue: JobQueue | None  # Redis fast path; None: the database is the queue
+
+
+# ---- params and results ------------------------------------------------------------------------
+
+class Row(BaseModel):
+    """One training or evaluation example."""
+
+    model_config = ConfigDict(extra="forbid")
+    query: str = Field(min_length=1, max_length=100_000, validation_alias=AliasChoices("query", "prompt"))
+    """the prompt"""
+    expected_outcome: str = Field(max_length=100_000, validation_alias=AliasChoices("expected_outcome", "answer"))
+    """what the reward function compares the completion with"""
+
+
+class TrainingConfig(BaseModel):
+    """A job's training settings: the familiar fields of the old service plus the engine's own."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    n_iterations: int = Field(100, ge=1, le=100_000)
+    """optimizer steps"""
+    batch_size: int = Field(16, ge=1, le=4096)
+    """queries per step"""
+    n_trajectories_per_query: int = Field(8, ge=2, le=64)
+    """completions sampled per query (the GRPO group size)"""
+    learning_rate: float = Field(1e-5, gt=0.0, le=1.0)
+    """AdamW learning rate"""
+    max_budget_usd: Decimal = Field(Decimal("100"), gt=0, le=Decimal("1000000"), decimal_places=6)
+    """the run stops (with a checkpoint) when its cost reaches this"""
+    checkpoint_interval: int = Field(10, ge=0, le=100_000)
+    """checkpoint every N steps (0: only at the end)"""
+    max_steps_per_trajectory: int = Field(1, ge=1, le=100)
+    """agent turns per trajectory (1: single-turn completions)"""
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    """discount of step rewards in multi-turn trajectories"""
+    model: str | None = Field(None, min_length=1, max_length=1000)
+    """HF model id or path; the server's default model when left out"""
+    reward: str | None = Field(None, min_length=1, max_length=300)
+    """reward function: a registered name (default exact_match) or module:function"""
+    grpo_variant: Literal["grpo", "dr_grpo", "dapo"] | None = None
+    """preset of advantage scaling, loss aggregation and clipping; engine defaults when left out"""
+    max_new_tokens: int | None = Field(None, ge=1, le=32_768)
+    """completion length limit"""
+    temperature: float | None = Field(None, gt=0.0, le=2.0)
+    """sampling temperature"""
+    kl_coef: float | None = Field(None, ge=0.0, le=10.0)
+    """KL penalty weight against the initial model"""
+    num_policy_workers: int | None = Field(None, ge=1, le=1024)
+    """Ray Train workers"""
+    num_rollout_workers: int | None = Field(None, ge=1, le=1024)
+    """rollout actors"""
+    num_reward_workers: int | None = Field(None, ge=1, le=1024)
+    """reward actors"""
+    gpus_per_worker: float | None = Field(None, ge=0.0, le=8.0)
+    """GPUs per policy worker and rollout actor"""
+    engine: dict[str, Any] = Field(default_factory=dict)
+    """any other grpo.config.GRPOConfig key (see docs/config.md)"""
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "grpo": {"scale_advantages": True, "loss_agg": "seq-mean-token-mean", "clip_eps_high": 0.2},
+    "dr_grpo": {"scale_advantages": False, "loss_agg": "seq-mean-token-sum-norm", "clip_eps_high": 0.2},
+    "dapo": {"scale_advantages": True, "loss_agg": "token-mean", "clip_eps_high": 0.28, "dynamic_sampling": True},
+}
+
+
+class StartParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    agent_id: str = Field(min_length=1, max_length=256)
+    """the agent this job trains"""
+    config: TrainingConfig = Field(default_factory=TrainingConfig)
+    """training settings"""
+    training_data: list[Row] = Field(min_length=1, max_length=1_000_000,
+                                     validation_alias=AliasChoices("training_data", "training_queries"))
+    """rows of {query, expected_outcome}; `training_queries` is accepted as an alias"""
+    evaluation_data: list[Row] | None = Field(None, max_length=100_000)
+    """held-out rows scored greedily at evaluations"""
+    priority: int = Field(0, ge=0, le=10)
+    """higher runs first"""
+    idempotency_key: str | None = Field(None, min_length=1, max_length=256)
+    """the same key never creates two jobs"""
+
+
+class StartResult(BaseModel):
+    job_id: str
+    status: str
+    agent_id: str
+    total_iterations: int
+    budget_usd: str
+    created_at: datetime
+    created: bool
+    """False when the idempotency key matched an existing job (which is returned)"""
+
+
+class JobParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    job_id: str = Field(min_length=1, max_length=64)
+
+
+class CancelParams(JobParams):
+    reason: str | None = Field(None, max_length=64)
+    wait: bool = True
+    """wait (up to a bound) for a running job to stop and checkpoint before replying"""
+
+
+class ListParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    agent_id: str | None = Field(None, max_length=256)
+    status: JobStatus | None = None
+    limit: int = Field(20, ge=1, le=100)
+    cursor: str | None = Field(None, max_length=1000)
+
+
+class ExportParams(JobParams):
+    success_only: bool = False
+    min_reward: float | None = None
+    limit: int = Field(1000, ge=1)
+    offset: int = Field(0, ge=0)
+
+    @field_validator("min_reward")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and v != v:
+            raise ValueError("must be a number")
+        return v
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+def engine_config(params: StartParams, *, settings: Settings, dataset: Path, output_dir: Path) -> GRPOConfig:
+    """Map the API's config onto the engine's, validating it the way `grpo.run` will."""
+    c = params.config
+    if c.max_steps_per_trajectory > 1:
+        raise RPCError(VALIDATION_FAILED, "config.max_steps_per_trajectory: multi-turn agent environments are "
+                       "not available yet; use 1", {"field": "config.max_steps_per_trajectory"})
+    model = c.model or settings.default_model
+    if not model:
+        raise RPCError(VALIDATION_FAILED, "config.model: required (this server has no default model)",
+                       {"field": "config.model"})
+    mapping: dict[str, Any] = {
+        "model": model, "dataset": str(dataset), "reward": c.reward or "exact_match",
+        "num_steps": c.n_iterations, "prompts_per_step": c.batch_size, "group_size": c.n_trajectories_per_query,
+        "learning_rate": c.learning_rate, "checkpoint_interval": c.checkpoint_interval,
+        "max_budget_usd": float(c.max_budget_usd), "output_dir": str(output_dir), "run_name": "run",
+        "cpu_hour_usd": float(settings.cpu_hour_usd), "gpu_hour_usd": float(settings.gpu_hour_usd),
+    }
+    if params.evaluation_data is None:
+        mapping["eval_size"] = 0
+    mapping.update(VARIANTS.get(c.grpo_variant or "", {}))
+    for key in ("max_new_tokens", "temperature", "kl_coef", "num_policy_workers", "num_rollout_workers",
+                "num_reward_workers", "gpus_per_worker"):
+        if getattr(c, key) is not None:
+            mapping[key] = getattr(c, key)
+    mapping.update(c.engine)
+    try:
+        cfg = load_config(None, mapping)
+        from grpo.run import preflight
+
+        preflight(cfg)
+    except ConfigError as e:
+        raise RPCError(VALIDATION_FAILED, str(e).replace("invalid config: ", "config: "), {"field": "config"}) from None
+    return cfg
+
+
+def step_cost_usd(cfg: GRPOConfig, settings: Settings) -> Decimal:
+    """The least one step can cost: the run's reserved resources for `min_step_seconds`."""
+    from grpo.run import cost_usd
+
+    return Decimal(str(cost_usd(cfg, settings.min_step_seconds)))
+
+
+def money(value: Decimal | None) -> str | None:
+    """Money on the wire: a decimal string with 6 places (never a float)."""
+    return None if value is None else f"{Decimal(value).quantize(Decimal('0.000001'))}"
+
+
+def _get(ctx: Context, session: Any, job_id: str) -> TrainingJob:
+    job = db.get_job(session, job_id=job_id)
+    if job is None:
+        raise RPCError(NOT_FOUND, f"job not found: {job_id}", {"job_id": job_id})
+    return job
+
+
+def status_of(job: TrainingJob, best: Any | None) -> dict[str, Any]:
+    m = job.metrics or {}
+    progress = 100.0 * job.current_iteration / job.total_iterations if job.total_iterations else 0.0
+    eta = None
+    if job.status == JobStatus.running and job.started_at and job.current_iteration:
+        started = job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=UTC)
+        per_step = (datetime.now(UTC) - started) / job.current_iteration
+        eta = datetime.now(UTC) + per_step * (job.total_iterations - job.current_iteration)
+    remaining = None if job.budget_usd is None else max(job.budget_usd - job.cost_usd, Decimal("0"))
+    return {
+        "job_id": job.id, "agent_id": job.agent_id, "status": job.status,
+        "current_iteration": job.current_iteration, "total_iterations": job.total_iterations,
+        "progress_percent": round(progress, 2),
+        "metrics": {"loss": m.get("loss"), "avg_reward": m.get("reward_mean"), "reward_std": m.get("reward_std"),
+                    "kl": m.get("kl"), "eval_reward": m.get("eval_reward"),
+                    "trajectories_generated": job.trajectories_generated, "tokens_per_s": m.get("tokens_per_s")},
+        "cost_usd": money(job.cost_usd), "budget_usd": money(job.budget_usd),
+        "budget_remaining_usd": money(remaining),
+        "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
+        "estimated_completion": eta,
+        "best_checkpoint": None if best is None else {"checkpoint_id": best.id, "step": best.step, "path": best.path},
+        "error_message": job.error_message, "stop_reason": job.stop_reason,
+    }
+
+
+# ---- methods -----------------------------------------------------------------------------------
+
+@registry.method("training.start_grpo", params=StartParams, result=StartResult, mutates=True,
+                 summary="Queue a GRPO training job; replies at once with its id",
+                 errors=(BUDGET_EXCEEDED, VALIDATION_FAILED))
+def start_grpo(p: StartParams, ctx: Context) -> StartResult:
+    jobs_dir = ctx.settings.runs_dir
+    jobs_dir.mkdir(parents=True, exist_ok=True)
+    # The data goes to a file first: the engine reads it as a JSONL dataset, and validating the
+    # config needs it to exist. It moves into the job's folder once the job has an id.
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", dir=jobs_dir, delete=False) as f:
+        for row in p.training_data:
+            f.write(json.dumps({"query": row.query, "expected_outcome": row.expected_outcome}) + "\n")
+        for row in p.evaluation_data or []:
+            f.write(json.dumps({"query": row.query, "expected_outcome": row.expected_outcome}) + "\n")
+    tmp = Path(f.name)
+    try:
+        staging = jobs_dir / "staging"
+        cfg = engine_config(p, settings=ctx.settings, dataset=tmp, output_dir=staging)
+        if p.evaluation_data:
+            cfg.eval_size = len(p.evaluation_data)
+        if step_cost_usd(cfg, ctx.settings) > p.config.max_budget_usd:
+            raise RPCError(BUDGET_EXCEEDED, f"config.max_budget_usd: {p.config.max_budget_usd} cannot cover one "
+                           f"step (at least {step_cost_usd(cfg, ctx.settings)} USD)",
+                           {"field": "config.max_budget_usd"})
+        with db.session_scope(ctx.engine) as s:
+            job, created = db.create_job(
+                s, agent_id=p.agent_id, owner=None, config=p.config.model_dump(mode="json"),
+                engine_config={}, total_iterations=p.config.n_iterations, budget_usd=p.config.max_budget_usd,
+                priority=p.priority, idempotency_key=p.idempotency_key, training_rows=len(p.training_data),
+                evaluation_rows=len(p.evaluation_data or []),
+            )
+            if created:
+                job_dir = jobs_dir / job.id
+                job_dir.mkdir(parents=True, exist_ok=True)
+                data = job_dir / "data.jsonl"
+                tmp.replace(data)
+                job.engine_config = cfg.model_dump(mode="json") | {"dataset": str(data), "output_dir": str(job_dir)}
+                s.add(job)
+            result = StartResult(job_id=job.id, status=job.status, agent_id=job.agent_id,
+                                 total_iterations=job.total_iterations, budget_usd=money(job.budget_usd),
+                                 created_at=job.created_at, created=created)
+            priority = job.priority
+        if created and ctx.queue is not None:
+            ctx.queue.push(result.job_id, priority=priority)
+            ctx.queue.set_status(result.job_id, JobStatus.queued)
+        return result
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@registry.method("training.get_status", params=JobParams, summary="Status, progress, metrics and cost of a job",
+                 errors=(NOT_FOUND,))
+def get_status(p: JobParams, ctx: Context) -> dict[str, Any]:
+    with db.session_scope(ctx.engine) as s:
+        job = _get(ctx, s, p.job_id)
+        best = db.get_checkpoint(s, checkpoint_id=job.best_checkpoint_id) if job.best_checkpoint_id else None
+        return status_of(job, best)
+
+
+@registry.method("training.cancel", params=CancelParams, mutates=True, summary="Cancel a queued or running job",
+                 errors=(NOT_FOUND, CANNOT_CANCEL))
+async def cancel(p: CancelParams, ctx: Context) -> dict[str, Any]:
+    with db.session_scope(ctx.engine) as s:
+        job = _get(ctx, s, p.job_id)
+        if JobStatus(job.status).is_final:
+            raise RPCError(CANNOT_CANCEL, f"job {p.job_id} is {job.status} and cannot be cancelled",
+                           {"job_id": p.job_id, "status": job.status})
+        job = db.request_cancel(s, job_id=p.job_id, reason=p.reason or "cancelled")
+        was_queued = job.status == JobStatus.cancelled
+    if was_queued and ctx.queue is not None:
+        ctx.queue.remove(p.job_id)
+        ctx.queue.set_status(p.job_id, JobStatus.cancelled)
+    # A running job stops at its next step boundary, saves a checkpoint and marks itself cancelled.
+    deadline = asyncio.get_running_loop().time() + (ctx.settings.cancel_wait_s if p.wait else 0.0)
+    while True:
+        with db.session_scope(ctx.engine) as s:
+            job = _get(ctx, s, p.job_id)
+            best = db.get_checkpoint(s, checkpoint_id=job.best_checkpoint_id) if job.best_checkpoint_id else None
+            done = JobStatus(job.status).is_final
+            reply = {"job_id": job.id, "status": job.status if done else "cancelling",
+                     "cancelled_at": job.cancelled_at, "iterations_completed": job.current_iteration,
+                     "checkpoint_saved": best is not None, "checkpoint_id": best.id if best else None}
+        if done or asyncio.get_running_loop().time() >= deadline:
+            return reply
+        await asyncio.sleep(0.25)
+
+
+@registry.method("training.list_jobs", params=ListParams, summary="Jobs, newest first, with cursor pagination")
+def list_jobs(p: ListParams, ctx: Context) -> dict[str, Any]:
+    with db.session_scope(ctx.engine) as s:
+        try:
+            jobs, cursor = db.list_jobs(s, agent_id=p.agent_id, status=p.status, limit=p.limit, cursor=p.cursor)
+        except ValueError as e:
+            raise RPCError(-32602, f"invalid params: {e}", {"field": "cursor"}) from None
+        return {"jobs": [status_of(j, None) for j in jobs], "next_cursor": cursor, "has_more": cursor is not None}
+
+
+@registry.method("training.export_trajectories", params=ExportParams,
+                 summary="Trajectories of a job with their rewards", errors=(NOT_FOUND, EXPORT_LIMIT_EXCEEDED))
+def export_trajectories(p: ExportParams, ctx: Context) -> dict[str, Any]:
+    if p.limit > EXPORT_LIMIT:
+        raise RPCError(EXPORT_LIMIT_EXCEEDED, f"limit: at most {EXPORT_LIMIT} trajectories per call, use offset",
+                       {"field": "limit", "max": EXPORT_LIMIT})
+    with db.session_scope(ctx.engine) as s:
+        _get(ctx, s, p.job_id)
+        rows, total = db.export_trajectories(s, job_id=p.job_id, success_only=p.success_only,
+                                             min_reward=p.min_reward, limit=p.limit, offset=p.offset)
+        out = [{"id": r.id, "step": r.step, "query": r.query, "completion": r.completion, "expected": r.expected,
+                "reward": r.reward, "advantage": r.advantage, "success": r.success, "tokens": r.tokens,
+                "finish_reason": r.finish_reason, "steps": r.steps, "created_at": r.created_at} for r in rows]
+        return {"job_id": p.job_id, "trajectories": out, "total_count": total,
+                "has_more": p.offset + len(out) < total}
+
+
+@registry.method("training.pause", params=JobParams, mutates=True, errors=(NOT_FOUND, CANNOT_CANCEL),
+                 summary="Checkpoint a running job and release its resources; training.resume continues it")
+def pause(p: JobParams, ctx: Context) -> dict[str, Any]:
+    with db.session_scope(ctx.engine) as s:
+        job = _get(ctx, s, p.job_id)
+        if job.status != JobStatus.running:
+            raise RPCError(CANNOT_CANCEL, f"job {p.job_id} is {job.status}; only running jobs pause",
+                           {"job_id": p.job_id, "status": job.status})
+        job.cancel_requested, job.stop_reason = True, "paused"
+        s.add(job)
+        return {"job_id": job.id, "status": "pausing"}
+
+
+@registry.method("training.resume", params=JobParams, mutates=True, errors=(NOT_FOUND, CANNOT_CANCEL),
+                 summary="Queue a paused job again; it continues from its latest checkpoint")
+def resume(p: JobParams, ctx: Context) -> dict[str, Any]:
+    with db.session_scope(ctx.engine) as s:
+        job = _get(ctx, s, p.job_id)
+        if job.status != JobStatus.paused:
+            raise RPCError(CANNOT_CANCEL, f"job {p.job_id} is {job.status}; only paused jobs resume",
+                           {"job_id": p.job_id, "status": job.status})
+        db.set_status(s, job_id=job.id, status=JobStatus.queued, cancel_requested=False, stop_reason=None)
+        priority = job.priority
+    if ctx.queue is not None:
+        ctx.queue.push(p.job_id, priority=priority)
+        ctx.queue.set_status(p.job_id, JobStatus.queued)
+    return {"job_id": p.job_id, "status": "queued"}
+
