@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     from grpo.tiny import save_tiny_model
 
     model_dir = str(save_tiny_model(Path("runs/models/tiny-llama")).resolve())
-    ray.init(num_cpus=max(os.cpu_count() or 1, 8), namespace="raygrpo")
+    # The run's own log (Ray Train, Serve access lines) stays in the Ray dashboard and `ray job logs`;
+    # this terminal shows the progress bar.
+    ray.init(num_cpus=max(os.cpu_count() or 1, 8), namespace="raygrpo", log_to_driver=False)
     url = start()
     rpc = RPC(url)
     print(f"job API at {url}", flush=True)

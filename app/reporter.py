@@ -75,6 +75,7 @@ class DBReporter:
         from app.db import (
             add_checkpoint,
             finish_job,
+            get_job,
             record_progress,
             session_scope,
             set_best_checkpoint,
@@ -98,6 +99,10 @@ class DBReporter:
             if job_status == "paused":
                 set_status(s, job_id=self.job_id, status="paused")
             else:
+                # A reason given to training.cancel wins over the generic one.
+                current = get_job(s, job_id=self.job_id)
+                if job_status == "cancelled" and current is not None and current.stop_reason:
+                    reason = current.stop_reason
                 finish_job(s, job_id=self.job_id, status=job_status, error_message=error, stop_reason=reason)
         log.info("job %s: run ended %s", self.job_id, status)
 

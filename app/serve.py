@@ -10,13 +10,17 @@ from __future__ import annotations
 import os
 import time
 
+from fastapi import FastAPI
 from ray import serve
 from sqlalchemy import text
 
 from app.main import create_app
 from app.settings import get_settings
 
-fastapi_app = create_app()
+
+def build_app() -> FastAPI:
+    """Built in each replica at start (a FastAPI app does not pickle), from the replica's environment."""
+    return create_app()
 
 
 @serve.deployment(
@@ -26,27 +30,36 @@ fastapi_app = create_app()
     health_check_period_s=10,
     ray_actor_options={"num_cpus": 0.1},
 )
-@serve.ingress(fastapi_app)
+@serve.ingress(build_app)
 class TrainingAPI:
     def __init__(self) -> None:
+        from app.db import get_engine
         from app.dispatcher import ensure_dispatcher
 
         self.dispatcher = ensure_dispatcher(get_settings())
+        self.engine = get_engine(get_settings().db_url)  # the same cached engine the app uses
 
     def check_health(self) -> None:
         """Serve restarts a replica whose database is unreachable."""
-        with fastapi_app.state.ctx.engine.connect() as conn:
+        with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
 
 app = TrainingAPI.bind()
 
 
-def start(*, host: str = "127.0.0.1", port: int | None = None) -> str:
-    """Start Serve's HTTP proxy and the app on this Ray cluster; returns the JSON-RPC URL."""
+def start(*, host: str = "127.0.0.1", port: int | None = None, env: dict[str, str] | None = None) -> str:
+    """Start Serve's HTTP proxy and the app on this Ray cluster; returns the JSON-RPC URL.
+
+    `env` sets the replicas' environment (DATABASE_URL, REDIS_URL, RAYGRPO_HOME, ...) when it should
+    differ from the cluster's.
+    """
     port = port or get_settings().api_port
     serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name="raygrpo-api", route_prefix="/", blocking=False)
+    target = app
+    if env:
+        target = TrainingAPI.options(ray_actor_options={"num_cpus": 0.1, "runtime_env": {"env_vars": env}}).bind()
+    serve.run(target, name="raygrpo-api", route_prefix="/", blocking=False)
     return f"http://{host}:{port}/api/v1/jsonrpc"
 
 

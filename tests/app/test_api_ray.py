@@ -1,0 +1,122 @@
+"""The job API on Ray Serve with the Dispatcher running jobs as Ray Jobs, driven over real HTTP.
+
+One Serve app per module on the session's local Ray, SQLite in a temp folder, no Redis (the
+Redis path is covered in test_api.py). Each job here is a real GRPO run of the tiny model.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROWS = [{"query": f"digit {d}:", "expected_outcome": str(d)} for d in range(10)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def api(ray_session, tmp_path_factory, tiny_model_dir):
+    import ray
+    from ray import serve
+
+    from app.dispatcher import ACTOR_NAME, NAMESPACE
+    from app.serve import start
+
+    home = tmp_path_factory.mktemp("api-home")
+    env = {"RAYGRPO_HOME": str(home), "DATABASE_URL": f"sqlite:///{home / 'raygrpo.db'}", "REDIS_URL": "",
+           "RAYGRPO_DEFAULT_MODEL": tiny_model_dir, "RAYGRPO_CANCEL_WAIT_S": "90", "RAYGRPO_MAX_RUNNING_JOBS": "2"}
+    url = start(port=_free_port(), env=env)
+    client = httpx.Client(timeout=180)
+    yield url, client, home
+    client.close()
+    serve.shutdown()
+    try:
+        ray.kill(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE))
+    except ValueError:
+        pass
+
+
+def rpc(api, method, **params):
+    url, client, _ = api
+    body = client.post(url, json={"jsonrpc": "2.0", "method": method, "params": params, "id": 1}).json()
+    assert "result" in body, body
+    return body["result"]
+
+
+def job_params(**config):
+    base = {"n_iterations": 6, "batch_size": 4, "n_trajectories_per_query": 4, "learning_rate": 1e-3,
+            "reward": "digit", "max_new_tokens": 6, "checkpoint_interval": 3, "max_budget_usd": "5",
+            "engine": {"cpus_per_worker": 1, "cpus_per_reward_worker": 0.5}}
+    return {"agent_id": "ray-test", "config": {**base, **config}, "training_data": ROWS}
+
+
+def wait_for(api, job_id, states, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = rpc(api, "training.get_status", job_id=job_id)
+        if status["status"] in states:
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still {status['status']} after {timeout}s: {status}")
+
+
+def test_a_job_runs_as_a_ray_job_to_completed_with_trajectories_and_checkpoints(api):
+    from ray.job_submission import JobSubmissionClient
+
+    job = rpc(api, "training.start_grpo", **job_params())
+    assert job["status"] == "queued"
+    status = wait_for(api, job["job_id"], {"completed", "failed", "cancelled"})
+    assert status["status"] == "completed", status["error_message"]
+    assert status["current_iteration"] == 6 and status["progress_percent"] == 100.0
+    assert status["metrics"]["trajectories_generated"] == 6 * 4 * 4
+    assert Decimal(status["cost_usd"]) > 0
+    ckpt = Path(status["best_checkpoint"]["path"])
+    assert (ckpt / "config.json").exists() and (ckpt / "trainer_state.pt").exists()  # an HF directory
+    out = rpc(api, "training.export_trajectories", job_id=job["job_id"], limit=1000)
+    assert out["total_count"] == 96 and len(out["trajectories"]) == 96
+    assert {t["step"] for t in out["trajectories"]} == set(range(1, 7))
+    # the run is an ordinary Ray Job with the job's id as its submission id
+    jobs = JobSubmissionClient("http://127.0.0.1:8265")
+    deadline = time.time() + 60  # the reporter marks the job before the driver process exits
+    while not jobs.get_job_status(job["job_id"]).is_terminal() and time.time() < deadline:
+        time.sleep(0.5)
+    assert str(jobs.get_job_status(job["job_id"])) == "SUCCEEDED"
+
+
+def test_cancelling_a_running_job_checkpoints_it(api):
+    job = rpc(api, "training.start_grpo", **job_params(n_iterations=2000, checkpoint_interval=0))
+    wait_for(api, job["job_id"], {"running"})
+    deadline = time.time() + 180
+    while rpc(api, "training.get_status", job_id=job["job_id"])["current_iteration"] < 2:
+        assert time.time() < deadline
+        time.sleep(0.5)
+    reply = rpc(api, "training.cancel", job_id=job["job_id"], reason="test")
+    assert reply["status"] == "cancelled", reply
+    assert reply["checkpoint_saved"] is True and reply["checkpoint_id"].startswith("ckpt_")
+    assert 2 <= reply["iterations_completed"] < 2000
+    status = rpc(api, "training.get_status", job_id=job["job_id"])
+    assert status["status"] == "cancelled" and status["stop_reason"] == "test"
+
+
+def test_a_tiny_budget_stops_the_run_within_about_a_step(api):
+    budget = Decimal("0.0006")  # ~17 s of the run's 2.5 logical CPUs at $0.05 per CPU-hour
+    job = rpc(api, "training.start_grpo", **job_params(n_iterations=5000, checkpoint_interval=0,
+                                                         max_budget_usd=str(budget)))
+    status = wait_for(api, job["job_id"], {"completed", "failed", "cancelled"})
+    assert status["status"] == "cancelled" and status["stop_reason"] == "budget_exceeded", status
+    assert status["best_checkpoint"] is not None  # it stopped with a checkpoint
+    cost = Decimal(status["cost_usd"])
+    per_second = Decimal("2.5") * Decimal("0.05") / 3600
+    # Over by at most a step, the driver's 0.5 s poll and the final checkpoint: a few seconds' worth.
+    assert budget <= cost <= budget + 5 * per_second, (cost, budget)
