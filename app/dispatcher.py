@@ -81,7 +81,22 @@ class Dispatcher:
 
     def tick(self) -> dict[str, list[str]]:
         """One round: finalise runs that ended without reporting, then start queued jobs."""
-        return {"finalised": self.watch_running(), "started": self.launch()}
+        return {"finalised": self.watch_running(), "acked": self.ack_finished(), "started": self.launch()}
+
+    def ack_finished(self) -> list[str]:
+        """Drop jobs that left `running` (the run reported its end, or it paused) from the processing list."""
+        if self.queue is None:
+            return []
+        done = []
+        with db.session_scope(self.engine) as s:
+            for job_id in self.queue.processing():
+                job = db.get_job(s, job_id=job_id)
+                if job is None or job.status == JobStatus.paused or JobStatus(job.status).is_final:
+                    self.queue.ack(job_id)
+                    if job is not None:
+                        self.queue.set_status(job_id, job.status)
+                    done.append(job_id)
+        return done
 
     # ---- running jobs ----------------------------------------------------------------------------
     def _ray_status(self, sid: str | None) -> str | None:
@@ -169,13 +184,18 @@ class Dispatcher:
         job_dir = Path(job.engine_config["output_dir"])
         job_dir.mkdir(parents=True, exist_ok=True)
         config_path = job_dir / "config.yaml"
-        config_path.write_text(yaml.safe_dump(job.engine_config, sort_keys=True))
+        engine_config = dict(job.engine_config)
+        if job.budget_usd is not None and job.cost_usd > 0:  # a resumed job may only spend what is left
+            engine_config["max_budget_usd"] = max(float(job.budget_usd - job.cost_usd), 1e-6)
+        config_path.write_text(yaml.safe_dump(engine_config, sort_keys=True))
         entrypoint = (f"{sys.executable} -m grpo.run --config {config_path} --job-id {job.id} "
                       f"--reporter app.reporter:DBReporter")
         # The job-level runtime env reaches every process of the run, the Train controller included:
         # its health-check poll is the floor under each ray.train.report (2 s by default).
         env = {"DATABASE_URL": self.settings.db_url, "RAYGRPO_HOME": str(self.settings.home),
-               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
+               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+               # Worker processes start slowly on a busy node; 60 s (Ray's default) failed runs there.
+               "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
         try:
             self.client.submit_job(entrypoint=entrypoint, submission_id=job.ray_submission_id,
                                    runtime_env={"env_vars": env}, metadata={"job_id": job.id, "agent": job.agent_id})

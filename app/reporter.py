@@ -42,16 +42,36 @@ class DBReporter:
         self.check_interval_s = check_interval_s
         self._last_check = 0.0
         self._stop: str | None = None
+        self.base_cost, self.budget, self.warned = Decimal("0"), None, 0
 
     def on_start(self, cfg: GRPOConfig, *, job_id: str | None) -> None:
-        log.info("job %s: run started (%d steps)", self.job_id, cfg.num_steps)
-
-    def on_step(self, metrics: dict[str, float]) -> None:
-        from app.db import record_progress, session_scope
+        from app.db import get_job, session_scope
 
         with session_scope(self.engine) as s:
-            record_progress(s, job_id=self.job_id, step=int(metrics["step"]), metrics=metrics,
-                            cost_usd=Decimal(str(round(metrics.get("cost_usd", 0.0), 6))))
+            job = get_job(s, job_id=self.job_id)
+            # A resumed job keeps what its earlier runs cost; this run's cost adds to it.
+            self.base_cost = job.cost_usd if job is not None else Decimal("0")
+            self.budget = job.budget_usd if job is not None else None
+            self.warned = job.budget_warned_pct if job is not None else 0
+        log.info("job %s: run started (%d steps)", self.job_id, cfg.num_steps)
+
+    def _cost(self, run_cost: float) -> Decimal:
+        return self.base_cost + Decimal(str(round(run_cost, 6)))
+
+    def on_step(self, metrics: dict[str, float]) -> None:
+        from app.db import record_progress, session_scope, set_status
+
+        cost = self._cost(metrics.get("cost_usd", 0.0))
+        with session_scope(self.engine) as s:
+            job = record_progress(s, job_id=self.job_id, step=int(metrics["step"]), metrics=metrics, cost_usd=cost)
+            if self.budget:
+                used = int(100 * cost / self.budget)
+                for pct in (75, 90):
+                    if used >= pct > self.warned:  # recorded once per level (the job API's budget warning)
+                        self.warned = pct
+                        set_status(s, job_id=self.job_id, status=job.status, budget_warned_pct=pct)
+                        log.warning("job %s has used %d%% of its budget (%s of %s USD)", self.job_id, pct, cost,
+                                    self.budget)
 
     def on_trajectories(self, rows: list[dict[str, Any]]) -> None:
         from app.db import add_trajectories, session_scope
@@ -95,7 +115,7 @@ class DBReporter:
             last = summary.get("last_metrics") or {}
             if last:
                 record_progress(s, job_id=self.job_id, step=int(last.get("step", 0)), metrics=last,
-                                cost_usd=Decimal(str(round(summary.get("cost_usd", 0.0), 6))))
+                                cost_usd=self._cost(summary.get("cost_usd", 0.0)))
             if job_status == "paused":
                 set_status(s, job_id=self.job_id, status="paused")
             else:

@@ -105,6 +105,17 @@ class TrainingConfig(BaseModel):
     """any other grpo.config.GRPOConfig key (see docs/config.md)"""
 
 
+# Engine keys a job may not set through config.engine: the server owns them (paths, prices, the
+# budget it enforces), or an API field already maps onto them.
+SERVER_OWNED = {"output_dir", "run_name", "dataset", "eval_dataset", "task", "cpu_hour_usd", "gpu_hour_usd",
+                "max_budget_usd"}
+MAPPED = {"num_steps": "n_iterations", "prompts_per_step": "batch_size", "group_size": "n_trajectories_per_query",
+          "learning_rate": "learning_rate", "checkpoint_interval": "checkpoint_interval", "model": "model",
+          "reward": "reward", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
+          "kl_coef": "kl_coef", "num_policy_workers": "num_policy_workers",
+          "num_rollout_workers": "num_rollout_workers", "num_reward_workers": "num_reward_workers",
+          "gpus_per_worker": "gpus_per_worker"}
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "grpo": {"scale_advantages": True, "loss_agg": "seq-mean-token-mean", "clip_eps_high": 0.2},
     "dr_grpo": {"scale_advantages": False, "loss_agg": "seq-mean-token-sum-norm", "clip_eps_high": 0.2},
@@ -130,6 +141,7 @@ class StartParams(BaseModel):
 
 
 class StartResult(BaseModel):
+    model_config = ConfigDict(use_attribute_docstrings=True)
     job_id: str
     status: str
     agent_id: str
@@ -141,29 +153,39 @@ class StartResult(BaseModel):
 
 
 class JobParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     job_id: str = Field(min_length=1, max_length=64)
+    """the job's id, as training.start_grpo returned it"""
 
 
 class CancelParams(JobParams):
     reason: str | None = Field(None, max_length=64)
+    """why; stored as the job's stop_reason"""
     wait: bool = True
     """wait (up to a bound) for a running job to stop and checkpoint before replying"""
 
 
 class ListParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     agent_id: str | None = Field(None, max_length=256)
+    """only this agent's jobs"""
     status: JobStatus | None = None
+    """only jobs in this state"""
     limit: int = Field(20, ge=1, le=100)
+    """jobs per page"""
     cursor: str | None = Field(None, max_length=1000)
+    """next_cursor of the previous page"""
 
 
 class ExportParams(JobParams):
     success_only: bool = False
+    """only trajectories that solved their query"""
     min_reward: float | None = None
+    """only trajectories with at least this reward"""
     limit: int = Field(1000, ge=1)
+    """rows per call, at most 10000 (-40005 above)"""
     offset: int = Field(0, ge=0)
+    """rows to skip"""
 
     @field_validator("min_reward")
     @classmethod
@@ -175,7 +197,13 @@ class ExportParams(JobParams):
 
 # ---- helpers -----------------------------------------------------------------------------------
 
-def engine_config(params: StartParams, *, settings: Settings, dataset: Path, output_dir: Path) -> GRPOConfig:
+def write_rows(f: Any, rows: list[Row]) -> None:
+    for row in rows:
+        f.write(json.dumps({"query": row.query, "expected_outcome": row.expected_outcome}) + "\n")
+
+
+def engine_config(params: StartParams, *, settings: Settings, dataset: Path, eval_dataset: Path | None,
+                  output_dir: Path) -> GRPOConfig:
     """Map the API's config onto the engine's, validating it the way `grpo.run` will."""
     c = params.config
     if c.max_steps_per_trajectory > 1:
@@ -192,13 +220,22 @@ def engine_config(params: StartParams, *, settings: Settings, dataset: Path, out
         "max_budget_usd": float(c.max_budget_usd), "output_dir": str(output_dir), "run_name": "run",
         "cpu_hour_usd": float(settings.cpu_hour_usd), "gpu_hour_usd": float(settings.gpu_hour_usd),
     }
-    if params.evaluation_data is None:
+    if eval_dataset is None:
         mapping["eval_size"] = 0
+    else:
+        mapping["eval_dataset"], mapping["eval_size"] = str(eval_dataset), len(params.evaluation_data or [])
     mapping.update(VARIANTS.get(c.grpo_variant or "", {}))
     for key in ("max_new_tokens", "temperature", "kl_coef", "num_policy_workers", "num_rollout_workers",
                 "num_reward_workers", "gpus_per_worker"):
         if getattr(c, key) is not None:
             mapping[key] = getattr(c, key)
+    for key in c.engine:
+        if key in SERVER_OWNED:
+            raise RPCError(VALIDATION_FAILED, f"config.engine.{key}: set by the server, not by a job",
+                           {"field": f"config.engine.{key}"})
+        if key in MAPPED:
+            raise RPCError(VALIDATION_FAILED, f"config.engine.{key}: use config.{MAPPED[key]}",
+                           {"field": f"config.engine.{key}"})
     mapping.update(c.engine)
     try:
         cfg = load_config(None, mapping)
@@ -265,19 +302,19 @@ def start_grpo(p: StartParams, ctx: Context) -> StartResult:
     # The data goes to a file first: the engine reads it as a JSONL dataset, and validating the
     # config needs it to exist. It moves into the job's folder once the job has an id.
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", dir=jobs_dir, delete=False) as f:
-        for row in p.training_data:
-            f.write(json.dumps({"query": row.query, "expected_outcome": row.expected_outcome}) + "\n")
-        for row in p.evaluation_data or []:
-            f.write(json.dumps({"query": row.query, "expected_outcome": row.expected_outcome}) + "\n")
-    tmp = Path(f.name)
+        write_rows(f, p.training_data)
+    tmp, tmp_eval = Path(f.name), None
     try:
-        staging = jobs_dir / "staging"
-        cfg = engine_config(p, settings=ctx.settings, dataset=tmp, output_dir=staging)
         if p.evaluation_data:
-            cfg.eval_size = len(p.evaluation_data)
-        if step_cost_usd(cfg, ctx.settings) > p.config.max_budget_usd:
-            raise RPCError(BUDGET_EXCEEDED, f"config.max_budget_usd: {p.config.max_budget_usd} cannot cover one "
-                           f"step (at least {step_cost_usd(cfg, ctx.settings)} USD)",
+            with tempfile.NamedTemporaryFile("w", suffix=".jsonl", dir=jobs_dir, delete=False) as f:
+                write_rows(f, p.evaluation_data)
+            tmp_eval = Path(f.name)
+        staging = jobs_dir / "staging"
+        cfg = engine_config(p, settings=ctx.settings, dataset=tmp, eval_dataset=tmp_eval, output_dir=staging)
+        one_step = step_cost_usd(cfg, ctx.settings)
+        if one_step > p.config.max_budget_usd:
+            raise RPCError(BUDGET_EXCEEDED, f"config.max_budget_usd: {money(p.config.max_budget_usd)} cannot cover "
+                           f"one step (at least {money(max(one_step, Decimal('0.000001')))} USD)",
                            {"field": "config.max_budget_usd"})
         with db.session_scope(ctx.engine) as s:
             job, created = db.create_job(
@@ -291,7 +328,11 @@ def start_grpo(p: StartParams, ctx: Context) -> StartResult:
                 job_dir.mkdir(parents=True, exist_ok=True)
                 data = job_dir / "data.jsonl"
                 tmp.replace(data)
-                job.engine_config = cfg.model_dump(mode="json") | {"dataset": str(data), "output_dir": str(job_dir)}
+                paths = {"dataset": str(data), "output_dir": str(job_dir)}
+                if tmp_eval is not None:
+                    tmp_eval.replace(job_dir / "eval.jsonl")
+                    paths["eval_dataset"] = str(job_dir / "eval.jsonl")
+                job.engine_config = cfg.model_dump(mode="json") | paths
                 s.add(job)
             result = StartResult(job_id=job.id, status=job.status, agent_id=job.agent_id,
                                  total_iterations=job.total_iterations, budget_usd=money(job.budget_usd),
@@ -302,7 +343,9 @@ def start_grpo(p: StartParams, ctx: Context) -> StartResult:
             ctx.queue.set_status(result.job_id, JobStatus.queued)
         return result
     finally:
-        tmp.unlink(missing_ok=True)
+        for leftover in (tmp, tmp_eval):
+            if leftover is not None:
+                leftover.unlink(missing_ok=True)
 
 
 @registry.method("training.get_status", params=JobParams, summary="Status, progress, metrics and cost of a job",
@@ -369,26 +412,26 @@ def export_trajectories(p: ExportParams, ctx: Context) -> dict[str, Any]:
                 "has_more": p.offset + len(out) < total}
 
 
-@registry.method("training.pause", params=JobParams, mutates=True, errors=(NOT_FOUND, CANNOT_CANCEL),
+@registry.method("training.pause", params=JobParams, mutates=True, errors=(NOT_FOUND, VALIDATION_FAILED),
                  summary="Checkpoint a running job and release its resources; training.resume continues it")
 def pause(p: JobParams, ctx: Context) -> dict[str, Any]:
     with db.session_scope(ctx.engine) as s:
         job = _get(ctx, s, p.job_id)
         if job.status != JobStatus.running:
-            raise RPCError(CANNOT_CANCEL, f"job {p.job_id} is {job.status}; only running jobs pause",
+            raise RPCError(VALIDATION_FAILED, f"job {p.job_id} is {job.status}; only running jobs pause",
                            {"job_id": p.job_id, "status": job.status})
         job.cancel_requested, job.stop_reason = True, "paused"
         s.add(job)
         return {"job_id": job.id, "status": "pausing"}
 
 
-@registry.method("training.resume", params=JobParams, mutates=True, errors=(NOT_FOUND, CANNOT_CANCEL),
+@registry.method("training.resume", params=JobParams, mutates=True, errors=(NOT_FOUND, VALIDATION_FAILED),
                  summary="Queue a paused job again; it continues from its latest checkpoint")
 def resume(p: JobParams, ctx: Context) -> dict[str, Any]:
     with db.session_scope(ctx.engine) as s:
         job = _get(ctx, s, p.job_id)
         if job.status != JobStatus.paused:
-            raise RPCError(CANNOT_CANCEL, f"job {p.job_id} is {job.status}; only paused jobs resume",
+            raise RPCError(VALIDATION_FAILED, f"job {p.job_id} is {job.status}; only paused jobs resume",
                            {"job_id": p.job_id, "status": job.status})
         db.set_status(s, job_id=job.id, status=JobStatus.queued, cancel_requested=False, stop_reason=None)
         priority = job.priority

@@ -49,6 +49,8 @@ class GRPOConfig(BaseModel):
     """built-in task (`digit`, `arithmetic`, `countdown`, `code`) or `jsonl` with `dataset`"""
     dataset: str | None = None
     """JSONL file of `{query, expected_outcome}` rows; sets task to `jsonl`"""
+    eval_dataset: str | None = None
+    """JSONL file of held-out rows for evaluation (jsonl task); else the dataset's tail is held out"""
     reward: str | None = None
     """reward function: a registered name or `module:function`; defaults to the task's verifier"""
     eval_size: int = Field(32, ge=0, le=100_000)
@@ -161,6 +163,12 @@ class GRPOConfig(BaseModel):
             object.__setattr__(self, "task", "jsonl")
         elif self.task == "jsonl":
             raise ValueError("dataset: required when task is 'jsonl'")
+        if self.eval_dataset is not None:
+            if self.dataset is None:
+                raise ValueError("eval_dataset: needs dataset (the jsonl task)")
+            if not Path(self.eval_dataset).expanduser().is_file():
+                raise ValueError(f"eval_dataset: no such file: {self.eval_dataset}")
+            object.__setattr__(self, "eval_dataset", str(Path(self.eval_dataset).expanduser().resolve()))
         for field in ("model", "tokenizer"):
             value = getattr(self, field)
             if value is None:
@@ -200,6 +208,13 @@ class GRPOConfig(BaseModel):
     @property
     def completions_per_step(self) -> int:
         return self.prompts_per_step * self.group_size
+
+    def load_dataset(self):  # -> grpo.tasks.Dataset
+        """The run's train/eval prompts, as every process of the run loads them."""
+        from grpo.tasks import load_dataset
+
+        return load_dataset(self.task, dataset_path=self.dataset, eval_size=self.eval_size, seed=self.seed,
+                            eval_path=self.eval_dataset)
 
 
 def _format(err: ValidationError) -> str:

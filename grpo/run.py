@@ -42,10 +42,9 @@ class RunResult:
 def preflight(cfg: GRPOConfig) -> None:
     """Everything that can be checked before an actor starts: the task/dataset and the reward."""
     from grpo.rewards import RewardError, resolve
-    from grpo.tasks import load_dataset
 
     try:
-        dataset = load_dataset(cfg.task, dataset_path=cfg.dataset, eval_size=cfg.eval_size, seed=cfg.seed)
+        dataset = cfg.load_dataset()
     except (ValueError, OSError) as e:
         raise ConfigError(f"task: {e}") from None
     try:
@@ -73,9 +72,8 @@ def build_actors(cfg: GRPOConfig) -> dict[str, Any]:
 
     from grpo.rewards import RewardWorker
     from grpo.rollout import RolloutWorker, WeightBoard
-    from grpo.tasks import load_dataset
 
-    reward_spec = cfg.reward or load_dataset(cfg.task, dataset_path=cfg.dataset, eval_size=0, seed=cfg.seed).reward
+    reward_spec = cfg.reward or cfg.load_dataset().reward
     board = ray.remote(num_cpus=0)(WeightBoard).remote()
     monitor = ray.remote(num_cpus=0)(RunMonitor).remote()
     rollout_cls = ray.remote(

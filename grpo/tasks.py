@@ -297,12 +297,14 @@ def read_jsonl(path: str | Path) -> list[Sample]:
     return samples
 
 
-def _jsonl(dataset_path: str | None, eval_size: int) -> Dataset:
+def _jsonl(dataset_path: str | None, eval_size: int, eval_path: str | None = None) -> Dataset:
     if dataset_path is None:
         raise ValueError("dataset_path: required for task 'jsonl'")
     rows = read_jsonl(dataset_path)
     if not rows:
         raise ValueError(f"{dataset_path}: no rows")
+    if eval_path is not None:  # a separate held-out file: train on every row of the dataset
+        return Dataset(name="jsonl", train=rows, eval=read_jsonl(eval_path)[:eval_size], reward="exact_match")
     # Hold out the tail, at most a fifth of the file; with under 5 rows nothing can be spared.
     held_out = min(eval_size, len(rows) // 5)
     if held_out == 0:
@@ -311,7 +313,8 @@ def _jsonl(dataset_path: str | None, eval_size: int) -> Dataset:
 
 
 def load_dataset(
-    task: str, *, dataset_path: str | None = None, eval_size: int = 32, seed: int = 0
+    task: str, *, dataset_path: str | None = None, eval_size: int = 32, seed: int = 0,
+    eval_path: str | None = None,
 ) -> Dataset:
     """The named task's train/eval split. Deterministic in (task, dataset file, eval_size, seed)."""
     if eval_size < 0:
@@ -327,5 +330,7 @@ def load_dataset(
     if task == "code":
         return _code(eval_size)
     if task == "jsonl":
-        return _jsonl(dataset_path, eval_size)
+        return _jsonl(dataset_path, eval_size, eval_path)
+    if eval_path is not None:
+        raise ValueError(f"eval_path is only used with task 'jsonl', not {task!r}")
     raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")

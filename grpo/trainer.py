@@ -30,7 +30,7 @@ from ray.util import ActorPool
 from grpo.config import GRPOConfig
 from grpo.learner import Learner, ScoredBatch, score_batch
 from grpo.rollout import Rollout, concat_rollouts
-from grpo.tasks import Dataset, Sample, load_dataset
+from grpo.tasks import Dataset, Sample
 
 STATE_FILE = "trainer_state.pt"
 
@@ -160,7 +160,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    dataset = load_dataset(cfg.task, dataset_path=cfg.dataset, eval_size=cfg.eval_size, seed=cfg.seed)
+    dataset = cfg.load_dataset()
 
     # 0. start or resume: a checkpoint holds the HF model plus optimizer, RNG and step
     start_step, state = 0, None

@@ -150,8 +150,14 @@ def test_error_codes_of_the_other_methods(client):
     assert call(client, "training.get_status", {})["error"]["code"] == -32602
     job = start(client)["result"]["job_id"]
     assert call(client, "training.export_trajectories", {"job_id": job, "limit": 10_001})["error"]["code"] == -40005
-    assert call(client, "training.pause", {"job_id": job})["error"]["code"] == -40003  # queued, not running
-    assert call(client, "training.resume", {"job_id": job})["error"]["code"] == -40003
+    assert call(client, "training.pause", {"job_id": job})["error"]["code"] == -40002  # queued, not running
+    assert call(client, "training.resume", {"job_id": job})["error"]["code"] == -40002
+    owned = call(client, "training.start_grpo", {"agent_id": "a", "training_data": ROWS,
+                                                  "config": {"engine": {"cpu_hour_usd": 0}}})["error"]
+    assert owned["code"] == -40002 and "config.engine.cpu_hour_usd" in owned["message"]  # prices are the server's
+    mapped = call(client, "training.start_grpo", {"agent_id": "a", "training_data": ROWS,
+                                                   "config": {"engine": {"num_steps": 99}}})["error"]
+    assert mapped["code"] == -40002 and "config.n_iterations" in mapped["message"]
     bad = call(client, "training.list_jobs", {"cursor": "garbage!"})["error"]
     assert bad["code"] == -32602 and "cursor" in bad["message"]
     assert client.post("/api/v1/jsonrpc", content=b"{not json").json()["error"]["code"] == -32700

@@ -120,3 +120,42 @@ def test_a_tiny_budget_stops_the_run_within_about_a_step(api):
     per_second = Decimal("2.5") * Decimal("0.05") / 3600
     # Over by at most a step, the driver's 0.5 s poll and the final checkpoint: a few seconds' worth.
     assert budget <= cost <= budget + 5 * per_second, (cost, budget)
+
+
+def test_killing_the_dispatcher_and_the_replica_loses_no_job_and_runs_none_twice(api):
+    import ray
+    from ray.job_submission import JobSubmissionClient
+
+    from app.dispatcher import ACTOR_NAME, NAMESPACE
+
+    # three jobs, two run at once: one queued and two running when the kills land
+    jobs = [rpc(api, "training.start_grpo", **job_params(n_iterations=12, checkpoint_interval=4))["job_id"]
+            for _ in range(3)]
+    deadline = time.time() + 180
+    while sum(rpc(api, "training.get_status", job_id=j)["status"] == "running" for j in jobs) < 2:
+        assert time.time() < deadline
+        time.sleep(0.5)
+    ray.kill(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE), no_restart=False)  # Ray restarts it: reconcile
+    replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::raygrpo-api")]
+    for name in replicas:
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)  # Serve starts a new replica
+
+    deadline = time.time() + 400
+    statuses: dict[str, dict] = {}
+    while len(statuses) < 3 and time.time() < deadline:
+        for j in jobs:
+            try:
+                s = rpc(api, "training.get_status", job_id=j)
+            except (httpx.HTTPError, AssertionError, ValueError):  # the replica is coming back
+                time.sleep(1.0)
+                continue
+            if s["status"] in ("completed", "failed", "cancelled"):
+                statuses[j] = s
+        time.sleep(0.5)
+    assert {j: s["status"] for j, s in statuses.items()} == dict.fromkeys(jobs, "completed")
+    submitted = [d.submission_id for d in JobSubmissionClient("http://127.0.0.1:8265").list_jobs() if d.submission_id]
+    for j in jobs:
+        assert submitted.count(j) == 1 and not any(s.startswith(f"{j}-a") for s in submitted)  # ran once
+        out = rpc(api, "training.export_trajectories", job_id=j, limit=1000)
+        assert out["total_count"] == 12 * 4 * 4  # every step once: nothing lost, nothing doubled
