@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,7 +119,8 @@ async def _client_loop(client: httpx.AsyncClient, url: str, body: dict, stop_at:
     return errors
 
 
-async def _load(url: str, job_id: str, clients: int, args: argparse.Namespace) -> tuple:
+async def _load(url: str, job_id: str, clients: int, args: argparse.Namespace, on_start: Callable[[], None]
+                ) -> tuple:
     body = {"jsonrpc": "2.0", "method": "training.get_status", "params": {"job_id": job_id}, "id": 1}
     # One pool of N connections (shared) or N clients of one connection each (per-client): httpx's
     # shared pool costs the load generator more CPU per request as N grows (encode/httpx#3215).
@@ -129,6 +131,7 @@ async def _load(url: str, job_id: str, clients: int, args: argparse.Namespace) -
         stop = time.perf_counter() + args.warmup
         await asyncio.gather(*(_client_loop(pools[i % n_pools], url, body, stop, None) for i in range(clients)))
         latencies: list[float] = []
+        on_start()
         cpu0, t0 = time.process_time(), time.perf_counter()
         errors = await asyncio.gather(*(_client_loop(pools[i % n_pools], url, body, t0 + args.duration, latencies)
                                         for i in range(clients)))
@@ -139,8 +142,10 @@ async def _load(url: str, job_id: str, clients: int, args: argparse.Namespace) -
     return latencies, sum(errors), window, cpu
 
 
-def measure(side: str, url: str, job_id: str, clients: int, args: argparse.Namespace) -> Level:
-    lat, errors, window, cpu = asyncio.run(_load(url, job_id, clients, args))
+def measure(side: str, url: str, job_id: str, clients: int, args: argparse.Namespace,
+            on_start: Callable[[], None] = lambda: None) -> Level:
+    """One level; `on_start` runs when the warm-up ends and the measured window begins."""
+    lat, errors, window, cpu = asyncio.run(_load(url, job_id, clients, args, on_start))
     level = Level(side, clients, lat, errors, window, cpu)
     print(f"  {side:<16} {clients:>3} clients: {level.rps:7.0f} req/s  p50 {level.pct(50):6.1f}  "
           f"p95 {level.pct(95):6.1f}  p99 {level.pct(99):6.1f} ms  errors {errors}", flush=True)
@@ -241,8 +246,7 @@ def run_serve(env: dict[str, str], job_id: str, args: argparse.Namespace) -> lis
         logs = ServeLogs(Path(ctx.address_info["session_dir"]))
 
         def one(side: str, n: int) -> None:
-            logs.mark()
-            level = measure(side, url, job_id, n, args)
+            level = measure(side, url, job_id, n, args, on_start=logs.mark)
             level.proxy_ms, level.replica_ms = logs.since_mark("proxy"), logs.since_mark("replica")
             level.replicas = running_replicas()
             levels.append(level)

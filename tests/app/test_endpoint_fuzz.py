@@ -1,0 +1,77 @@
+"""Fuzz the HTTP endpoint: malformed JSON, wrong types, huge and nested payloads, any Content-Type.
+
+Every answer is 200 with valid JSON-RPC 2.0 (or 204 for notifications), never a 5xx, and the
+service keeps serving. The JSON-RPC core has its own, deeper fuzz test (test_jsonrpc_fuzz.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app.settings import Settings
+
+METHODS = ["training.start_grpo", "training.get_status", "training.cancel", "training.list_jobs",
+           "training.export_trajectories", "training.pause", "training.resume", "rpc.discover", "x"]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=30,
+)
+requests = st.fixed_dictionaries(
+    {"jsonrpc": st.sampled_from(["2.0", "1.0", 2]), "method": st.sampled_from(METHODS) | st.text(max_size=20)},
+    optional={"id": st.integers() | st.text(max_size=5) | st.none(), "params": json_values},
+)
+bodies = (
+    requests.map(json.dumps)
+    | st.lists(requests, max_size=5).map(json.dumps)
+    | json_values.map(json.dumps)
+    | st.binary(max_size=200).map(lambda b: b.decode("latin-1"))
+    | st.integers(1, 50_000).map(lambda n: "[" * n + "]" * n)
+    | st.integers(1, 3_000_000).map(lambda n: json.dumps({"jsonrpc": "2.0", "method": "x", "id": 1, "p": "a" * n}))
+)
+content_types = st.sampled_from(["application/json", "application/x-www-form-urlencoded", "text/plain", ""])
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, tiny_model_dir):
+    from app.main import create_app
+
+    home = tmp_path_factory.mktemp("fuzz")
+    app = create_app(Settings(home=home, database_url=None, redis_url=None, default_model=tiny_model_dir))
+    with TestClient(app) as c:
+        yield c
+
+
+def _valid(reply) -> bool:
+    if isinstance(reply, list):
+        return bool(reply) and all(_valid(r) for r in reply)
+    ok = isinstance(reply, dict) and reply.get("jsonrpc") == "2.0" and "id" in reply
+    ok = ok and (("result" in reply) != ("error" in reply))
+    if ok and "error" in reply:
+        ok = isinstance(reply["error"].get("code"), int) and isinstance(reply["error"].get("message"), str)
+    return ok
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(body=bodies, content_type=content_types)
+def test_every_answer_is_json_rpc_and_never_5xx(client, body, content_type):
+    r = client.post("/api/v1/jsonrpc", content=body.encode("utf-8", "surrogatepass"),
+                    headers={"Content-Type": content_type} if content_type else {})
+    assert r.status_code in (200, 204), (r.status_code, r.text[:300])
+    if r.status_code == 200:
+        assert _valid(r.json()), r.text[:300]
+    # and it keeps serving
+    ok = client.post("/api/v1/jsonrpc", json={"jsonrpc": "2.0", "method": "training.list_jobs", "id": 1})
+    assert ok.status_code == 200 and "result" in ok.json()
+
+
+def test_a_body_over_the_limit_is_refused_without_reading_it_all(client):
+    big = b'{"jsonrpc": "2.0", "method": "x", "id": 1, "p": "' + b"a" * (11 * 2**20) + b'"}'
+    r = client.post("/api/v1/jsonrpc", content=big)
+    assert r.status_code == 200 and r.json()["error"]["code"] == -32600 and "too large" in r.json()["error"]["message"]
