@@ -24,6 +24,7 @@ from app import db
 from app.jsonrpc import (
     BUDGET_EXCEEDED,
     CANNOT_CANCEL,
+    EVALUATION_FAILED,
     EXPORT_LIMIT_EXCEEDED,
     NOT_FOUND,
     VALIDATION_FAILED,
@@ -440,3 +441,61 @@ def resume(p: JobParams, ctx: Context) -> dict[str, Any]:
         ctx.queue.set_status(p.job_id, JobStatus.queued)
     return {"job_id": p.job_id, "status": "queued"}
 
+
+
+class EvaluateParams(JobParams):
+    checkpoint_id: str | None = Field(None, max_length=64)
+    """a checkpoint of this job; its best checkpoint when left out"""
+    evaluation_queries: list[Row] | None = Field(None, min_length=1, max_length=1000)
+    """queries to score; the job's evaluation data (else its training data) when left out"""
+    max_queries: int = Field(200, ge=1, le=1000)
+    """at most this many of the job's own queries"""
+
+
+def evaluation_task(base_model: str, checkpoint: str, rows: list[dict[str, str]], reward: str,
+                    max_new_tokens: int) -> dict[str, Any]:
+    """Runs on the cluster (a Ray task): score the checkpoint and its base model on the same queries."""
+    from grpo.evaluate import compare, evaluate_model
+    from grpo.tasks import Sample
+
+    samples = [Sample(r["query"], r["expected_outcome"]) for r in rows]
+    tuned = evaluate_model(checkpoint, samples, reward=reward, max_new_tokens=max_new_tokens)
+    base = evaluate_model(base_model, samples, reward=reward, max_new_tokens=max_new_tokens)
+    return {
+        "n_queries": len(samples), "success_rate": tuned.success_rate, "avg_reward": tuned.avg_reward,
+        "avg_steps": 1.0,  # single-turn completions: one step per trajectory
+        "base_model": {"model": base_model, "success_rate": base.success_rate, "avg_reward": base.avg_reward},
+        "comparison": compare(base.rewards, tuned.rewards),
+    }
+
+
+@registry.method("training.evaluate", params=EvaluateParams, errors=(NOT_FOUND, EVALUATION_FAILED),
+                 summary="Score a checkpoint against its base model on evaluation queries (runs on the cluster)")
+async def evaluate(p: EvaluateParams, ctx: Context) -> dict[str, Any]:
+    with db.session_scope(ctx.engine) as s:
+        job = _get(ctx, s, p.job_id)
+        ckpt_id = p.checkpoint_id or job.best_checkpoint_id
+        ckpt = db.get_checkpoint(s, checkpoint_id=ckpt_id) if ckpt_id else None
+    if p.checkpoint_id and (ckpt is None or ckpt.job_id != job.id):
+        raise RPCError(NOT_FOUND, f"checkpoint not found for job {job.id}: {p.checkpoint_id}",
+                       {"checkpoint_id": p.checkpoint_id})
+    if ckpt is None:
+        raise RPCError(EVALUATION_FAILED, f"job {job.id} has no checkpoint yet", {"job_id": job.id})
+    cfg = job.engine_config
+    if p.evaluation_queries:
+        rows = [{"query": r.query, "expected_outcome": r.expected_outcome} for r in p.evaluation_queries]
+    else:
+        source = Path(cfg.get("eval_dataset") or cfg["dataset"])
+        rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()][: p.max_queries]
+    args = (cfg["model"], ckpt.path, rows, cfg.get("reward") or "exact_match", int(cfg.get("max_new_tokens", 64)))
+    try:
+        import ray
+
+        if ray.is_initialized():  # on the cluster, never in the replica's process
+            result = await ray.remote(num_cpus=1)(evaluation_task).remote(*args)
+        else:  # the app outside Serve (tests, local tools): a worker thread keeps the event loop free
+            result = await asyncio.to_thread(evaluation_task, *args)
+    except Exception as e:  # any failure to load or score is the client's -40004, with the reason
+        raise RPCError(EVALUATION_FAILED, f"evaluation failed: {type(e).__name__}: {str(e)[:500]}",
+                       {"job_id": job.id, "checkpoint_id": ckpt.id}) from None
+    return {"job_id": job.id, "checkpoint_id": ckpt.id, "step": ckpt.step, **result}

@@ -242,3 +242,43 @@ def test_discovery_methods_and_health(client):
     assert client.get("/health").json()["status"] == "ok"
     ready = client.get("/health/ready").json()
     assert ready["status"] == "ok" and ready["checks"]["database"] == "ok"
+
+
+def test_evaluate_compares_a_checkpoint_with_its_base_model(client, tmp_path):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from app.reporter import DBReporter
+    from grpo.config import GRPOConfig
+
+    job = start(client, evaluation_data=ROWS[:4])["result"]["job_id"]
+    err = call(client, "training.evaluate", {"job_id": job})["error"]
+    assert err["code"] == -40004 and "no checkpoint" in err["message"]
+    # a "trained" checkpoint: the base model with its output layer perturbed
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(client.ctx.settings.default_model, ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    with torch.no_grad():
+        model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight))
+    model.save_pretrained(ckpt)
+    torch.save({"step": 5}, ckpt / "trainer_state.pt")
+    with db.session_scope(client.ctx.engine) as s:
+        db.mark_running(s, job_id=job, ray_submission_id=job)
+    rep = DBReporter(cfg=GRPOConfig(model=client.ctx.settings.default_model), job_id=job,
+                     db_url=client.ctx.settings.db_url)
+    rep.on_start(GRPOConfig(model=client.ctx.settings.default_model), job_id=job)
+    rep.on_end("completed", error=None, summary={"checkpoint": str(ckpt), "best_checkpoints": [str(ckpt)]})
+
+    out = call(client, "training.evaluate", {"job_id": job})["result"]
+    assert out["n_queries"] == 4 and out["step"] == 5 and out["checkpoint_id"].startswith("ckpt_")
+    assert 0 <= out["success_rate"] <= 1 and 0 <= out["avg_reward"] <= 1 and out["avg_steps"] == 1.0
+    cmp = out["comparison"]
+    assert cmp["improvement"] == pytest.approx(out["avg_reward"] - out["base_model"]["avg_reward"])
+    assert 0 <= cmp["p_value"] <= 1 and isinstance(cmp["significant"], bool)
+    queries = [{"query": "digit 1:", "expected_outcome": "1"}]
+    one = call(client, "training.evaluate", {"job_id": job, "evaluation_queries": queries})["result"]
+    assert one["n_queries"] == 1
+    bad = call(client, "training.evaluate", {"job_id": job, "checkpoint_id": "ckpt_nope"})["error"]
+    assert bad["code"] == -32001 and "ckpt_nope" in bad["message"]
