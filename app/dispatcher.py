@@ -50,6 +50,9 @@ class Dispatcher:
 
             jobs_client = JobSubmissionClient(settings.ray_dashboard_url)
         self.client = jobs_client
+        from app.webhooks import Webhooks
+
+        self.webhooks = Webhooks.from_settings(settings)
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -192,7 +195,10 @@ class Dispatcher:
                       f"--reporter app.reporter:DBReporter")
         # The job-level runtime env reaches every process of the run, the Train controller included:
         # its health-check poll is the floor under each ray.train.report (2 s by default).
+        # Webhook URLs go along; the signing secret does not (runtime envs show in the dashboard):
+        # the run's driver reads it from the cluster's own environment.
         env = {"DATABASE_URL": self.settings.db_url, "RAYGRPO_HOME": str(self.settings.home),
+               "RAYGRPO_WEBHOOK_URLS": ",".join(self.settings.webhook_urls),
                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
                # Worker processes start slowly on a busy node; 60 s (Ray's default) failed runs there.
                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
@@ -209,6 +215,8 @@ class Dispatcher:
                 return
         if self.queue is not None:
             self.queue.set_status(job.id, JobStatus.running)
+        self.webhooks.emit("training.job.started", {"job_id": job.id, "agent_id": job.agent_id,
+                                                    "ray_submission_id": job.ray_submission_id})
         log.info("job %s submitted as Ray Job %s", job.id, job.ray_submission_id)
 
     # ---- after a restart -------------------------------------------------------------------------

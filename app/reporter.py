@@ -31,7 +31,7 @@ class DBReporter:
     """Reporter (grpo.report.Reporter) writing to the job API's database."""
 
     def __init__(self, *, cfg: GRPOConfig, job_id: str | None, db_url: str | None = None,
-                 check_interval_s: float = 1.0):
+                 check_interval_s: float = 1.0, webhooks: Any = None):
         from app.db import get_engine
         from app.settings import get_settings
 
@@ -43,6 +43,11 @@ class DBReporter:
         self._last_check = 0.0
         self._stop: str | None = None
         self.base_cost, self.budget, self.warned = Decimal("0"), None, 0
+        from app.webhooks import Webhooks
+
+        self.webhooks = webhooks or Webhooks.from_settings(get_settings())
+        self.total_steps = cfg.num_steps
+        self._decile = 0
 
     def on_start(self, cfg: GRPOConfig, *, job_id: str | None) -> None:
         from app.db import get_job, session_scope
@@ -72,6 +77,15 @@ class DBReporter:
                         set_status(s, job_id=self.job_id, status=job.status, budget_warned_pct=pct)
                         log.warning("job %s has used %d%% of its budget (%s of %s USD)", self.job_id, pct, cost,
                                     self.budget)
+                        self.webhooks.emit("training.budget.warning", {
+                            "job_id": self.job_id, "percent": pct, "cost_usd": str(cost),
+                            "budget_usd": str(self.budget)})
+        decile = int(10 * metrics["step"] / max(self.total_steps, 1))
+        if decile > self._decile:  # every 10 % of the iterations
+            self._decile = decile
+            self.webhooks.emit("training.job.progress", {
+                "job_id": self.job_id, "iteration": int(metrics["step"]), "total_iterations": self.total_steps,
+                "avg_reward": metrics.get("reward_mean"), "cost_usd": str(cost)})
 
     def on_trajectories(self, rows: list[dict[str, Any]]) -> None:
         from app.db import add_trajectories, session_scope
@@ -124,6 +138,14 @@ class DBReporter:
                 if job_status == "cancelled" and current is not None and current.stop_reason:
                     reason = current.stop_reason
                 finish_job(s, job_id=self.job_id, status=job_status, error_message=error, stop_reason=reason)
+        with session_scope(self.engine) as s:
+            final = get_job(s, job_id=self.job_id)
+        if final is not None and final.status in ("completed", "failed", "cancelled"):
+            self.webhooks.emit(f"training.job.{final.status}", {
+                "job_id": self.job_id, "iterations": final.current_iteration, "cost_usd": str(final.cost_usd),
+                "stop_reason": final.stop_reason, "error_message": final.error_message,
+                "best_checkpoint_id": final.best_checkpoint_id})
+        self.webhooks.flush()
         log.info("job %s: run ended %s", self.job_id, status)
 
 

@@ -14,6 +14,14 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 
+def _secret(name: str) -> str | None:
+    """A secret from NAME, or from the file NAME_FILE points at (Kubernetes Secrets mount as files)."""
+    if os.environ.get(name):
+        return os.environ[name]
+    path = os.environ.get(f"{name}_FILE")
+    return Path(path).read_text().strip() if path else None
+
+
 class Settings(BaseModel):
     home: Path = Field(default_factory=lambda: Path(os.environ.get("RAYGRPO_HOME", "runs")).resolve())
     """root folder: the SQLite file, uploaded training data, run outputs"""
@@ -39,6 +47,12 @@ class Settings(BaseModel):
     ray_dashboard_url: str = Field(
         default_factory=lambda: os.environ.get("RAY_DASHBOARD_URL", "http://127.0.0.1:8265"))
     """the Ray Jobs API the dispatcher submits runs to"""
+
+    webhook_urls: list[str] = Field(
+        default_factory=lambda: [u.strip() for u in os.environ.get("RAYGRPO_WEBHOOK_URLS", "").split(",") if u.strip()])
+    """where job events are POSTed (comma-separated in the environment)"""
+    webhook_secret: str | None = Field(default_factory=lambda: _secret("RAYGRPO_WEBHOOK_SECRET"), repr=False)
+    """HMAC key of the webhook signatures (from the variable, or a file named by RAYGRPO_WEBHOOK_SECRET_FILE)"""
 
     @property
     def db_url(self) -> str:

@@ -1,0 +1,89 @@
+"""Webhooks: job events POSTed to the operator's URLs, signed with HMAC-SHA256, retried with backoff.
+
+Events: `training.job.started`, `training.job.progress` (every 10 % of the iterations),
+`training.job.completed`, `training.job.failed`, `training.job.cancelled`, `training.budget.warning`.
+URLs and the secret come from the environment (`RAYGRPO_WEBHOOK_URLS`, comma-separated, and
+`RAYGRPO_WEBHOOK_SECRET`), never from a request. Delivery runs in a background thread so a slow
+receiver never slows a run; `flush()` waits for what is in flight (at the end of a run).
+
+The receiver checks `X-Raygrpo-Signature: sha256=<hex HMAC of the raw body>` and may use
+`X-Raygrpo-Delivery` (unique per event) to drop the duplicates that retries can cause.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+log = logging.getLogger("app.webhooks")
+
+EVENTS = ("training.job.started", "training.job.progress", "training.job.completed", "training.job.failed",
+          "training.job.cancelled", "training.budget.warning")
+
+
+def sign(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify(secret: str, body: bytes, signature: str) -> bool:
+    """What a receiver runs: constant-time comparison of the signature header."""
+    return hmac.compare_digest(sign(secret, body), signature)
+
+
+class Webhooks:
+    def __init__(self, urls: list[str], secret: str | None, *, attempts: int = 5, backoff_s: float = 0.5,
+                 timeout_s: float = 5.0):
+        self.urls, self.secret = [u for u in urls if u], secret
+        self.attempts, self.backoff_s, self.timeout_s = attempts, backoff_s, timeout_s
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="webhooks") if self.urls else None
+        self._pending: list[Future] = []
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Webhooks:
+        return cls(settings.webhook_urls, settings.webhook_secret)
+
+    def emit(self, event: str, data: dict[str, Any]) -> None:
+        if event not in EVENTS:
+            raise ValueError(f"event: unknown webhook event {event!r}")
+        if self._pool is None:
+            return
+        payload = {"id": uuid.uuid4().hex, "event": event, "created_at": datetime.now(UTC).isoformat(), "data": data}
+        body = json.dumps(payload, default=str).encode()
+        with self._lock:
+            self._pending = [f for f in self._pending if not f.done()]
+            self._pending += [self._pool.submit(self._deliver, url, event, payload["id"], body) for url in self.urls]
+
+    def _deliver(self, url: str, event: str, delivery: str, body: bytes) -> bool:
+        headers = {"Content-Type": "application/json", "X-Raygrpo-Event": event, "X-Raygrpo-Delivery": delivery}
+        if self.secret:
+            headers["X-Raygrpo-Signature"] = sign(self.secret, body)
+        for attempt in range(self.attempts):
+            try:
+                r = httpx.post(url, content=body, headers=headers, timeout=self.timeout_s)
+                if r.status_code < 300:
+                    return True
+                if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
+                    log.warning("webhook %s to %s refused with %d; not retried", event, url, r.status_code)
+                    return False
+            except httpx.HTTPError as e:
+                log.info("webhook %s to %s failed (%s), attempt %d", event, url, type(e).__name__, attempt + 1)
+            time.sleep(self.backoff_s * 2**attempt)  # 0.5, 1, 2, 4 s ...
+        log.warning("webhook %s to %s gave up after %d attempts", event, url, self.attempts)
+        return False
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        with self._lock:
+            pending = list(self._pending)
+        for f in pending:
+            f.result(timeout=timeout_s)
