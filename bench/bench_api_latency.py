@@ -2,6 +2,7 @@
 
     python bench/bench_api_latency.py [--clients 1,8,32] [--duration 10] [--warmup 2]
                                       [--sides uvicorn,serve] [--serve-variants replicas2,ongoing16]
+                                      [--pool per-client|shared] [--serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1]
 
 One SQLite file in a temp folder is seeded with one queued job (`training.start_grpo` on the tiny model
 of grpo.tiny), then every side answers `training.get_status` for that job:
@@ -18,8 +19,8 @@ of grpo.tiny), then every side answers `training.get_status` for that job:
 The Dispatcher builds a Ray Jobs client in its constructor, which needs the dashboard (the Jobs API), so
 Ray starts with the dashboard on a free port and the replica's RAY_DASHBOARD_URL points at it.
 
-Each level runs N asyncio clients (one httpx.AsyncClient, a pool of >= N connections) that send requests
-back to back: `--warmup` seconds discarded, then `--duration` seconds recorded with time.perf_counter around
+Each level runs N asyncio clients that send requests back to back over N keep-alive connections (by
+default one httpx.AsyncClient of one connection per client; `--pool shared`: one client, a pool of N): `--warmup` seconds discarded, then `--duration` seconds recorded with time.perf_counter around
 each request; every loop is bounded in time and count. For Serve the proxy's and the replica's own
 per-request times are read from their access logs, which splits a request into proxy and replica time.
 The load generator shares the machine's cores with the server; its CPU per request is printed too.
@@ -235,6 +236,7 @@ def run_serve(env: dict[str, str], job_id: str, args: argparse.Namespace) -> lis
     from app import serve as app_serve
     from app.dispatcher import ACTOR_NAME, NAMESPACE
 
+    os.environ.update(args.serve_env)  # the local Ray's processes (proxy, replicas) inherit this environment
     dash_port = free_port()
     ctx = ray.init(num_cpus=4, include_dashboard=True, dashboard_port=dash_port, namespace="raygrpo-bench",
                    log_to_driver=False)
@@ -355,7 +357,10 @@ def main() -> None:
     ap.add_argument("--sides", default="uvicorn,serve", help="uvicorn, serve, or both")
     ap.add_argument("--serve-variants", default="replicas2",
                     help="extra Serve rows at the largest client count: replicas2, ongoing16 (empty: none)")
+    ap.add_argument("--serve-env", default="",
+                    help="KEY=VALUE,... set for Ray's processes, e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
     args = ap.parse_args()
+    args.serve_env = dict(kv.split("=", 1) for kv in args.serve_env.split(",") if kv)
     args.clients = [int(x) for x in args.clients.split(",")]
     args.sides = [x for x in args.sides.split(",") if x]
     args.serve_variants = [x for x in args.serve_variants.split(",") if x]
