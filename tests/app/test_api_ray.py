@@ -6,6 +6,7 @@ Redis path is covered in test_api.py). Each job here is a real GRPO run of the t
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from decimal import Decimal
@@ -159,3 +160,76 @@ def test_killing_the_dispatcher_and_the_replica_loses_no_job_and_runs_none_twice
         assert submitted.count(j) == 1 and not any(s.startswith(f"{j}-a") for s in submitted)  # ran once
         out = rpc(api, "training.export_trajectories", job_id=j, limit=1000)
         assert out["total_count"] == 12 * 4 * 4  # every step once: nothing lost, nothing doubled
+
+
+def test_every_method_and_error_through_the_serve_app(api):
+    url, client, _ = api
+
+    def post(body, **kw):
+        r = client.post(url, content=body if isinstance(body, (bytes, str)) else None,
+                        json=None if isinstance(body, (bytes, str)) else body, **kw)
+        assert r.status_code in (200, 204), r.text
+        return r
+
+    job = rpc(api, "training.start_grpo", **job_params(n_iterations=3, checkpoint_interval=0),
+              evaluation_data=ROWS[:5])["job_id"]
+    status = wait_for(api, job, {"completed", "failed", "cancelled"})
+    assert status["status"] == "completed", status["error_message"]
+    ev = rpc(api, "training.evaluate", job_id=job)
+    assert ev["n_queries"] == 5 and set(ev["comparison"]) == {"improvement", "t_statistic", "p_value", "significant"}
+    listed = rpc(api, "training.list_jobs", agent_id="ray-test", status="completed", limit=100)
+    assert job in [j["job_id"] for j in listed["jobs"]] and "next_cursor" in listed
+    codes = {
+        "training.pause": -40002, "training.resume": -40002, "training.cancel": -40003,
+    }
+    for method, code in codes.items():
+        body = {"jsonrpc": "2.0", "method": method, "params": {"job_id": job}, "id": 1}
+        assert post(body).json()["error"]["code"] == code
+    errors = [
+        ({"jsonrpc": "2.0", "method": "training.get_status", "params": {"job_id": "job_none"}, "id": 1}, -32001),
+        ({"jsonrpc": "2.0", "method": "training.get_status", "params": {}, "id": 1}, -32602),
+        ({"jsonrpc": "2.0", "method": "nope", "id": 1}, -32601),
+        ({"jsonrpc": "1.0", "method": "nope", "id": 1}, -32600),
+        ({"jsonrpc": "2.0", "method": "training.export_trajectories", "params": {"job_id": job, "limit": 20_000},
+          "id": 1}, -40005),
+        ({"jsonrpc": "2.0", "method": "training.start_grpo", "id": 1,
+          "params": {**job_params(max_budget_usd="0.000001")}}, -40001),
+        ({"jsonrpc": "2.0", "method": "training.start_grpo", "id": 1,
+          "params": {**job_params(model="/no/such/dir")}}, -40002),
+    ]
+    for body, code in errors:
+        assert post(body).json()["error"]["code"] == code, body
+    assert post(b"{broken").json()["error"]["code"] == -32700
+    raw = json.dumps({"jsonrpc": "2.0", "method": "training.get_status", "params": {"job_id": job}, "id": 5})
+    form = post(raw, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert form.json()["result"]["status"] == "completed"
+    batch = post([{"jsonrpc": "2.0", "method": "training.get_status", "params": {"job_id": job}, "id": 1},
+                  {"jsonrpc": "2.0", "method": "training.list_jobs"},
+                  {"jsonrpc": "2.0", "method": "nope", "id": 2}]).json()
+    assert [b["id"] for b in batch] == [1, 2] and "result" in batch[0] and batch[1]["error"]["code"] == -32601
+    assert post({"jsonrpc": "2.0", "method": "training.list_jobs"}).status_code == 204
+    assert "training.evaluate" in [m["name"] for m in client.get(url + "/methods").json()]
+    assert rpc(api, "rpc.discover")["openrpc"].startswith("1.")
+    base = url.rsplit("/api/", 1)[0]
+    assert client.get(base + "/health/ready").json()["status"] == "ok"
+
+
+def test_pause_then_resume_continues_from_the_checkpoint(api):
+    job = rpc(api, "training.start_grpo", **job_params(n_iterations=40, checkpoint_interval=0))["job_id"]
+    deadline = time.time() + 180
+    while rpc(api, "training.get_status", job_id=job)["current_iteration"] < 3:
+        assert time.time() < deadline
+        time.sleep(0.5)
+    assert rpc(api, "training.pause", job_id=job)["status"] == "pausing"
+    paused = wait_for(api, job, {"paused", "completed", "failed", "cancelled"})
+    assert paused["status"] == "paused" and paused["best_checkpoint"] is not None, paused
+    at = paused["current_iteration"]
+    assert 3 <= at < 40
+    assert rpc(api, "training.resume", job_id=job)["status"] == "queued"
+    done = wait_for(api, job, {"completed", "failed", "cancelled"})
+    assert done["status"] == "completed" and done["current_iteration"] == 40, done
+    out = rpc(api, "training.export_trajectories", job_id=job, limit=5000)
+    steps = sorted(t["step"] for t in out["trajectories"])
+    # every step once: the resumed run started right after the pause checkpoint, nothing replayed
+    assert steps == sorted(s for s in range(1, 41) for _ in range(16))
+    assert Decimal(done["cost_usd"]) > Decimal(paused["cost_usd"])  # the second run added to the cost
