@@ -418,11 +418,12 @@ def export_trajectories(p: ExportParams, ctx: Context) -> dict[str, Any]:
 def pause(p: JobParams, ctx: Context) -> dict[str, Any]:
     with db.session_scope(ctx.engine) as s:
         job = _get(ctx, s, p.job_id)
-        if job.status != JobStatus.running:
+        # Only from running, atomically: a run that ends meanwhile keeps its final state.
+        flagged = db.set_status(s, job_id=job.id, status=JobStatus.running, only_from=[JobStatus.running],
+                                cancel_requested=True, stop_reason="paused")
+        if flagged is None:
             raise RPCError(VALIDATION_FAILED, f"job {p.job_id} is {job.status}; only running jobs pause",
                            {"job_id": p.job_id, "status": job.status})
-        job.cancel_requested, job.stop_reason = True, "paused"
-        s.add(job)
         return {"job_id": job.id, "status": "pausing"}
 
 
