@@ -78,12 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(total=args.steps, desc="grpo", unit="step", file=sys.stdout, dynamic_ncols=True,
                disable=None, mininterval=1.0)
     status: dict[str, Any] = {}
+    shown = 0
     while True:
         status = rpc("training.get_status", job_id=job["job_id"])
         bar.n = status["current_iteration"]
         m = status["metrics"]
         if m.get("avg_reward") is not None:
             bar.set_postfix(reward=f"{m['avg_reward']:.3f}", cost=f"${float(status['cost_usd']):.4f}")
+            if bar.disable and status["current_iteration"] >= shown + args.steps // 10:  # no terminal: lines
+                shown = status["current_iteration"]
+                print(f"step {shown}/{args.steps} reward {m['avg_reward']:.3f} cost ${status['cost_usd']}",
+                      flush=True)
         bar.refresh()
         if status["status"] in ("completed", "failed", "cancelled"):
             break
