@@ -406,6 +406,11 @@ def jobs_in_states(session: Session, *, states: list[str]) -> list[TrainingJob]:
 # ---------------------------------------------------------------------------------------------- trajectories
 
 
+def _text(value: str | None) -> str | None:
+    """Model output may hold NUL characters, which PostgreSQL text cannot store: U+FFFD stands in."""
+    return None if value is None else value.replace("\x00", "\ufffd")
+
+
 def add_trajectories(session: Session, *, job_id: str, rows: list[dict[str, Any]]) -> int:
     """Store one step's trajectories (rows as `grpo.trainer.trajectories` makes them); returns how many.
 
@@ -425,9 +430,9 @@ def add_trajectories(session: Session, *, job_id: str, rows: list[dict[str, Any]
         {
             "job_id": job_id,
             "step": int(r["step"]),
-            "query": r["prompt"] if "prompt" in r else r["query"],
-            "completion": r["completion"],
-            "expected": r.get("expected"),
+            "query": _text(r["prompt"] if "prompt" in r else r["query"]),
+            "completion": _text(r["completion"]),
+            "expected": _text(r.get("expected")),
             "reward": float(r["reward"]),
             "advantage": float(r.get("advantage", 0.0)),
             "success": bool(r["success"]) if "success" in r else float(r["reward"]) >= SUCCESS_REWARD,

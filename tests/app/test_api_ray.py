@@ -6,7 +6,9 @@ Redis path is covered in test_api.py). Each job here is a real GRPO run of the t
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import time
 from decimal import Decimal
@@ -26,26 +28,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def api(ray_session, tmp_path_factory, tiny_model_dir):
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql+redis", marks=pytest.mark.services)])
+def api(request, ray_session, tmp_path_factory, tiny_model_dir):
+    """The Serve app on SQLite with the database as the queue, or on PostgreSQL (migrated with Alembic,
+    as in production) with the Redis queue."""
     import ray
     from ray import serve
 
+    from app.db import upgrade
     from app.dispatcher import ACTOR_NAME, NAMESPACE
     from app.serve import start
 
     home = tmp_path_factory.mktemp("api-home")
     env = {"RAYGRPO_HOME": str(home), "DATABASE_URL": f"sqlite:///{home / 'raygrpo.db'}", "REDIS_URL": "",
            "RAYGRPO_DEFAULT_MODEL": tiny_model_dir, "RAYGRPO_CANCEL_WAIT_S": "90", "RAYGRPO_MAX_RUNNING_JOBS": "2"}
-    url = start(port=_free_port(), env=env)
-    client = httpx.Client(timeout=180)
-    yield url, client, home
-    client.close()
-    serve.shutdown()
-    try:
-        ray.kill(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE))
-    except ValueError:
-        pass
+    with contextlib.ExitStack() as stack:
+        if request.param == "postgresql+redis":
+            from raygrpo_test_services import fresh_postgres, unavailable
+
+            env["DATABASE_URL"] = stack.enter_context(fresh_postgres())
+            upgrade(env["DATABASE_URL"])
+            import redis
+
+            env["REDIS_URL"] = (os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0").rsplit("/", 1)[0] + "/14"
+            try:
+                redis.Redis.from_url(env["REDIS_URL"]).flushdb()  # db 14 is this module's alone
+            except redis.RedisError as e:
+                unavailable("Redis", e)
+        url = start(port=_free_port(), env=env)
+        client = httpx.Client(timeout=180)
+        yield url, client, home
+        client.close()
+        serve.shutdown()
+        deadline = time.time() + 30
+        while time.time() < deadline:  # the next module param must not find this dispatcher
+            try:
+                ray.kill(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE))
+            except ValueError:
+                break
+            time.sleep(0.5)
 
 
 def rpc(api, method, **params):

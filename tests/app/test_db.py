@@ -427,3 +427,17 @@ def test_checkpoints_and_the_best_flag(session):
         db.set_best_checkpoint(session, job_id=other.id, checkpoint_id=c1.id)
     assert db.get_checkpoint(session, checkpoint_id="ckpt_missing") is None
     assert db.list_checkpoints(session, job_id=other.id) == []
+
+
+def test_model_output_with_nul_characters_is_stored(session):
+    """A random-init model can emit byte 0; PostgreSQL text refuses NUL, so it is replaced, not lost."""
+    from app.db import add_trajectories, create_job, export_trajectories
+
+    job, _ = create_job(session, agent_id="a", owner=None, config={}, engine_config={}, total_iterations=1,
+                        budget_usd=None, priority=0, idempotency_key=None, training_rows=1, evaluation_rows=0)
+    add_trajectories(session, job_id=job.id, rows=[{"step": 1, "prompt": "p\x00", "completion": "a\x00b",
+                                                    "expected": "x", "reward": 0.0}])
+    session.commit()
+    rows, total = export_trajectories(session, job_id=job.id, success_only=False, min_reward=None, limit=10,
+                                      offset=0)
+    assert total == 1 and rows[0].completion == "a\ufffdb" and rows[0].query == "p\ufffd"
