@@ -84,7 +84,21 @@ class Dispatcher:
 
     def tick(self) -> dict[str, list[str]]:
         """One round: finalise runs that ended without reporting, then start queued jobs."""
-        return {"finalised": self.watch_running(), "acked": self.ack_finished(), "started": self.launch()}
+        return {"finalised": self.watch_running(), "acked": self.ack_finished(), "pushed": self.push_missing(),
+                "started": self.launch()}
+
+    def push_missing(self) -> list[str]:
+        """Jobs queued in the database but in neither Redis list (an enqueue that failed after the job
+        was stored, a flushed Redis): push them, so nothing queued waits for a restart."""
+        if self.queue is None:
+            return []
+        with db.session_scope(self.engine) as s:
+            queued = db.jobs_in_states(s, states=[JobStatus.queued])
+        known = set(self.queue.queued()) | set(self.queue.processing())
+        missing = [job for job in queued if job.id not in known]
+        for job in missing:
+            self.queue.push(job.id, priority=job.priority)
+        return [job.id for job in missing]
 
     def ack_finished(self) -> list[str]:
         """Drop jobs that left `running` (the run reported its end, or it paused) from the processing list."""
@@ -240,12 +254,7 @@ class Dispatcher:
         if self.queue is not None:
             for job_id in self.queue.processing():
                 self.queue.requeue(job_id)
-            with db.session_scope(self.engine) as s:
-                queued = db.jobs_in_states(s, states=[JobStatus.queued])
-            waiting = set(self.queue.queued())
-            for job in queued:
-                if job.id not in waiting:
-                    self.queue.push(job.id, priority=job.priority)
+            self.push_missing()
         log.info("reconciled: requeued %s, finalised %s", requeued, finalised)
         return {"requeued": requeued, "finalised": finalised}
 

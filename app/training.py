@@ -438,6 +438,7 @@ def resume(p: JobParams, ctx: Context) -> dict[str, Any]:
         db.set_status(s, job_id=job.id, status=JobStatus.queued, cancel_requested=False, stop_reason=None)
         priority = job.priority
     if ctx.queue is not None:
+        ctx.queue.ack(p.job_id)  # its last run's entry may still be in the processing list; push skips those
         ctx.queue.push(p.job_id, priority=priority)
         ctx.queue.set_status(p.job_id, JobStatus.queued)
     return {"job_id": p.job_id, "status": "queued"}
