@@ -25,7 +25,6 @@ import yaml
 
 from app import db
 from app.models import JobStatus, TrainingJob
-from app.queue import JobQueue, RedisQueue
 from app.settings import Settings
 
 log = logging.getLogger("app.dispatcher")
@@ -40,11 +39,10 @@ def submission_id(job: TrainingJob) -> str:
 
 class Dispatcher:
     def __init__(self, settings: Settings, *, jobs_client: Any = None, poll_s: float = 1.0, autostart: bool = False):
-        self.settings = settings
-        self.engine = db.get_engine(settings.db_url)
-        if settings.db_url.startswith("sqlite"):
-            db.init_db(self.engine)
-        self.queue: JobQueue | None = RedisQueue(settings.redis_url) if settings.redis_url else None
+        from app.training import Context
+
+        ctx = Context.open(settings)
+        self.settings, self.engine, self.queue = settings, ctx.engine, ctx.queue
         if jobs_client is None:
             from ray.job_submission import JobSubmissionClient
 

@@ -16,22 +16,11 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
-from app import db
 from app.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST
-from app.queue import RedisQueue
 from app.settings import Settings, get_settings
 from app.training import Context, registry
 
 log = logging.getLogger("app.main")
-
-
-def build_context(settings: Settings) -> Context:
-    engine = db.get_engine(settings.db_url)
-    if settings.db_url.startswith("sqlite"):  # the embedded default creates its tables; PostgreSQL runs Alembic
-        settings.home.mkdir(parents=True, exist_ok=True)
-        db.init_db(engine)
-    queue = RedisQueue(settings.redis_url) if settings.redis_url else None
-    return Context(settings=settings, engine=engine, queue=queue)
 
 
 def _error(code: int, message: str, data: dict | None = None) -> JSONResponse:
@@ -40,7 +29,7 @@ def _error(code: int, message: str, data: dict | None = None) -> JSONResponse:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    ctx = build_context(settings or get_settings())
+    ctx = Context.open(settings or get_settings())
     app = FastAPI(title="raygrpo job API", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.ctx = ctx
 

@@ -32,7 +32,7 @@ from app.jsonrpc import (
     RPCError,
 )
 from app.models import JobStatus, TrainingJob
-from app.queue import JobQueue
+from app.queue import JobQueue, RedisQueue
 from app.settings import Settings
 from grpo.config import ConfigError, GRPOConfig, load_config
 
@@ -48,6 +48,16 @@ class Context:
     settings: Settings
     engine: Engine
     queue: JobQueue | None  # Redis fast path; None: the database is the queue
+
+    @classmethod
+    def open(cls, settings: Settings) -> Context:
+        """The database (tables created for the embedded SQLite; PostgreSQL runs Alembic) and the queue."""
+        engine = db.get_engine(settings.db_url)
+        if settings.db_url.startswith("sqlite"):
+            settings.home.mkdir(parents=True, exist_ok=True)
+            db.init_db(engine)
+        return cls(settings=settings, engine=engine,
+                   queue=RedisQueue(settings.redis_url) if settings.redis_url else None)
 
 
 # ---- params and results ------------------------------------------------------------------------
