@@ -220,21 +220,18 @@ def train_loop(config: dict[str, Any]) -> None:
     pending: dict[int, Future] = {}
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts") if cfg.async_rollouts else None
 
+    def collect_step(step: int, min_version: int) -> Collected:
+        return collect(cfg, dataset, step, rank=rank, world=world, actors=actors, reward_actors=reward_actors,
+                       min_version=min_version)
+
     def fetch(step: int, min_version: int) -> Collected:
         if executor is None:
-            return collect(cfg, dataset, step, rank=rank, world=world, actors=actors, reward_actors=reward_actors,
-                           min_version=min_version)
-        fut = pending.pop(step, None) or executor.submit(
-            collect, cfg, dataset, step, rank=rank, world=world, actors=actors, reward_actors=reward_actors,
-            min_version=min_version,
-        )
+            return collect_step(step, min_version)
+        fut = pending.pop(step, None) or executor.submit(collect_step, step, min_version)
         # Keep up to max_staleness steps in flight: they sample with the weights of now.
         for ahead in range(step + 1, min(step + cfg.max_staleness, cfg.num_steps) + 1):
             if ahead not in pending:
-                pending[ahead] = executor.submit(
-                    collect, cfg, dataset, ahead, rank=rank, world=world, actors=actors,
-                    reward_actors=reward_actors, min_version=min_version,
-                )
+                pending[ahead] = executor.submit(collect_step, ahead, min_version)
         return fut.result()
 
     t_start = time.perf_counter()
@@ -244,8 +241,7 @@ def train_loop(config: dict[str, Any]) -> None:
         got = fetch(step, version)
         staleness = version - got.batch.rollout.version
         if staleness > cfg.max_staleness:  # a lagging actor: throw it away and sample fresh
-            got = collect(cfg, dataset, step, rank=rank, world=world, actors=actors, reward_actors=reward_actors,
-                          min_version=version)
+            got = collect_step(step, version)
             staleness = version - got.batch.rollout.version
         batch = got.batch
         num_tokens, num_seqs = _all_sum([batch.num_tokens, batch.num_seqs])
