@@ -7,8 +7,10 @@ whatever it returns (or 204 for `None`). HTTP status codes, authentication, rate
 methods themselves live elsewhere. `handle` never raises: every input, however malformed, gets a
 JSON-RPC reply that `json.dumps(..., allow_nan=False)` can encode, so no request can produce a 5xx.
 
-Not covered: result validation against `result_model` (it only documents the reply), and running
-sync handlers in a thread pool (they run on the event loop; see `_call`).
+Guards (`add_guard`: authentication, permissions, rate limits) run before a call's params are
+validated; observers (`add_observer`: metrics, audit) see every answered call.
+
+Not covered: result validation against `result_model` (it only documents the reply).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import logging
 import math
 import re
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +46,9 @@ VALIDATION_FAILED = -40002
 CANNOT_CANCEL = -40003
 EVALUATION_FAILED = -40004
 EXPORT_LIMIT_EXCEEDED = -40005
+UNAUTHENTICATED = -40100
+FORBIDDEN = -40300
+RATE_LIMITED = -42900
 
 ERROR_MESSAGES: dict[int, str] = {
     PARSE_ERROR: "parse error",
@@ -56,6 +62,9 @@ ERROR_MESSAGES: dict[int, str] = {
     CANNOT_CANCEL: "cannot cancel",
     EVALUATION_FAILED: "evaluation failed",
     EXPORT_LIMIT_EXCEEDED: "export limit exceeded",
+    UNAUTHENTICATED: "unauthenticated",
+    FORBIDDEN: "forbidden",
+    RATE_LIMITED: "rate limit exceeded",
 }
 
 DISCOVER = "rpc.discover"
@@ -95,10 +104,32 @@ class Method:
     description: str
     errors: list[int]
     mutates: bool
+    permission: str | None = None
+    """what the caller must hold (app.auth); None: anyone, unauthenticated included"""
 
     def param_names(self) -> list[str]:
         """Names as the client sends them (the alias when a field has one), in declaration order."""
         return [field.alias or name for name, field in self.params_model.model_fields.items()]
+
+
+@dataclass
+class CallRecord:
+    """One answered call, for observers (metrics, audit): `method` is None when no method was found."""
+
+    name: str
+    method: Method | None
+    params: BaseModel | None
+    result: Any
+    error: RPCError | None
+    duration_s: float
+
+    @property
+    def code(self) -> int:
+        return 0 if self.error is None else self.error.code
+
+
+Guard = Callable[[Method], Any]
+Observer = Callable[[CallRecord], Any]
 
 
 class _NoParams(BaseModel):
@@ -113,6 +144,8 @@ class Registry:
         self.max_batch = max_batch
         self.sync_in_thread = sync_in_thread
         self._methods: dict[str, Method] = {}
+        self._guards: list[Guard] = []
+        self._observers: list[Observer] = []
         self._methods[DISCOVER] = Method(
             name=DISCOVER,
             params_model=_NoParams,
@@ -135,6 +168,7 @@ class Registry:
         summary: str = "",
         errors: tuple[int, ...] = (),
         mutates: bool = False,
+        permission: str | None = None,
     ) -> Callable[[Callable], Callable]:
         """Register `handler(params, ctx)` under `name`; the handler is returned unchanged."""
         if not name or name.startswith("rpc."):
@@ -155,10 +189,24 @@ class Registry:
                 description=doc,
                 errors=list(errors),
                 mutates=mutates,
+                permission=permission,
             )
             return handler
 
         return register
+
+    def add_guard(self, guard: Guard) -> None:
+        """`guard(method)` runs before a call's params are validated; it refuses by raising RPCError
+        (authentication, permissions, rate limits). Guards run in the order added; may be async."""
+        self._guards.append(guard)
+
+    def add_observer(self, observer: Observer) -> None:
+        """`observer(record)` sees every answered call, notifications and failures included (metrics,
+        audit). An observer that raises is logged and ignored: it never changes the reply."""
+        self._observers.append(observer)
+
+    def methods(self) -> list[Method]:
+        return list(self._methods.values())
 
     def get(self, name: str) -> Method | None:
         return self._methods.get(name)
@@ -166,7 +214,8 @@ class Registry:
     def describe(self) -> list[dict]:
         """A short listing for GET /api/v1/jsonrpc/methods."""
         return [
-            {"name": m.name, "summary": m.summary, "params": m.param_names(), "mutates": m.mutates}
+            {"name": m.name, "summary": m.summary, "params": m.param_names(), "mutates": m.mutates,
+             "permission": m.permission}
             for m in sorted(self._methods.values(), key=lambda m: m.name)
         ]
 
@@ -205,9 +254,13 @@ class Registry:
             result_schema = top[(m.result_model, "serialization")] if m.result_model is not None else {}
             # Every method with params can fail validation, so -32602 is always listed.
             codes = [INVALID_PARAMS, *(c for c in m.errors if c != INVALID_PARAMS)]
+            if m.permission is not None:
+                codes += [c for c in (UNAUTHENTICATED, FORBIDDEN, RATE_LIMITED) if c not in codes]
             entry: dict[str, Any] = {"name": m.name, "summary": m.summary}
             if m.description:
                 entry["description"] = m.description
+            if m.permission is not None:
+                entry["x-permission"] = m.permission
             entry |= {
                 "params": params,
                 "paramStructure": "either",
@@ -300,28 +353,49 @@ class Registry:
         # From here on the request is well formed; a notification gets no reply even when it fails.
         is_notification = "id" not in request
         method_name = request["method"][:_MAX_ECHO]
+        record = CallRecord(method_name, self._methods.get(request["method"]), None, None, None, 0.0)
+        started = time.perf_counter()
         try:
-            result = await self._call(request["method"], request.get("params", _ABSENT), ctx)
+            result = await self._call(request["method"], request.get("params", _ABSENT), ctx, record)
             reply = {"jsonrpc": "2.0", "result": result, "id": request_id}
         except RPCError as err:
             reply = _error_reply(request_id, err)
+            record.error = err
         except Exception:
             reply = _internal_error(request_id, method_name)
-        if is_notification:
-            return None
-        try:
-            # Prove here that the reply encodes the way the HTTP layer will encode it (strict JSON,
-            # UTF-8), so a bad handler result becomes -32603 and never a 500 after we return.
-            json.dumps(reply, ensure_ascii=False, allow_nan=False).encode("utf-8")
-        except Exception:
-            reply = _internal_error(request_id, method_name)
-        return reply
+            record.error = RPCError(INTERNAL_ERROR, "internal error")
+        if not is_notification:
+            try:
+                # Prove here that the reply encodes the way the HTTP layer will encode it (strict JSON,
+                # UTF-8), so a bad handler result becomes -32603 and never a 500 after we return.
+                json.dumps(reply, ensure_ascii=False, allow_nan=False).encode("utf-8")
+            except Exception:
+                reply = _internal_error(request_id, method_name)
+                record.error = RPCError(INTERNAL_ERROR, "internal error")
+        record.duration_s = time.perf_counter() - started
+        await self._observe(record)
+        return None if is_notification else reply
 
-    async def _call(self, name: str, raw_params: Any, ctx: Any) -> Any:
+    async def _observe(self, record: CallRecord) -> None:
+        for observer in self._observers:
+            try:
+                outcome = observer(record)
+                if inspect.isawaitable(outcome):
+                    await outcome
+            except Exception:
+                logger.exception("observer %r failed on %s", observer, record.name)
+
+    async def _call(self, name: str, raw_params: Any, ctx: Any, record: CallRecord | None = None) -> Any:
         method = self._methods.get(name)
         if method is None:
             raise RPCError(METHOD_NOT_FOUND, f"method not found: {name[:_MAX_ECHO]}")
+        for guard in self._guards:  # before validation: an unauthenticated caller learns nothing of params
+            outcome = guard(method)
+            if inspect.isawaitable(outcome):
+                await outcome
         params = self._validate(method, raw_params)
+        if record is not None:
+            record.params = params
         # By default sync handlers run on the event loop: a `ctx` holding a database session is not
         # thread-safe. A registry whose handlers open their own sessions (sync_in_thread=True) runs
         # them in worker threads instead, so a blocking query does not stall other requests.
@@ -331,6 +405,8 @@ class Registry:
             result = method.handler(params, ctx)
         if inspect.isawaitable(result):
             result = await result
+        if record is not None:
+            record.result = result
         if isinstance(result, BaseModel):
             return result.model_dump(mode="json")
         # Plain results get pydantic's JSON mode too: datetimes as ISO 8601, Decimals as strings.

@@ -150,3 +150,51 @@ class PolicyCheckpoint(SQLModel, table=True):
     eval_reward: float | None = None
     is_best: bool = False
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class ApiKey(SQLModel, table=True):
+    """An API key: only its SHA-256 is stored; the key itself is shown once, when issued."""
+
+    __tablename__ = "api_keys"
+
+    id: str = Field(default_factory=lambda: new_id("key"), primary_key=True, max_length=64)
+    key_hash: str = Field(unique=True, max_length=64)
+    """hex SHA-256 of the whole key"""
+    prefix: str = Field(max_length=16)
+    """the key's first characters, to tell keys apart in listings"""
+    owner: str = Field(index=True, max_length=256)
+    role: str = Field(max_length=32)
+    scopes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    """permissions of the key; empty means all of the role's"""
+    name: str | None = Field(default=None, max_length=256)
+    created_by: str | None = Field(default=None, max_length=256)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class AuditEntry(SQLModel, table=True):
+    """One state-changing call: who, what, when, from where, and how it ended."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_log_principal_created", "principal", "created_at"),
+        Index("ix_audit_log_method_created", "method", "created_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    created_at: datetime = Field(default_factory=utcnow, index=True, sa_type=UTCDateTime)
+    principal: str = Field(max_length=256)
+    auth_method: str = Field(max_length=16)
+    """jwt, api_key, or local"""
+    method: str = Field(max_length=128)
+    target: str | None = Field(default=None, max_length=256)
+    """the object acted on (job id, key id, ...) when there is one"""
+    params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    """the call's params with secrets and bulk data left out"""
+    outcome: str = Field(max_length=16)
+    """ok or error"""
+    error_code: int | None = None
+    client_ip: str | None = Field(default=None, max_length=64)
+    request_id: str | None = Field(default=None, max_length=64)

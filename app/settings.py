@@ -54,6 +54,22 @@ class Settings(BaseModel):
     webhook_secret: str | None = Field(default_factory=lambda: _secret("RAYGRPO_WEBHOOK_SECRET"), repr=False)
     """HMAC key of the webhook signatures (from the variable, or a file named by RAYGRPO_WEBHOOK_SECRET_FILE)"""
 
+    auth: str = Field(default_factory=lambda: os.environ.get("RAYGRPO_AUTH", "on"), pattern="^(on|off)$")
+    """`on`: every method but rpc.discover needs a JWT or API key; `off` (RAYGRPO_AUTH=off): every caller is
+    a local admin, for a developer's own machine only"""
+    jwt_secret: str | None = Field(default_factory=lambda: _secret("RAYGRPO_JWT_SECRET"), repr=False)
+    """HS256 key (RAYGRPO_JWT_SECRET or the file RAYGRPO_JWT_SECRET_FILE); a local one under `home` when unset"""
+    jwt_public_key: str | None = Field(default_factory=lambda: _secret("RAYGRPO_JWT_PUBLIC_KEY"), repr=False)
+    """PEM public key: tokens are then RS256 only (RAYGRPO_JWT_PUBLIC_KEY or RAYGRPO_JWT_PUBLIC_KEY_FILE)"""
+    jwt_audience: str = Field(default_factory=lambda: os.environ.get("RAYGRPO_JWT_AUDIENCE", "raygrpo"))
+    jwt_issuer: str = Field(default_factory=lambda: os.environ.get("RAYGRPO_JWT_ISSUER", "raygrpo"))
+    jwt_leeway_s: int = Field(default_factory=lambda: int(os.environ.get("RAYGRPO_JWT_LEEWAY_S", "30")))
+    """clock skew tolerated on exp/iat"""
+    rate_limits: dict[str, int] = Field(default_factory=lambda: _rate_limits(os.environ.get("RAYGRPO_RATE_LIMITS", "")))
+    """calls per minute per principal and method; RAYGRPO_RATE_LIMITS="training.start_grpo=10,default=600" """
+    log_format: str = Field(default_factory=lambda: os.environ.get("RAYGRPO_LOG_FORMAT", "json"))
+    """json (one object a line, with request and job ids) or text"""
+
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'raygrpo.db'}"
@@ -61,6 +77,23 @@ class Settings(BaseModel):
     @property
     def runs_dir(self) -> Path:
         return self.home / "jobs"
+
+
+DEFAULT_RATE_LIMITS = {
+    "training.start_grpo": 10, "training.get_status": 100, "training.cancel": 20, "training.evaluate": 5,
+    "training.export_trajectories": 10, "default": 300,
+}
+
+
+def _rate_limits(spec: str) -> dict[str, int]:
+    """`method=N,...` over the defaults; `default=N` applies to every method not named; 0 disables a limit."""
+    limits = dict(DEFAULT_RATE_LIMITS)
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise ValueError(f"RAYGRPO_RATE_LIMITS: {part!r} is not method=N")
+        limits[name.strip()] = int(value)
+    return limits
 
 
 @lru_cache(maxsize=1)

@@ -9,6 +9,7 @@ Not here: HTTP (app.main), auth and rate limits (the security issue), the regist
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import tempfile
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.engine import Engine
 
 from app import db
+from app.auth import authorize, current_principal
 from app.jsonrpc import (
     BUDGET_EXCEEDED,
     CANNOT_CANCEL,
@@ -31,12 +33,16 @@ from app.jsonrpc import (
     Registry,
     RPCError,
 )
+from app.metrics import RequestCounters
 from app.models import JobStatus, TrainingJob
 from app.queue import JobQueue, RedisQueue
+from app.ratelimit import RateLimiter, rate_limit
 from app.settings import Settings
 from grpo.config import ConfigError, GRPOConfig, load_config
 
 registry = Registry(sync_in_thread=True)  # handlers open their own sessions
+registry.add_guard(authorize)
+registry.add_guard(rate_limit)
 
 EXPORT_LIMIT = 10_000
 
@@ -48,16 +54,21 @@ class Context:
     settings: Settings
     engine: Engine
     queue: JobQueue | None  # Redis fast path; None: the database is the queue
+    limiter: RateLimiter | None = None
+    counters: RequestCounters | None = None
 
     @classmethod
     def open(cls, settings: Settings) -> Context:
-        """The database (tables created for the embedded SQLite; PostgreSQL runs Alembic) and the queue."""
+        """The database (tables created for the embedded SQLite; PostgreSQL runs Alembic), the queue, and
+        the rate limiter and request counters (in Redis when there is one, shared by every replica)."""
         engine = db.get_engine(settings.db_url)
         if settings.db_url.startswith("sqlite"):
             settings.home.mkdir(parents=True, exist_ok=True)
             db.init_db(engine)
         return cls(settings=settings, engine=engine,
-                   queue=RedisQueue(settings.redis_url) if settings.redis_url else None)
+                   queue=RedisQueue(settings.redis_url) if settings.redis_url else None,
+                   limiter=RateLimiter(settings.rate_limits, settings.redis_url),
+                   counters=RequestCounters(settings.redis_url))
 
 
 # ---- params and results ------------------------------------------------------------------------
@@ -270,9 +281,17 @@ def money(value: Decimal | None) -> str | None:
     return None if value is None else f"{Decimal(value).quantize(Decimal('0.000001'))}"
 
 
-def _get(ctx: Context, session: Any, job_id: str) -> TrainingJob:
+def _owned_key(key: str | None) -> str | None:
+    """Idempotency keys are per caller: two users sending the same key get two jobs, never each other's."""
+    if key is None:
+        return None
+    return hashlib.sha256(f"{current_principal().subject}\x00{key}".encode()).hexdigest()
+
+
+def _get(session: Any, job_id: str) -> TrainingJob:
+    """The job, if the caller may see it: another user's job is "not found", exactly like a missing one."""
     job = db.get_job(session, job_id=job_id)
-    if job is None:
+    if job is None or not current_principal().owns(job.owner):
         raise RPCError(NOT_FOUND, f"job not found: {job_id}", {"job_id": job_id})
     return job
 
@@ -306,7 +325,7 @@ def status_of(job: TrainingJob, best: Any | None) -> dict[str, Any]:
 
 @registry.method("training.start_grpo", params=StartParams, result=StartResult, mutates=True,
                  summary="Queue a GRPO training job; replies at once with its id",
-                 errors=(BUDGET_EXCEEDED, VALIDATION_FAILED))
+                 errors=(BUDGET_EXCEEDED, VALIDATION_FAILED), permission="training:start")
 def start_grpo(p: StartParams, ctx: Context) -> StartResult:
     jobs_dir = ctx.settings.runs_dir
     jobs_dir.mkdir(parents=True, exist_ok=True)
@@ -329,9 +348,9 @@ def start_grpo(p: StartParams, ctx: Context) -> StartResult:
                            {"field": "config.max_budget_usd"})
         with db.session_scope(ctx.engine) as s:
             job, created = db.create_job(
-                s, agent_id=p.agent_id, owner=None, config=p.config.model_dump(mode="json"),
+                s, agent_id=p.agent_id, owner=current_principal().subject, config=p.config.model_dump(mode="json"),
                 engine_config={}, total_iterations=p.config.n_iterations, budget_usd=p.config.max_budget_usd,
-                priority=p.priority, idempotency_key=p.idempotency_key, training_rows=len(p.training_data),
+                priority=p.priority, idempotency_key=_owned_key(p.idempotency_key), training_rows=len(p.training_data),
                 evaluation_rows=len(p.evaluation_data or []),
             )
             if created:
@@ -360,19 +379,19 @@ def start_grpo(p: StartParams, ctx: Context) -> StartResult:
 
 
 @registry.method("training.get_status", params=JobParams, summary="Status, progress, metrics and cost of a job",
-                 errors=(NOT_FOUND,))
+                 errors=(NOT_FOUND,), permission="training:view")
 def get_status(p: JobParams, ctx: Context) -> dict[str, Any]:
     with db.session_scope(ctx.engine) as s:
-        job = _get(ctx, s, p.job_id)
+        job = _get(s, p.job_id)
         best = db.get_checkpoint(s, checkpoint_id=job.best_checkpoint_id) if job.best_checkpoint_id else None
         return status_of(job, best)
 
 
 @registry.method("training.cancel", params=CancelParams, mutates=True, summary="Cancel a queued or running job",
-                 errors=(NOT_FOUND, CANNOT_CANCEL))
+                 errors=(NOT_FOUND, CANNOT_CANCEL), permission="training:cancel")
 async def cancel(p: CancelParams, ctx: Context) -> dict[str, Any]:
     with db.session_scope(ctx.engine) as s:
-        job = _get(ctx, s, p.job_id)
+        job = _get(s, p.job_id)
         if JobStatus(job.status).is_final:
             raise RPCError(CANNOT_CANCEL, f"job {p.job_id} is {job.status} and cannot be cancelled",
                            {"job_id": p.job_id, "status": job.status})
@@ -385,7 +404,7 @@ async def cancel(p: CancelParams, ctx: Context) -> dict[str, Any]:
     deadline = asyncio.get_running_loop().time() + (ctx.settings.cancel_wait_s if p.wait else 0.0)
     while True:
         with db.session_scope(ctx.engine) as s:
-            job = _get(ctx, s, p.job_id)
+            job = _get(s, p.job_id)
             best = db.get_checkpoint(s, checkpoint_id=job.best_checkpoint_id) if job.best_checkpoint_id else None
             done = JobStatus(job.status).is_final
             reply = {"job_id": job.id, "status": job.status if done else "cancelling",
@@ -396,24 +415,27 @@ async def cancel(p: CancelParams, ctx: Context) -> dict[str, Any]:
         await asyncio.sleep(0.25)
 
 
-@registry.method("training.list_jobs", params=ListParams, summary="Jobs, newest first, with cursor pagination")
+@registry.method("training.list_jobs", params=ListParams, summary="Jobs, newest first, with cursor pagination",
+                 permission="training:view")
 def list_jobs(p: ListParams, ctx: Context) -> dict[str, Any]:
     with db.session_scope(ctx.engine) as s:
         try:
-            jobs, cursor = db.list_jobs(s, agent_id=p.agent_id, status=p.status, limit=p.limit, cursor=p.cursor)
+            me = current_principal()
+            jobs, cursor = db.list_jobs(s, agent_id=p.agent_id, status=p.status, limit=p.limit, cursor=p.cursor,
+                                        owner=None if me.is_admin else me.subject)
         except ValueError as e:
             raise RPCError(-32602, f"invalid params: {e}", {"field": "cursor"}) from None
         return {"jobs": [status_of(j, None) for j in jobs], "next_cursor": cursor, "has_more": cursor is not None}
 
 
 @registry.method("training.export_trajectories", params=ExportParams,
-                 summary="Trajectories of a job with their rewards", errors=(NOT_FOUND, EXPORT_LIMIT_EXCEEDED))
+                 summary="Trajectories of a job with their rewards", errors=(NOT_FOUND, EXPORT_LIMIT_EXCEEDED), permission="data:export")
 def export_trajectories(p: ExportParams, ctx: Context) -> dict[str, Any]:
     if p.limit > EXPORT_LIMIT:
         raise RPCError(EXPORT_LIMIT_EXCEEDED, f"limit: at most {EXPORT_LIMIT} trajectories per call, use offset",
                        {"field": "limit", "max": EXPORT_LIMIT})
     with db.session_scope(ctx.engine) as s:
-        _get(ctx, s, p.job_id)
+        _get(s, p.job_id)
         rows, total = db.export_trajectories(s, job_id=p.job_id, success_only=p.success_only,
                                              min_reward=p.min_reward, limit=p.limit, offset=p.offset)
         out = [{"id": r.id, "step": r.step, "query": r.query, "completion": r.completion, "expected": r.expected,
@@ -424,10 +446,11 @@ def export_trajectories(p: ExportParams, ctx: Context) -> dict[str, Any]:
 
 
 @registry.method("training.pause", params=JobParams, mutates=True, errors=(NOT_FOUND, VALIDATION_FAILED),
+                 permission="training:cancel",
                  summary="Checkpoint a running job and release its resources; training.resume continues it")
 def pause(p: JobParams, ctx: Context) -> dict[str, Any]:
     with db.session_scope(ctx.engine) as s:
-        job = _get(ctx, s, p.job_id)
+        job = _get(s, p.job_id)
         # Only from running, atomically: a run that ends meanwhile keeps its final state.
         flagged = db.set_status(s, job_id=job.id, status=JobStatus.running, only_from=[JobStatus.running],
                                 cancel_requested=True, stop_reason="paused")
@@ -438,10 +461,11 @@ def pause(p: JobParams, ctx: Context) -> dict[str, Any]:
 
 
 @registry.method("training.resume", params=JobParams, mutates=True, errors=(NOT_FOUND, VALIDATION_FAILED),
+                 permission="training:start",
                  summary="Queue a paused job again; it continues from its latest checkpoint")
 def resume(p: JobParams, ctx: Context) -> dict[str, Any]:
     with db.session_scope(ctx.engine) as s:
-        job = _get(ctx, s, p.job_id)
+        job = _get(s, p.job_id)
         if job.status != JobStatus.paused:
             raise RPCError(VALIDATION_FAILED, f"job {p.job_id} is {job.status}; only paused jobs resume",
                            {"job_id": p.job_id, "status": job.status})
@@ -482,10 +506,11 @@ def evaluation_task(base_model: str, checkpoint: str, rows: list[dict[str, str]]
 
 
 @registry.method("training.evaluate", params=EvaluateParams, errors=(NOT_FOUND, EVALUATION_FAILED),
+                 permission="training:evaluate",
                  summary="Score a checkpoint against its base model on evaluation queries (runs on the cluster)")
 async def evaluate(p: EvaluateParams, ctx: Context) -> dict[str, Any]:
     with db.session_scope(ctx.engine) as s:
-        job = _get(ctx, s, p.job_id)
+        job = _get(s, p.job_id)
         ckpt_id = p.checkpoint_id or job.best_checkpoint_id
         ckpt = db.get_checkpoint(s, checkpoint_id=ckpt_id) if ckpt_id else None
     if p.checkpoint_id and (ckpt is None or ckpt.job_id != job.id):

@@ -54,3 +54,10 @@ def fresh_postgres() -> Iterator[str]:
         admin.dispose()
 
 
+
+
+def bearer(settings, subject: str = "alice", role: str = "admin", **kw) -> dict[str, str]:
+    """Headers with a JWT the API built from `settings` accepts (signed with its secret)."""
+    from app.auth import mint_token
+
+    return {"Authorization": f"Bearer {mint_token(settings, subject, role, **kw)}"}

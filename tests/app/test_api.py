@@ -41,14 +41,15 @@ def queue_url(request) -> str | None:
 def client(tmp_path, db_url, engine, queue_url, tiny_model_dir):  # engine: tables created
     redis_url = queue_url
     settings = Settings(home=tmp_path / "home", database_url=db_url, redis_url=redis_url,
-                        default_model=tiny_model_dir, cancel_wait_s=0.5)
+                        default_model=tiny_model_dir, cancel_wait_s=0.5, rate_limits={"default": 0})
+    from app.auth import mint_token
     from app.main import create_app
 
     app = create_app(settings)
     if app.state.ctx.queue is not None:
         q = app.state.ctx.queue
         q.redis.delete(q.queue_key, q.processing_key, q.priority_key, q.seq_key)
-    with TestClient(app) as c:
+    with TestClient(app, headers={"Authorization": f"Bearer {mint_token(settings, 'alice', 'admin')}"}) as c:
         c.ctx = app.state.ctx
         yield c
     if app.state.ctx.queue is not None:

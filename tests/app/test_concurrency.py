@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
+from raygrpo_test_services import bearer
 
 from app.settings import Settings
 
@@ -16,8 +17,9 @@ ROWS = [{"query": "digit 1:", "expected_outcome": "1"}]
 def test_500_concurrent_starts_create_exactly_the_jobs_asked_for(tmp_path, db_url, engine, tiny_model_dir):
     from app.main import create_app
 
-    app = create_app(Settings(home=tmp_path / "home", database_url=db_url, redis_url=None,
-                              default_model=tiny_model_dir))
+    settings = Settings(home=tmp_path / "home", database_url=db_url, redis_url=None,
+                        default_model=tiny_model_dir, rate_limits={"default": 0})
+    app = create_app(settings)
     n, keys = 500, 50
 
     def start(i: int) -> str:
@@ -30,7 +32,7 @@ def test_500_concurrent_starts_create_exactly_the_jobs_asked_for(tmp_path, db_ur
         assert r.status_code == 200
         return r.json()["result"]["job_id"]
 
-    with TestClient(app) as client, ThreadPoolExecutor(max_workers=32) as pool:
+    with TestClient(app, headers=bearer(settings)) as client, ThreadPoolExecutor(max_workers=32) as pool:
         ids = list(pool.map(start, range(n)))
     keyed = {i % keys: ids[i] for i in range(1, n, 2)}
     for i in range(1, n, 2):

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from raygrpo_test_services import bearer
 
 from app import db
 from app.models import JobStatus
@@ -195,9 +196,9 @@ def runner(tmp_path, tiny_model_dir):
     from app.main import create_app
 
     settings = Settings(home=tmp_path / "home", database_url=None, redis_url=None, default_model=tiny_model_dir,
-                        cancel_wait_s=0.5)
+                        cancel_wait_s=0.5, rate_limits={"default": 0})
     app = create_app(settings)
-    with TestClient(app) as client:
+    with TestClient(app, headers=bearer(settings)) as client:
         yield Runner(client, settings, tmp_path / "checkpoints")
     db.dispose_engine(settings.db_url)
 

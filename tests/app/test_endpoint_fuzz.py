@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from raygrpo_test_services import bearer
 
 from app.settings import Settings
 
@@ -42,8 +43,10 @@ def client(tmp_path_factory, tiny_model_dir):
     from app.main import create_app
 
     home = tmp_path_factory.mktemp("fuzz")
-    app = create_app(Settings(home=home, database_url=None, redis_url=None, default_model=tiny_model_dir))
-    with TestClient(app) as c:
+    settings = Settings(home=home, database_url=None, redis_url=None, default_model=tiny_model_dir,
+                        rate_limits={"default": 0})
+    app = create_app(settings)
+    with TestClient(app, headers=bearer(settings)) as c:
         yield c
 
 

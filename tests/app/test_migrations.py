@@ -17,7 +17,7 @@ from sqlmodel import SQLModel
 
 from app import db
 
-TABLES = {"training_jobs", "trajectories", "policy_checkpoints"}
+TABLES = {"training_jobs", "trajectories", "policy_checkpoints", "api_keys", "audit_log"}
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -60,5 +60,8 @@ def test_cli_upgrade_and_alembic_command_line(db_url):
     subprocess.run(run, cwd=ROOT, check=True, capture_output=True)
     alembic = [sys.executable, "-m", "alembic", "-c", "app/alembic.ini", "-x", f"url={db_url}"]
     current = subprocess.run([*alembic, "current"], cwd=ROOT, check=True, capture_output=True, text=True)
-    assert "0001 (head)" in current.stdout
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(db.alembic_config(db_url)).get_current_head()
+    assert f"{head} (head)" in current.stdout
     subprocess.run([*alembic, "check"], cwd=ROOT, check=True, capture_output=True)
