@@ -32,7 +32,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 DOC_MODEL = "/tmp/raygrpo/models/tiny-llama"  # the model directory the page's examples ran with
 MARK = re.compile(r"<!--\s*(request|reply|get)\b([^>]*?)-->[ \t]*\n(?:\s*```json\n(.*?)\n```)?", re.S)
 JOB_ID = re.compile(r"\bjob_[0-9a-f]{32}\b")
-CURL = re.compile(r"curl -s (?:-i )?http://\S+/api/v1/jsonrpc -d '(.*)'")
+CURL = re.compile(r"curl -s (?:-i )?http://\S+/api/v1/jsonrpc(?: -H \"[^\"]*\")* -d '(.*)'")
 ROWS = [{"query": f"digit {d}:", "expected_outcome": str(d)} for d in range(10)]
 
 
