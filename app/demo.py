@@ -21,8 +21,9 @@ import httpx
 class RPC:
     """The smallest JSON-RPC client: one method call per request, errors raised with their code."""
 
-    def __init__(self, url: str):
-        self.url, self.http, self.n = url, httpx.Client(timeout=120), 0
+    def __init__(self, url: str, token: str):
+        self.url, self.n = url, 0
+        self.http = httpx.Client(timeout=120, headers={"Authorization": f"Bearer {token}"})
 
     def __call__(self, method: str, **params: Any) -> Any:
         self.n += 1
@@ -70,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     ray.init(num_cpus=max(os.cpu_count() or 1, 8), namespace="raygrpo", log_to_driver=False)
     url = start()
-    rpc = RPC(url)
+    from app.auth import mint_token
+    from app.settings import get_settings
+
+    rpc = RPC(url, mint_token(get_settings(), "demo", "researcher"))
     print(f"job API at {url}", flush=True)
     job = rpc("training.start_grpo", **demo_request(model_dir, args.steps))
     print(f"submitted {job['job_id']} ({job['status']}); Ray Job id {job['job_id']} in the dashboard", flush=True)

@@ -44,9 +44,12 @@ class Dispatcher:
         ctx = Context.open(settings)
         self.settings, self.engine, self.queue = settings, ctx.engine, ctx.queue
         if jobs_client is None:
+            # Without a configured URL: the cluster this actor runs on (its GCS names its dashboard), never
+            # whatever cluster was started last on the machine.
+            import ray
             from ray.job_submission import JobSubmissionClient
 
-            jobs_client = JobSubmissionClient(settings.ray_dashboard_url)
+            jobs_client = JobSubmissionClient(settings.ray_dashboard_url or ray.get_runtime_context().gcs_address)
         self.client = jobs_client
         from app.webhooks import Webhooks
 

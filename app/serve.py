@@ -48,17 +48,23 @@ class TrainingAPI:
 app = TrainingAPI.bind()
 
 
-def start(*, host: str = "127.0.0.1", port: int | None = None, env: dict[str, str] | None = None) -> str:
+def start(*, host: str = "127.0.0.1", port: int | None = None, env: dict[str, str] | None = None,
+          replicas: int | None = None) -> str:
     """Start Serve's HTTP proxy and the app on this Ray cluster; returns the JSON-RPC URL.
 
     `env` sets the replicas' environment (DATABASE_URL, REDIS_URL, RAYGRPO_HOME, ...) when it should
-    differ from the cluster's.
+    differ from the cluster's; `replicas` fixes their number instead of autoscaling.
     """
     port = port or get_settings().api_port
     serve.start(http_options={"host": host, "port": port})
     target = app
+    options: dict = {}
     if env:
-        target = TrainingAPI.options(ray_actor_options={"num_cpus": 0.1, "runtime_env": {"env_vars": env}}).bind()
+        options["ray_actor_options"] = {"num_cpus": 0.1, "runtime_env": {"env_vars": env}}
+    if replicas:
+        options |= {"num_replicas": replicas, "autoscaling_config": None}
+    if options:
+        target = TrainingAPI.options(**options).bind()
     serve.run(target, name="raygrpo-api", route_prefix="/", blocking=False)
     return f"http://{host}:{port}/api/v1/jsonrpc"
 

@@ -44,9 +44,8 @@ class Settings(BaseModel):
     """how long training.cancel waits for a running job to checkpoint and stop"""
     max_running_jobs: int = Field(default_factory=lambda: int(os.environ.get("RAYGRPO_MAX_RUNNING_JOBS", "2")))
     """jobs the dispatcher runs at once; the rest wait in the queue"""
-    ray_dashboard_url: str = Field(
-        default_factory=lambda: os.environ.get("RAY_DASHBOARD_URL", "http://127.0.0.1:8265"))
-    """the Ray Jobs API the dispatcher submits runs to"""
+    ray_dashboard_url: str | None = Field(default_factory=lambda: os.environ.get("RAY_DASHBOARD_URL") or None)
+    """the Ray Jobs API the dispatcher submits runs to; None: the dashboard of the cluster it runs on"""
 
     webhook_urls: list[str] = Field(
         default_factory=lambda: [u.strip() for u in os.environ.get("RAYGRPO_WEBHOOK_URLS", "").split(",") if u.strip()])

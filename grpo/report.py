@@ -130,3 +130,69 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+# step metric -> (ray.util.metrics name, description); Prometheus sees them as ray_<name>{job_id=...}
+RAY_GAUGES: dict[str, tuple[str, str]] = {
+    "reward_mean": ("raygrpo_train_reward_mean", "mean reward of the step's completions"),
+    "reward_std": ("raygrpo_train_reward_std", "reward standard deviation of the step"),
+    "loss": ("raygrpo_train_loss", "policy loss"),
+    "kl": ("raygrpo_train_kl", "KL to the reference policy"),
+    "entropy": ("raygrpo_train_entropy", "mean token entropy"),
+    "clip_frac": ("raygrpo_train_clip_fraction", "fraction of tokens whose ratio was clipped"),
+    "tokens_per_s": ("raygrpo_train_tokens_per_second", "completion tokens per second of wall time"),
+    "step_time_s": ("raygrpo_train_step_seconds", "wall time of the step"),
+    "publish_time_s": ("raygrpo_train_weight_sync_seconds", "time to publish the new weights to rollout actors"),
+    "rollout_time_s": ("raygrpo_train_rollout_seconds", "time waiting for rollouts and rewards"),
+    "train_time_s": ("raygrpo_train_update_seconds", "time of the policy update"),
+    "step": ("raygrpo_train_iteration", "the last finished step"),
+    "eval_reward": ("raygrpo_train_eval_reward", "reward on the evaluation set"),
+}
+RAY_COUNTERS: dict[str, tuple[str, str]] = {
+    "reward_errors": ("raygrpo_train_reward_failures_total", "completions whose reward function failed"),
+    "reward_timeouts": ("raygrpo_train_reward_timeouts_total", "completions whose reward function timed out"),
+}
+
+
+class RayMetricsReporter:
+    """Exports each step's metrics through `ray.util.metrics`, tagged with the job id, so they show in
+    the Ray dashboard and in Prometheus (scraping Ray's metrics port) next to Ray's own."""
+
+    def __init__(self, job_id: str | None):
+        from ray.util import metrics
+
+        self.tags = {"job_id": job_id or "local"}
+        self.gauges = {key: metrics.Gauge(name, description=desc, tag_keys=("job_id",))
+                       for key, (name, desc) in RAY_GAUGES.items()}
+        self.counters = {key: metrics.Counter(name, description=desc, tag_keys=("job_id",))
+                         for key, (name, desc) in RAY_COUNTERS.items()}
+        self.trajectories = metrics.Counter("raygrpo_train_trajectories_total", description="trajectories sampled",
+                                            tag_keys=("job_id",))
+        self.checkpoints = metrics.Counter("raygrpo_train_checkpoints_total", description="checkpoints saved",
+                                           tag_keys=("job_id",))
+
+    def on_start(self, cfg: GRPOConfig, *, job_id: str | None) -> None:
+        self.checkpoint_interval = cfg.checkpoint_interval
+
+    def on_step(self, metrics: dict[str, float]) -> None:
+        for key, gauge in self.gauges.items():
+            value = metrics.get(key)
+            if isinstance(value, int | float) and math.isfinite(value):
+                gauge.set(float(value), tags=self.tags)
+        for key, counter in self.counters.items():
+            value = metrics.get(key)
+            if isinstance(value, int | float) and value > 0:
+                counter.inc(float(value), tags=self.tags)
+        step = int(metrics.get("step", 0))
+        if getattr(self, "checkpoint_interval", 0) and step and step % self.checkpoint_interval == 0:
+            self.checkpoints.inc(1.0, tags=self.tags)  # the trainer checkpoints on these steps
+
+    def on_trajectories(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            self.trajectories.inc(float(len(rows)), tags=self.tags)
+
+    def should_stop(self) -> str | None:
+        return None
+
+    def on_end(self, status: str, *, error: str | None, summary: dict[str, Any]) -> None:
+        pass

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grpo.config import ConfigError, GRPOConfig, load_config
-from grpo.report import LocalReporter, Reporter, RunMonitor
+from grpo.report import LocalReporter, RayMetricsReporter, Reporter, RunMonitor
 
 log = logging.getLogger("grpo.run")
 
@@ -149,7 +149,7 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
             ray.init()
         else:  # a local cluster: declare enough logical CPUs for the actors this run asks for
             ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus(cfg))))
-    reporters = [LocalReporter(cfg.run_dir), *(reporters or [])]
+    reporters = [LocalReporter(cfg.run_dir), RayMetricsReporter(job_id), *(reporters or [])]
     for r in reporters:
         r.on_start(cfg, job_id=job_id)
 

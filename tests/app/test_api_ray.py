@@ -1,7 +1,8 @@
 """The job API on Ray Serve with the Dispatcher running jobs as Ray Jobs, driven over real HTTP.
 
-One Serve app per module on the session's local Ray, SQLite in a temp folder, no Redis (the
-Redis path is covered in test_api.py). Each job here is a real GRPO run of the tiny model.
+One Serve app with two replicas per module param on the session's local Ray: SQLite with the database
+as the queue, or PostgreSQL with the Redis queue. Each job here is a real GRPO run of the tiny model.
+Callers authenticate with a JWT signed by the secret the replicas get in their environment.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import socket
 import time
 from decimal import Decimal
@@ -16,10 +18,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from raygrpo_test_services import bearer
+
+from app.settings import Settings
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROWS = [{"query": f"digit {d}:", "expected_outcome": str(d)} for d in range(10)]
+
+
+WHOAMI_LIMIT = 8
 
 
 def _free_port() -> int:
@@ -41,7 +49,10 @@ def api(request, ray_session, tmp_path_factory, tiny_model_dir):
 
     home = tmp_path_factory.mktemp("api-home")
     env = {"RAYGRPO_HOME": str(home), "DATABASE_URL": f"sqlite:///{home / 'raygrpo.db'}", "REDIS_URL": "",
-           "RAYGRPO_DEFAULT_MODEL": tiny_model_dir, "RAYGRPO_CANCEL_WAIT_S": "90", "RAYGRPO_MAX_RUNNING_JOBS": "2"}
+           "RAYGRPO_DEFAULT_MODEL": tiny_model_dir, "RAYGRPO_CANCEL_WAIT_S": "90", "RAYGRPO_MAX_RUNNING_JOBS": "2",
+           "RAYGRPO_JWT_SECRET": secrets.token_urlsafe(32), "RAY_DASHBOARD_URL": os.environ["RAY_DASHBOARD_URL"],
+           # the tests poll; one method keeps a small limit to show the buckets are shared by the replicas
+           "RAYGRPO_RATE_LIMITS": f"default=0,auth.whoami={WHOAMI_LIMIT}"}
     with contextlib.ExitStack() as stack:
         if request.param == "postgresql+redis":
             from raygrpo_test_services import fresh_postgres, unavailable
@@ -55,8 +66,10 @@ def api(request, ray_session, tmp_path_factory, tiny_model_dir):
                 redis.Redis.from_url(env["REDIS_URL"]).flushdb()  # db 14 is this module's alone
             except redis.RedisError as e:
                 unavailable("Redis", e)
-        url = start(port=_free_port(), env=env)
-        client = httpx.Client(timeout=180)
+        url = start(port=_free_port(), env=env, replicas=2)
+        settings = Settings(jwt_secret=env["RAYGRPO_JWT_SECRET"])
+        client = httpx.Client(timeout=180, headers=bearer(settings, "ray-tester", "researcher"))
+        client.settings = settings
         yield url, client, home
         client.close()
         serve.shutdown()
@@ -109,7 +122,7 @@ def test_a_job_runs_as_a_ray_job_to_completed_with_trajectories_and_checkpoints(
     assert out["total_count"] == 96 and len(out["trajectories"]) == 96
     assert {t["step"] for t in out["trajectories"]} == set(range(1, 7))
     # the run is an ordinary Ray Job with the job's id as its submission id
-    jobs = JobSubmissionClient("http://127.0.0.1:8265")
+    jobs = JobSubmissionClient(os.environ["RAY_DASHBOARD_URL"])
     deadline = time.time() + 60  # the reporter marks the job before the driver process exits
     while not jobs.get_job_status(job["job_id"]).is_terminal() and time.time() < deadline:
         time.sleep(0.5)
@@ -176,7 +189,7 @@ def test_killing_the_dispatcher_and_the_replica_loses_no_job_and_runs_none_twice
                 statuses[j] = s
         time.sleep(0.5)
     assert {j: s["status"] for j, s in statuses.items()} == dict.fromkeys(jobs, "completed")
-    submitted = [d.submission_id for d in JobSubmissionClient("http://127.0.0.1:8265").list_jobs() if d.submission_id]
+    submitted = [d.submission_id for d in JobSubmissionClient(os.environ["RAY_DASHBOARD_URL"]).list_jobs() if d.submission_id]
     for j in jobs:
         assert submitted.count(j) == 1 and not any(s.startswith(f"{j}-a") for s in submitted)  # ran once
         out = rpc(api, "training.export_trajectories", job_id=j, limit=1000)
@@ -254,3 +267,47 @@ def test_pause_then_resume_continues_from_the_checkpoint(api):
     # every step once: the resumed run started right after the pause checkpoint, nothing replayed
     assert steps == sorted(s for s in range(1, 41) for _ in range(16))
     assert Decimal(done["cost_usd"]) > Decimal(paused["cost_usd"])  # the second run added to the cost
+
+
+def test_auth_rate_limits_and_metrics_across_two_replicas(api):
+    """Two Serve replicas: one rate-limit bucket per caller (shared through Redis, or per replica on the
+    embedded database), tokens refused everywhere, and /metrics the same through any replica."""
+    from ray import serve
+
+    url, client, _ = api
+    base = url.rsplit("/api/", 1)[0]
+    assert serve.status().applications["raygrpo-api"].deployments["TrainingAPI"].replica_states.get("RUNNING") == 2
+    whoami = {"jsonrpc": "2.0", "method": "auth.whoami", "id": 1}
+
+    # no token, a token signed with another secret, an expired one: refused with 401 on every replica
+    other = bearer(Settings(jwt_secret="not-the-secret"), "mallory", "admin")
+    expired = bearer(client.settings, "ray-tester", "researcher", ttl_s=-120)
+    for headers, reason in (({"Authorization": ""}, "credentials required"), (other, "signature"),
+                            (expired, "expired")):
+        for _ in range(4):
+            r = client.post(url, json=whoami, headers=headers)
+            assert r.status_code == 401 and reason in r.json()["error"]["message"], r.text
+
+    # a fresh caller's whoami bucket: exactly WHOAMI_LIMIT calls pass whichever replica answers
+    caller = bearer(client.settings, f"limit-{secrets.token_hex(4)}", "viewer")
+    replies = [client.post(url, json=whoami, headers=caller) for _ in range(3 * WHOAMI_LIMIT)]
+    allowed = [r for r in replies if r.status_code == 200]
+    refused = [r for r in replies if r.status_code == 429]
+    shared = api_backend(api) == "postgresql+redis"
+    if shared:
+        assert len(allowed) == WHOAMI_LIMIT and len(refused) == 2 * WHOAMI_LIMIT
+    else:  # no Redis: each replica has its own buckets, so at most one bucket per replica
+        assert WHOAMI_LIMIT <= len(allowed) <= 2 * WHOAMI_LIMIT
+    assert refused[0].json()["error"]["code"] == -42900 and int(refused[0].headers["Retry-After"]) >= 1
+    assert allowed[0].headers["X-RateLimit-Limit"] == str(WHOAMI_LIMIT)
+
+    scrapes = [client.get(base + "/metrics").text for _ in range(6)]
+    for text in scrapes:
+        assert "training_jobs_total" in text and "http_request_duration_seconds_bucket" in text
+    if shared:  # request counters live in Redis: every replica reports the whoami refusals of both
+        assert all('jsonrpc_requests_total{code="-42900",method="auth.whoami"}' in t for t in scrapes)
+
+
+def api_backend(api) -> str:
+    _, _, home = api
+    return "sqlite" if (home / "raygrpo.db").exists() else "postgresql+redis"

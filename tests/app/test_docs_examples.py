@@ -1,9 +1,10 @@
 """docs/api.md stays true: every documented request is sent to a fresh app and must get a reply of the
 documented shape.
 
-The page marks its examples: `<!-- request [state=S] [raw] -->` before a ```json request block,
-`<!-- reply -->` before the ```json reply block that follows it (or `<!-- reply status=204 -->` with
-no block), `<!-- get PATH -->` for a GET endpoint. Requests run in page order against one app
+The page marks its examples: `<!-- request [state=S] [raw] [as=ROLE|none] -->` before a ```json
+request block, `<!-- reply [status=N] -->` before the ```json reply block that follows it (no block
+for `status=204`), `<!-- get PATH -->` for a GET endpoint. Requests go with an admin's token, or
+with a token of ROLE, or with none (`as=none`). Requests run in page order against one app
 (SQLite, no Redis, no Ray). Job ids the page shows are mapped onto the jobs this test creates: a
 documented `training.start_grpo` reply maps its id; any other documented job id gets a job of its
 own on first use. `state=running|paused|completed` puts the jobs a request names into that state
@@ -32,6 +33,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 DOC_MODEL = "/tmp/raygrpo/models/tiny-llama"  # the model directory the page's examples ran with
 MARK = re.compile(r"<!--\s*(request|reply|get)\b([^>]*?)-->[ \t]*\n(?:\s*```json\n(.*?)\n```)?", re.S)
 JOB_ID = re.compile(r"\bjob_[0-9a-f]{32}\b")
+OBJECT_ID = re.compile(r"[a-z]+_[0-9a-f]{32}")
 CURL = re.compile(r"curl -s (?:-i )?http://\S+/api/v1/jsonrpc(?: -H \"[^\"]*\")* -d '(.*)'")
 ROWS = [{"query": f"digit {d}:", "expected_outcome": str(d)} for d in range(10)]
 
@@ -44,6 +46,8 @@ class Example:
     path: str = ""
     state: str | None = None
     raw: bool = False
+    caller: str | None = None
+    """`as=ROLE` sends the request with a token of that role, `as=none` without credentials"""
     reply: Any = None
     reply_status: int = 200
     attrs: dict[str, str] = field(default_factory=dict)
@@ -70,7 +74,8 @@ def parse(text: str) -> list[Example]:
             examples.append(Example("get", line, None, path=attrs[0]))
             continue
         assert block is not None, f"docs/api.md:{line}: request marker without a ```json block"
-        examples.append(Example("request", line, block, state=opts.get("state"), raw="raw" in attrs))
+        examples.append(Example("request", line, block, state=opts.get("state"), raw="raw" in attrs,
+                                caller=opts.get("as")))
     for ex in examples:
         assert ex.reply is not None or ex.reply_status == 204, f"{ex}: no <!-- reply --> after it"
     return examples
@@ -247,16 +252,30 @@ def test_every_documented_request_gets_the_documented_reply(runner):
         if ex.state:
             for job_id in dict.fromkeys(JOB_ID.findall(body)):
                 runner.put_in_state(job_id, ex.state)
-        r = runner.client.post("/api/v1/jsonrpc", content=body.encode())
+        headers = {}
+        if ex.caller == "none":
+            headers = {"Authorization": ""}
+        elif ex.caller:
+            headers = bearer(runner.settings, f"docs-{ex.caller}", ex.caller)
+        r = runner.client.post("/api/v1/jsonrpc", content=body.encode(), headers=headers)
         if ex.reply_status == 204:
             if r.status_code != 204 or r.content:
                 problems.append(f"{ex}: documented 204 with no body, got {r.status_code} {r.text[:200]}")
             continue
-        if r.status_code != 200:
-            problems.append(f"{ex}: HTTP {r.status_code} {r.text[:200]}")
+        if r.status_code != ex.reply_status:
+            problems.append(f"{ex}: HTTP {r.status_code} {r.text[:200]}, documented {ex.reply_status}")
             continue
         actual = r.json()
         problems += shape_problems(ex, actual, ex.reply)
+        # Any other object id a documented result shows (key_..., and those of the registry) maps onto
+        # the one this app made, so later examples can name it.
+        for doc_reply in members(ex.reply):
+            real = next((a for a in members(actual) if a.get("id") == doc_reply.get("id")), None)
+            if "result" in doc_reply and real is not None and isinstance(real.get("result"), dict):
+                for key, value in doc_reply["result"].items():
+                    if key.endswith("id") and isinstance(value, str) and OBJECT_ID.fullmatch(value) \
+                            and not JOB_ID.fullmatch(value) and isinstance(real["result"].get(key), str):
+                        runner.ids.setdefault(value, real["result"][key])
         # A documented start maps the job id the page shows onto the job it created here.
         for req, doc_reply in zip(members(request), members(ex.reply), strict=False):
             if isinstance(req, dict) and req.get("method") == "training.start_grpo" and "result" in doc_reply:
