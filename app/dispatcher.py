@@ -216,7 +216,8 @@ class Dispatcher:
                "RAYGRPO_WEBHOOK_URLS": ",".join(self.settings.webhook_urls),
                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
                # Worker processes start slowly on a busy node; 60 s (Ray's default) failed runs there.
-               "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
+               "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+               "RAYGRPO_JOB_ID": job.id, "RAYGRPO_LOG_FORMAT": self.settings.log_format}
         try:
             self.client.submit_job(entrypoint=entrypoint, submission_id=job.ray_submission_id,
                                    runtime_env={"env_vars": env}, metadata={"job_id": job.id, "agent": job.agent_id})

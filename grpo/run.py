@@ -264,7 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reporter", help="extra reporter, 'package.module:factory'")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if os.environ.get("RAYGRPO_LOG_FORMAT") in ("json", "text"):  # a run of the job API: its log format
+        from app.logs import configure, job_id
+
+        configure(os.environ["RAYGRPO_LOG_FORMAT"])
+        job_id.set(args.job_id)
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
         reporters = [load_reporter(args.reporter, cfg, args.job_id)] if args.reporter else []
