@@ -62,7 +62,7 @@ def _own_processes(marker: str) -> list[int]:
 
 def _stop_cluster(temp_dir: str) -> None:
     """`ray stop` for this cluster only: every process whose command line names its temp dir."""
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         for pid in _own_processes(temp_dir):
             try:
                 os.kill(pid, sig)
@@ -155,7 +155,8 @@ def test_the_rayjob_entrypoint_runs_with_ray_job_submit(ray_head, tiny_model_dir
     entrypoint = shlex.split(spec["entrypoint"]) + [f"{k}={v}" for k, v in small.items()]
     submission_id = f"rayjob-smoke-{secrets.token_hex(4)}"
     out = _cli(ray_head, str(BIN / "ray"), "job", "submit", "--address", ray_head["address"],
-               "--submission-id", submission_id, "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint,
+               "--submission-id", submission_id, "--runtime-env-json", json.dumps(runtime_env),
+               "--entrypoint-num-cpus", str(spec["entrypointNumCpus"]), "--", *entrypoint,
                timeout=600)
     status = _cli(ray_head, str(BIN / "ray"), "job", "status", "--address", ray_head["address"], submission_id)
     said = re.sub(r"\x1b\[[0-9;]*m", "", status.stdout + status.stderr)  # the CLI's colours
