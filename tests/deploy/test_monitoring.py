@@ -176,3 +176,11 @@ def test_pod_monitors_scrape_ports_the_ray_pods_expose():
     assert api["path"] == "/metrics" and [p["serve"] for labels, p in pods
                                           if labels.get("app.kubernetes.io/component") == "api"
                                           and labels["ray.io/node-type"] == "head"] == [8000]
+
+
+def test_deploy_and_runbook_links_land_on_headings():
+    docs = ROOT / "docs"
+    for page in ("deploy.md", "operations.md"):
+        text = (docs / page).read_text()
+        for target, anchor in re.findall(r"\]\(([\w.]*)#([\w-]+)\)", text):
+            assert anchor in _anchors((docs / (target or page)).read_text()), f"{page}: {target}#{anchor}"
