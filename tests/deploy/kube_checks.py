@@ -342,12 +342,16 @@ def validate_builtin(obj: dict, version: str = K8S_VERSION) -> None:
         raise ManifestError("; ".join(errors))
 
 
+CLUSTER_FIELD = {"RayCluster": None, "RayService": "rayClusterConfig", "RayJob": "rayClusterSpec"}
+
+
 def cluster_specs(obj: dict) -> list[tuple[str, dict]]:
-    """The RayCluster specs inside a Ray custom resource, with their paths."""
-    spec = obj.get("spec") or {}
-    path = {"RayCluster": "spec", "RayService": "spec.rayClusterConfig", "RayJob": "spec.rayClusterSpec"}.get(obj["kind"])
-    cluster = spec if obj["kind"] == "RayCluster" else spec.get(path.split(".")[-1]) if path else None
-    return [(path, cluster)] if cluster else []
+    """The RayCluster spec inside a Ray custom resource (none for a RayJob on an existing cluster), with its path."""
+    if obj.get("kind") not in CLUSTER_FIELD:
+        return []
+    spec, field = obj.get("spec") or {}, CLUSTER_FIELD[obj["kind"]]
+    cluster = spec if field is None else spec.get(field)
+    return [("spec" if field is None else f"spec.{field}", cluster)] if cluster else []
 
 
 def validate_pod_templates(obj: dict, version: str = K8S_VERSION) -> None:

@@ -149,6 +149,9 @@ BROKEN = [
     ("raycluster.yaml", None, "spec.workerGroupSpecs[1].template.spec.restartPolicy", "Always",
      "must be Never or unset with autoscaler v2"),
     ("raycluster.yaml", None, "metadata.annotations", {"ray.io/ft-enabled": "true"}, "GCS fault tolerance set twice"),
+    ("raycluster.yaml", None, "spec.headGroupSpec.template.spec.containers[0].env",
+     [{"name": "RAY_REDIS_ADDRESS", "value": "raygrpo-redis:6379"}], "GCS fault tolerance set twice"),
+    ("rayservice.yaml", None, "spec.rayClusterConfig.workerGroupSpecs[0].groupName", "gpu", "groupName must be unique"),
     # built-in kinds (Kubernetes OpenAPI, strict)
     ("redis.yaml", "StatefulSet", "spec.replicas", "one", "is not of type 'integer'"),
     ("migrate-job.yaml", None, "spec.backofflimit", 3, "Additional properties"),

@@ -19,11 +19,16 @@ def load() -> dict:
 
 
 def prepared(config: dict) -> dict:
-    """What `ray up` does with the file before it launches anything."""
+    """What `ray up` does with the file before it launches anything, plus what Ray lets through:
+    a node type whose min_workers exceeds its max_workers (Ray accepts it and never starts the minimum)."""
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     config = prepare_config(copy.deepcopy(config))
     validate_config(config)
+    for name, node in config["available_node_types"].items():
+        if node.get("min_workers", 0) > node.get("max_workers", config["max_workers"]):
+            raise ValueError(f"available_node_types.{name}: min_workers {node['min_workers']} > "
+                             f"max_workers {node['max_workers']}")
     return config
 
 
@@ -65,6 +70,7 @@ def test_commands_install_the_project_start_the_api_and_keep_token_auth_on():
     (("provider", "type"), "amazon"),                                       # bad enum: no such provider
     (("max_workers",), 0),                                                  # min_workers sum > max_workers
     (("head_node_type",), "gpu"),                                           # not a node type
+    (("available_node_types", "gpu_worker", "min_workers"), 9),             # min > max of the type
 ])
 def test_a_broken_copy_is_refused_by_ray(path, value):
     config = load()
