@@ -59,9 +59,10 @@ def training_overview() -> dict:
                " + max(increase(training_jobs_failed_total[24h])) + max(increase(training_jobs_cancelled_total[24h])), 1)",
                "completed"), unit="percentunit", w=4, h=5),
         panel("Failure rate (10 m)", "stat",
-              ("max(increase(training_jobs_failed_total[10m])) / clamp_min(max(increase(training_jobs_total[10m])), 1)",
+              ("max(increase(training_jobs_failed_total[10m])) / clamp_min(max(increase(training_jobs_completed_total[10m]))"
+               " + max(increase(training_jobs_failed_total[10m])) + max(increase(training_jobs_cancelled_total[10m])), 1)",
                "failed"), unit="percentunit", w=4, h=5,
-              description="Share of the jobs started in the last 10 minutes that failed; alert above 10 %."),
+              description="Share of the jobs that ended in the last 10 minutes that failed; alert above 10 %."),
         panel("Queued", "stat", ('max by (queue) (redis_queue_length{queue="training_jobs"})', "queued"), w=4, h=5),
         panel("GPU nodes", "stat", ('sum(ray_cluster_active_nodes{node_type=~".*gpu.*"})', "active"), w=4, h=5),
         panel("Job outcomes", "timeseries",
