@@ -196,11 +196,7 @@ def operator_errors(obj: dict) -> list[str]:
         if mode != "InteractiveMode" and not spec.get("entrypoint"):
             errors.append(f"{at}: spec.entrypoint is required in {mode}")
         if spec.get("runtimeEnvYAML") is not None:
-            try:
-                if not isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict):
-                    errors.append(f"{at}: spec.runtimeEnvYAML must be a YAML mapping")
-            except yaml.YAMLError as e:
-                errors.append(f"{at}: spec.runtimeEnvYAML: {e}")
+            errors += runtime_env_errors(spec["runtimeEnvYAML"], f"{at}: spec.runtimeEnvYAML")
         if (spec.get("activeDeadlineSeconds") or 1) <= 0:
             errors.append(f"{at}: spec.activeDeadlineSeconds must be positive")
     else:
@@ -209,6 +205,25 @@ def operator_errors(obj: dict) -> list[str]:
     if cluster.get("gcsFaultToleranceOptions") and ft_annotation:
         errors.append(f"{at}: GCS fault tolerance set twice: gcsFaultToleranceOptions and the ray.io/ft-enabled annotation")
     return errors + cluster_spec_errors(cluster, at)
+
+
+def runtime_env_errors(text: str, at: str) -> list[str]:
+    """A runtime env as `ray job submit` takes it: Ray's RuntimeEnv checks the types of the fields it
+    knows; it accepts any other key (plugins), which we refuse as a typo."""
+    from ray.runtime_env import RuntimeEnv
+
+    try:
+        env = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        return [f"{at}: {e}"]
+    if not isinstance(env, dict):
+        return [f"{at}: must be a YAML mapping"]
+    errors = [f"{at}.{k}: unknown field" for k in env if k not in RuntimeEnv.known_fields]
+    try:
+        RuntimeEnv(**env)
+    except (TypeError, ValueError) as e:
+        errors.append(f"{at}: {e}")
+    return errors
 
 
 def serve_config_errors(text: str | None, at: str) -> list[str]:

@@ -145,6 +145,8 @@ BROKEN = [
     ("rayjob-grpo.yaml", None, "spec.submissionMode", "KubernetesJob", "submissionMode must be one of"),
     ("rayjob-grpo.yaml", None, "spec.shutdownAfterJobFinishes", False, "needs spec.shutdownAfterJobFinishes"),
     ("rayjob-grpo.yaml", None, "metadata.name", "g" * 48, "longer than 47"),
+    ("rayjob-grpo.yaml", None, "spec.runtimeEnvYAML", "working_dirr: .\n", "working_dirr: unknown field"),
+    ("rayjob-grpo.yaml", None, "spec.runtimeEnvYAML", "env_vars: {A: 1}\n", "must be of type Dict[str, str]"),
     ("raycluster.yaml", None, "metadata.name", "r" * 54, "longer than 53"),
     ("rayservice.yaml", None, "spec.upgradeStrategy.type", "BlueGreen", "upgradeStrategy.type must be one of"),
     ("raycluster.yaml", None, "spec.workerGroupSpecs[1].template.spec.restartPolicy", "Always",
