@@ -60,7 +60,9 @@ def test_commands_install_the_project_start_the_api_and_keep_token_auth_on():
     for c in head + config["worker_start_ray_commands"]:
         if "ray start" in c:
             assert c.index("RAY_AUTH_MODE=token") < c.index("ray start"), c
-    assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    assert config["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    assert config["file_mounts"]["/home/ray/raygrpo"] == "."
+    assert config["docker"]["image"].startswith("rayproject/ray:2.60.0-py311")  # the KubeRay image's base
     assert "raygrpo.env" in (ROOT / ".gitignore").read_text()  # the API's secrets never go into git
 
 
