@@ -85,6 +85,7 @@ def ray_head(tmp_path_factory):
     home = tmp_path_factory.mktemp("raygrpo-home")
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "DATABASE_URL", "REDIS_URL") and not k.startswith("RAYGRPO_")}
+    env.update(_api_env(home.parent / "secrets"))
     env.update({
         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),  # as KubeRay's authOptions sets them
         "PYTHONPATH": str(ROOT), "PATH": f"{BIN}:{env.get('PATH', '')}",
@@ -104,6 +105,24 @@ def ray_head(tmp_path_factory):
         _stop_cluster(temp_dir)
         assert not _own_processes(temp_dir), "processes of the test's Ray cluster survived cleanup"
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _api_env(secrets_dir: Path) -> dict[str, str]:
+    """The API pods' environment from rayservice.yaml: plain values as they are, each mounted secret file
+    written with a random value (DATABASE_URL/REDIS_URL, from Secrets, are left out: SQLite, no Redis)."""
+    head = _manifest("rayservice.yaml")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    secrets_dir.mkdir(exist_ok=True)
+    env = {}
+    for var in head["containers"][0]["env"]:
+        if "value" not in var:
+            continue
+        value = var["value"]
+        if var["name"].endswith("_FILE"):
+            path = secrets_dir / Path(value).name
+            path.write_text(secrets.token_hex(32))
+            value = str(path)
+        env[var["name"]] = value
+    return env
 
 
 def _cli(ray_head: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
