@@ -208,3 +208,25 @@ def test_alert_rules_pass_promtool_check_and_unit_tests(tmp_path):
     tested = {t["alertname"] for case in yaml.safe_load((MON / "alerts_test.yaml").read_text())["tests"]
               for t in case["alert_rule_test"]}
     assert tested == set(ALERTS)
+
+
+def test_the_names_dashboards_and_alerts_use_are_the_ones_exported(tmp_path):
+    """The API's /metrics page and the run's Ray metrics carry every name the monitoring objects query."""
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from app.main import create_app
+    from app.settings import Settings
+    from grpo.report import RAY_COUNTERS, RAY_GAUGES
+
+    app = create_app(Settings(home=tmp_path, database_url=None, redis_url=None))
+    with TestClient(app) as client:
+        client.post("/api/v1/jsonrpc", json={"jsonrpc": "2.0", "method": "rpc.discover", "id": 1})  # request series
+        page = client.get("/metrics").text
+    exported = set()
+    for family in text_string_to_metric_families(page):
+        exported |= {family.name, *(s.name for s in family.samples)}
+    assert API_METRICS <= exported, sorted(API_METRICS - exported)
+    ray_names = {f"ray_{name}" for name, _ in [*RAY_GAUGES.values(), *RAY_COUNTERS.values()]}
+    ray_names |= {"ray_raygrpo_train_trajectories_total", "ray_raygrpo_train_checkpoints_total"}
+    assert TRAIN_METRICS <= ray_names, sorted(TRAIN_METRICS - ray_names)
