@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     # this terminal shows the progress bar.
     # Measured 1.5x the throughput of Serve's defaults on the job API (docs/benchmarks.md).
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    ray.init(num_cpus=max(os.cpu_count() or 1, 8), namespace="raygrpo", log_to_driver=False)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 8), namespace="raygrpo", log_to_driver=False)
     url = start()
     from app.auth import mint_token
     from app.settings import get_settings

@@ -238,7 +238,7 @@ def run_serve(env: dict[str, str], job_id: str, args: argparse.Namespace) -> lis
 
     os.environ.update(args.serve_env)  # the local Ray's processes (proxy, replicas) inherit this environment
     dash_port = free_port()
-    ctx = ray.init(num_cpus=4, include_dashboard=True, dashboard_port=dash_port, namespace="raygrpo-bench",
+    ctx = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_port=dash_port, namespace="raygrpo-bench",
                    log_to_driver=False)
     levels = []
     try:

@@ -180,7 +180,7 @@ def bench_ours_ray(model_dir: Path, args: argparse.Namespace, out_dir: Path, asy
         num_reward_workers=1, output_dir=str(out_dir), run_name="bench-vs-trl", async_rollouts=async_rollouts,
     )
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    ray.init(num_cpus=max(os.cpu_count() or 1, 3), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 3), include_dashboard=False, log_to_driver=False)
     try:
         result = run(cfg)
     finally:

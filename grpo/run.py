@@ -148,7 +148,7 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
         else:  # a local cluster: declare enough logical CPUs for the actors this run asks for
-            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus(cfg))))
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus(cfg))))
     reporters = [LocalReporter(cfg.run_dir), RayMetricsReporter(job_id), *(reporters or [])]
     for r in reporters:
         r.on_start(cfg, job_id=job_id)
