@@ -671,11 +671,10 @@ def db_upgrade(ctx: typer.Context,
     """Migrate the database to the newest schema (alembic upgrade head)."""
     o: Opts = ctx.obj
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError, ProgrammingError
 
     from app.db import upgrade
     from app.settings import Settings
-
-    from sqlalchemy.exc import OperationalError, ProgrammingError
 
     target = url or Settings(home=o.home).db_url
     shown = make_url(target).render_as_string(hide_password=True)
