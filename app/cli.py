@@ -13,6 +13,7 @@ Shell completion: `raygrpo --install-completion`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,7 +40,7 @@ cli = typer.Typer(name="raygrpo", help="Train LLM agents with GRPO on Ray, and s
                   no_args_is_help=True, pretty_exceptions_enable=False)
 db_cli = typer.Typer(help="Database schema.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # messages stay one line, whatever the width
 
 
 class Opts:
@@ -205,23 +206,13 @@ def serve_stack(ctx: typer.Context, port: int = 8001, num_cpus: int = 8) -> None
     head = subprocess.Popen([str(ray_exe), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--num-cpus={num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                              "--disable-usage-stats", f"--temp-dir={temp_dir}",
-                             *(f"--{k}={v}" for k, v in ports.items())])
+                             *(f"--{k}={v}" for k, v in ports.items())],
+                            # `down` of a local stack: no proxies elsewhere to drain traffic to first
+                            env={**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
 
     def stop(*_: Any) -> None:
-        state_path(o.home).unlink(missing_ok=True)
-        try:
-            ray.shutdown()
-        finally:
-            head.terminate()
-            try:
-                head.wait(60)
-            except subprocess.TimeoutExpired:
-                head.kill()
-            shutil.rmtree(temp_dir, ignore_errors=True)
-            os._exit(0)
+        raise SystemExit(0)  # unwinds to the `finally` below
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     try:
         address = f"127.0.0.1:{ports['port']}"
         deadline = time.monotonic() + 120
@@ -232,6 +223,9 @@ def serve_stack(ctx: typer.Context, port: int = 8001, num_cpus: int = 8) -> None
                 raise RuntimeError(f"the Ray head did not start (exit code {head.poll()})")
             time.sleep(0.5)
         ray.init(address=address, namespace="raygrpo", log_to_driver=False)
+        # after ray.init, which installs its own SIGTERM handler for drivers
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
         dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
         env = {"RAYGRPO_HOME": str(o.home), "RAY_DASHBOARD_URL": dashboard}
         for key in ("DATABASE_URL", "REDIS_URL", "RAYGRPO_JWT_SECRET", "RAYGRPO_DEFAULT_MODEL", "PYTHONPATH"):
@@ -239,19 +233,26 @@ def serve_stack(ctx: typer.Context, port: int = 8001, num_cpus: int = 8) -> None
                 env[key] = os.environ[key]
         api_url = start(port=port, env=env)
         _wait_for_jobs_agent(dashboard)
-    except BaseException:
-        head.terminate()  # never leave a head behind
-        head.wait(60)
-        raise
-    state = {"pid": os.getpid(), "api_url": api_url.removesuffix("/api/v1/jsonrpc"), "rpc_url": api_url,
-             "dashboard_url": dashboard, "ray_address": address, "home": str(o.home), "started_at": time.time()}
-    tmp = state_path(o.home).with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(state_path(o.home))
-    print(f"up: {state}", flush=True)
-    while head.poll() is None:
-        time.sleep(1.0)
-    stop()
+        state = {"pid": os.getpid(), "api_url": api_url.removesuffix("/api/v1/jsonrpc"), "rpc_url": api_url,
+                 "dashboard_url": dashboard, "ray_address": address, "home": str(o.home),
+                 "started_at": time.time()}
+        tmp = state_path(o.home).with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(state_path(o.home))
+        print(f"up: {state}", flush=True)
+        while head.poll() is None:
+            time.sleep(1.0)
+    finally:  # never leave a head behind
+        state_path(o.home).unlink(missing_ok=True)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        head.terminate()
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _wait_for_jobs_agent(dashboard: str, timeout: float = 120.0) -> None:
