@@ -213,8 +213,9 @@ def test_deploy_models_serves_the_openai_api_and_undeploy_frees_it(admin, tiny_m
         admin.deploy("p1", model=tiny_model_dir, checkpoint_id="ckpt_x")
 
     other = str(save_tiny_model(tmp_path / "seed1", seed=1))
-    dep = admin.deploy("p1", model=tiny_model_dir)
+    dep = admin.deploy("p1", model=tiny_model_dir, autoscaling={"min_replicas": 1, "max_replicas": 2})
     assert dep.status in ("deploying", "running") and dep.url == "/policies/p1/v1"
+    assert dep.autoscaling["max_replicas"] == 2 and dep.gpus_per_replica == 0.0  # no GPU in this cluster
     ab = admin.deploy("ab", variants=[{"name": "ab-a", "model": tiny_model_dir, "weight": 3},
                                       {"name": "ab-b", "model": other, "weight": 1}])
     assert [v["name"] for v in ab.variants] == ["ab-a", "ab-b"]
