@@ -18,7 +18,6 @@ import asyncio
 import hashlib
 import json
 import random
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -403,7 +402,6 @@ class PolicyRouter:
         self.created = int(time.time())
         self._rng = random.Random()
         self._info: dict[str, dict] = {}
-        self._info_lock = threading.Lock()
 
     def _pick(self, model: str | None) -> str:
         if model in self.servers:

@@ -238,7 +238,7 @@ def test_deploy_models_serves_the_openai_api_and_undeploy_frees_it(admin, tiny_m
     many = oa.completions.create(model="p1", prompt=["digit 7:", "digit 1:"], max_tokens=4, n=3, temperature=1.0,
                                  top_p=0.9)
     assert len(many.choices) == 6 and [c.index for c in many.choices] == list(range(6))
-    assert many.choices[0].text == many.choices[0].text and many.usage.prompt_tokens == 16
+    assert many.usage.prompt_tokens == 16 and 6 <= many.usage.completion_tokens <= 6 * 4  # EOS may end one early
 
     stream = oa.completions.create(model="p1", prompt="digit 7:", max_tokens=6, temperature=0, stream=True)
     chunks = list(stream)
