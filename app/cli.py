@@ -133,6 +133,19 @@ def _run(fn: Any) -> Any:
         raise typer.Exit(EXIT_API_ERROR) from None
 
 
+def _paced(fn: Any, attempts: int = 10) -> Any:
+    """`_run`, waiting out the API's rate limit (Retry-After) instead of failing: paging through a
+    large export makes many calls of a limited method."""
+    for _ in range(attempts - 1):
+        try:
+            return fn()
+        except sdk.RateLimited as e:
+            time.sleep(e.retry_after_s or 5.0)
+        except sdk.RaygrpoError:
+            break  # reported by _run below (the calls paced here only read)
+    return _run(fn)
+
+
 # ---- the local stack --------------------------------------------------------------------------------
 
 @cli.command()
@@ -513,8 +526,8 @@ def export(
     rows: list[dict[str, Any]] = []
     with o.client() as c:
         while True:
-            page = _run(lambda offset=len(rows): c.export_trajectories(
-                job_id, success_only=success_only or None, min_reward=min_reward, limit=1000, offset=offset))
+            page = _paced(lambda offset=len(rows): c.export_trajectories(
+                job_id, success_only=success_only or None, min_reward=min_reward, limit=10_000, offset=offset))
             rows += [t.model_dump(mode="json") for t in page.trajectories]
             if not page.has_more:
                 break
