@@ -51,8 +51,8 @@ class Opts:
         self.state = read_state(home)
         self.url = url or (self.state or {}).get("api_url")
         self.token, self.api_key = token, api_key
-        if not (token or api_key) and self.state is not None:
-            # the stack this machine started: sign a token with its local secret
+        if not (token or api_key) and self.state is not None and self.url == self.state["api_url"]:
+            # the stack this machine started: sign a token with its local secret (never for another URL)
             from app.auth import mint_token
             from app.settings import Settings
 
