@@ -46,6 +46,7 @@ VALIDATION_FAILED = -40002
 CANNOT_CANCEL = -40003
 EVALUATION_FAILED = -40004
 EXPORT_LIMIT_EXCEEDED = -40005
+DEPLOYMENT_FAILED = -40006
 UNAUTHENTICATED = -40100
 FORBIDDEN = -40300
 RATE_LIMITED = -42900
@@ -62,6 +63,7 @@ ERROR_MESSAGES: dict[int, str] = {
     CANNOT_CANCEL: "cannot cancel",
     EVALUATION_FAILED: "evaluation failed",
     EXPORT_LIMIT_EXCEEDED: "export limit exceeded",
+    DEPLOYMENT_FAILED: "deployment failed",
     UNAUTHENTICATED: "unauthenticated",
     FORBIDDEN: "forbidden",
     RATE_LIMITED: "rate limit exceeded",

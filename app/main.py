@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 import app.admin  # noqa: F401  registers the auth.* and audit.* methods
+import app.deploy_api  # noqa: F401  registers models.deploy, models.undeploy, models.deployments
 from app import logs
 from app.auth import RequestState, authenticate, reset_request_state, set_request_state
 from app.jsonrpc import FORBIDDEN, INTERNAL_ERROR, INVALID_REQUEST, RATE_LIMITED, UNAUTHENTICATED, CallRecord

@@ -198,3 +198,19 @@ class AuditEntry(SQLModel, table=True):
     error_code: int | None = None
     client_ip: str | None = Field(default=None, max_length=64)
     request_id: str | None = Field(default=None, max_length=64)
+
+
+class PolicyDeployment(SQLModel, table=True):
+    """A policy served on Ray Serve (models.deploy): what was asked; Serve reports how it is doing."""
+
+    __tablename__ = "policy_deployments"
+
+    name: str = Field(primary_key=True, max_length=64)
+    """also the Serve application (`policy-<name>`) and the route prefix (`/policies/<name>`)"""
+    owner: str | None = Field(default=None, index=True, max_length=256)
+    variants: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    """[{name, path, weight, checkpoint_id}] as app.policy.VariantSpec"""
+    spec: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    """replicas, autoscaling, gpus_per_replica, cpus_per_replica, batching, max_batch_size"""
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

@@ -17,7 +17,7 @@ from sqlmodel import SQLModel
 
 from app import db
 
-TABLES = {"training_jobs", "trajectories", "policy_checkpoints", "api_keys", "audit_log"}
+TABLES = {"training_jobs", "trajectories", "policy_checkpoints", "api_keys", "audit_log", "policy_deployments"}
 ROOT = Path(__file__).resolve().parents[2]
 
 

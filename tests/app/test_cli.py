@@ -1,0 +1,245 @@
+"""The `raygrpo` CLI against a local stack it starts itself: `up` (a private Ray head on free ports and the
+API on Serve, in a background process), a real GRPO job submitted and followed, every command on it,
+the trained checkpoint served to the `openai` client, and `down`.
+
+Commands run in-process through typer's CliRunner (stdout and stderr apart, exit codes checked);
+`up` starts its stack as a real subprocess. One stack and one trained job for the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from app.cli import cli, read_state
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROWS = [{"query": f"digit {d}:", "expected_outcome": str(d)} for d in range(10)]
+STEPS, BATCH, GROUP = 4, 4, 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli-home")
+
+
+def run(home: Path, *args: str, code: int | None = 0):
+    result = CliRunner().invoke(cli, ["--home", str(home), *args])
+    if code is not None:
+        assert result.exit_code == code, (args, result.exit_code, result.stdout, result.stderr, result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def stack(home):
+    result = run(home, "up", "--port", str(_free_port()), "--num-cpus", "6")
+    yield read_state(home), result
+    if read_state(home) is not None:
+        run(home, "down")
+
+
+@pytest.fixture(scope="module")
+def job(stack, home, tiny_model_dir, tmp_path_factory):
+    """A real GRPO job of the tiny model, submitted and followed by `raygrpo submit`."""
+    spec = tmp_path_factory.mktemp("spec") / "job.yaml"
+    (spec.parent / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    spec.write_text(yaml.safe_dump({
+        "agent_id": "cli-agent", "training_file": "rows.jsonl", "evaluation_data": ROWS[:4],
+        "config": {"model": tiny_model_dir, "reward": "digit", "n_iterations": STEPS, "batch_size": BATCH,
+                   "n_trajectories_per_query": GROUP, "learning_rate": 1e-3, "max_new_tokens": 6,
+                   "checkpoint_interval": 2, "max_budget_usd": "5", "num_policy_workers": 1,
+                   "num_rollout_workers": 1, "num_reward_workers": 1,
+                   "engine": {"cpus_per_worker": 1, "cpus_per_reward_worker": 0.5, "eval_interval": 2}}}))
+    result = run(home, "submit", str(spec))
+    job_id = result.stdout.strip().splitlines()[-1]
+    return job_id, result, spec
+
+
+def test_up_starts_a_stack_and_is_idempotent(stack, home):
+    state, result = stack
+    assert state is not None and state["api_url"].startswith("http://127.0.0.1:")
+    assert result.stdout.strip() == state["api_url"] and "up" in result.stderr
+    assert not state["ray_address"].endswith(":6379")
+    again = run(home, "up")
+    assert "already up" in again.stderr and read_state(home)["pid"] == state["pid"]
+
+
+def test_token_and_db_upgrade(home, tmp_path):
+    import jwt
+
+    from app.auth import verify_jwt
+    from app.settings import Settings
+
+    out = json.loads(run(home, "--json", "token", "--sub", "ci", "--role", "viewer", "--ttl", "60").stdout)
+    principal = verify_jwt(Settings(home=home), out["token"])
+    assert principal.subject == "ci" and principal.role == "viewer"
+    assert jwt.decode(out["token"], options={"verify_signature": False})["exp"] - time.time() <= 61
+    assert "unknown role" in run(home, "token", "--role", "bogus", code=2).stderr
+
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    assert run(home, "db", "upgrade", "--url", url).stdout.strip() == url
+    from sqlalchemy import create_engine, inspect
+
+    assert "alembic_version" in inspect(create_engine(url)).get_table_names()
+    # the stack's own SQLite was created by the API without Alembic: a clear refusal, exit code 3
+    assert "no Alembic history" in run(home, "db", "upgrade", code=3).stderr
+
+
+def test_submit_follows_the_job_to_completed(job):
+    job_id, result, _ = job
+    assert job_id.startswith("job_")
+    assert f"submitted {job_id}" in result.stderr
+    assert f"{job_id}: completed after {STEPS}/{STEPS} steps" in " ".join(result.stderr.split())
+    assert "best checkpoint: ckpt_" in result.stderr
+
+
+def test_status_and_list(job, home):
+    job_id, _, _ = job
+    status = json.loads(run(home, "--json", "status", job_id).stdout)
+    assert status["status"] == "completed" and status["current_iteration"] == STEPS
+    plain = run(home, "status", job_id)
+    assert plain.stdout.strip() == "completed" and "best_checkpoint" in plain.stderr
+    listed = run(home, "list", "--agent", "cli-agent")
+    assert job_id[:8] in listed.stdout and "completed" in listed.stdout
+    page = json.loads(run(home, "--json", "list", "--agent", "cli-agent").stdout)
+    assert [j["job_id"] for j in page["jobs"]] == [job_id]
+    assert "not found" in run(home, "status", "job_" + "0" * 32, code=3).stderr
+
+
+def test_logs_show_the_ray_job(job, home):
+    job_id, _, _ = job
+    logs = run(home, "logs", job_id).stdout
+    assert f"step {STEPS}/{STEPS}" in logs and "completed" in logs
+    assert run(home, "logs", "-f", job_id).stdout.count(f"step {STEPS}/{STEPS}") >= 1  # ends with the job
+    assert "no Ray Job" in run(home, "logs", "job_none", code=3).stderr
+
+
+def test_export_jsonl_and_parquet(job, home, tmp_path):
+    import pyarrow.parquet as pq
+
+    job_id, _, _ = job
+    out = tmp_path / "t.jsonl"
+    assert run(home, "export", job_id, "-o", str(out)).stdout.strip() == str(out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == STEPS * BATCH * GROUP and {r["step"] for r in rows} == set(range(1, STEPS + 1))
+    table = pq.read_table(run(home, "export", job_id, "--format", "parquet", "-o", str(tmp_path / "t.parquet"))
+                          .stdout.strip())
+    assert table.num_rows == len(rows) and sorted(table.column("id").to_pylist()) == sorted(r["id"] for r in rows)
+    run(home, "export", job_id, "--format", "csv", code=2)
+
+
+def test_plot_draws_reward_loss_and_kl(job, home, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    job_id, _, _ = job
+    png = Path(run(home, "plot", job_id, "-o", str(tmp_path / "curves.png")).stdout.strip())
+    pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)  # (H, W, 3)
+    width = pixels.shape[1]
+
+    def near(rgb, panel):  # pixels of this line colour in one of the three panels
+        third = pixels[:, panel * width // 3:(panel + 1) * width // 3]
+        return int((np.abs(third - np.array(rgb)).sum(axis=-1) < 40).sum())
+
+    assert near((31, 119, 180), 0) > 50  # reward: matplotlib's first colour, left panel
+    assert near((214, 39, 40), 1) > 50  # loss: tab:red, middle
+    assert near((44, 160, 44), 2) > 50  # KL: tab:green, right
+    assert near((214, 39, 40), 0) == 0 and near((44, 160, 44), 1) == 0  # each curve in its own panel
+
+
+def test_evaluate(job, home):
+    job_id, _, _ = job
+    result = json.loads(run(home, "--json", "evaluate", job_id, "--max-queries", "4").stdout)
+    assert result["n_queries"] == 4 and 0.0 <= result["success_rate"] <= 1.0
+    assert "base_model" in result and result["job_id"] == job_id
+
+
+def test_deploy_serves_the_trained_checkpoint_to_openai(job, home):
+    import openai
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from app.policy import weights_digest
+
+    job_id, _, _ = job
+    status = json.loads(run(home, "--json", "status", job_id).stdout)
+    ckpt = status["best_checkpoint"]["path"]
+    url = run(home, "deploy", "trained", job_id).stdout.strip()
+    assert url.endswith("/policies/trained/v1")
+
+    oa = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    (model_info,) = oa.models.list().data
+    trained = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert model_info.model_extra["weights_sha256"] == weights_digest(trained)  # the checkpoint's weights
+    assert model_info.model_extra["checkpoint_id"] == status["best_checkpoint"]["checkpoint_id"]
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ids = torch.tensor([tok("digit 4:", add_special_tokens=False)["input_ids"]])
+    greedy = tok.decode(trained.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:],
+                        skip_special_tokens=True)
+    out = oa.completions.create(model="trained", prompt="digit 4:", max_tokens=6, temperature=0)
+    assert out.choices[0].text == greedy
+    streamed = "".join(c.choices[0].text for c in oa.completions.create(
+        model="trained", prompt="digit 4:", max_tokens=6, temperature=0, stream=True))
+    assert streamed == greedy
+
+    listed = run(home, "deployments")
+    assert "trained" in listed.stdout and "running" in listed.stdout
+    assert run(home, "undeploy", "trained").stdout.strip() == "deleting"
+    assert "not found" in run(home, "undeploy", "trained", code=3).stderr
+    assert "give SOURCE or --variant" in run(home, "deploy", "x", code=2).stderr
+
+
+def test_detach_cancel_and_bad_config(job, home, tmp_path):
+    _, _, spec_path = job
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["config"]["n_iterations"] = 5000
+    long_spec = spec_path.parent / "long.yaml"
+    long_spec.write_text(yaml.safe_dump(spec))
+    job_id = run(home, "submit", "--detach", str(long_spec)).stdout.strip()
+    cancelled = json.loads(run(home, "--json", "cancel", job_id, "--reason", "ci").stdout)
+    assert cancelled["status"] in ("cancelled", "cancelling")
+
+    spec["config"]["engine"] = {"output_dir": "/tmp/elsewhere"}
+    bad = spec_path.parent / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec))
+    assert "config.engine.output_dir" in run(home, "submit", str(bad), code=3).stderr
+    assert "expected a mapping" in run(home, "submit", str(_write(tmp_path / "x.yaml", "[1, 2]")), code=2).stderr
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_unreachable_api_exits_4(tmp_path):
+    result = CliRunner().invoke(cli, ["--home", str(tmp_path), "--url", f"http://127.0.0.1:{_free_port()}",
+                                      "--token", "x", "list"], env={"RAYGRPO_URL": None})
+    assert result.exit_code == 4 and "cannot reach the API" in result.stderr
+
+
+def test_down_stops_the_stack(stack, home):
+    state, _ = stack
+    run(home, "down")
+    assert read_state(home) is None and not (home / "stack.json").exists()
+    deadline = time.time() + 30
+    while time.time() < deadline and os.path.exists(f"/proc/{state['pid']}"):
+        time.sleep(0.2)
+    import httpx
+
+    with pytest.raises(httpx.TransportError):
+        httpx.get(state["api_url"] + "/health", timeout=2)
+    assert "nothing to stop" in run(home, "down").stderr

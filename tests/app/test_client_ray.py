@@ -1,0 +1,285 @@
+"""The SDK (app.client) against the real job API on Ray Serve: every method, every error mapping, and
+policies deployed with models.deploy answering the `openai` package.
+
+One Serve instance for the module on the session's Ray; SQLite, no Redis. The dispatcher may run no
+job (RAYGRPO_MAX_RUNNING_JOBS=0), so jobs stay queued and nothing here trains: serving a *trained*
+checkpoint is covered end to end by tests/app/test_cli.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import httpx
+import pytest
+
+from app import client as sdk
+
+pytestmark = [pytest.mark.ray]
+
+ROWS = [{"query": f"digit {d}:", "expected_outcome": str(d)} for d in range(10)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stack(ray_session, tmp_path_factory, tiny_model_dir):
+    import ray
+    from ray import serve
+
+    from app.auth import mint_token
+    from app.dispatcher import ACTOR_NAME, NAMESPACE
+    from app.serve import start
+    from app.settings import Settings
+
+    home = tmp_path_factory.mktemp("sdk-home")
+    env = {"RAYGRPO_HOME": str(home), "DATABASE_URL": f"sqlite:///{home / 'raygrpo.db'}", "REDIS_URL": "",
+           "RAYGRPO_DEFAULT_MODEL": tiny_model_dir, "RAYGRPO_MAX_RUNNING_JOBS": "0",
+           "RAYGRPO_RATE_LIMITS": "auth.whoami=3", "RAYGRPO_CANCEL_WAIT_S": "1"}
+    url = start(port=_free_port(), env=env)
+    settings = Settings(home=home)
+    tokens = {role: mint_token(settings, f"{role}-user", role) for role in ("admin", "viewer", "researcher")}
+    yield url, tokens
+    serve.shutdown()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            ray.kill(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE))
+        except ValueError:
+            break
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def admin(stack):
+    url, tokens = stack
+    with sdk.Client(url, token=tokens["admin"]) as c:
+        yield c
+
+
+def test_training_methods_and_their_errors(admin):
+    job = admin.start_grpo("sdk-agent", ROWS, config={"reward": "digit", "n_iterations": 5, "max_budget_usd": "1"},
+                           idempotency_key="k1")
+    assert isinstance(job, sdk.StartResult) and job.status == "queued" and job.created
+    again = admin.start_grpo("sdk-agent", ROWS, config={"reward": "digit", "n_iterations": 5,
+                                                         "max_budget_usd": "1"}, idempotency_key="k1")
+    assert again.job_id == job.job_id and not again.created
+
+    status = admin.get_status(job.job_id)
+    assert isinstance(status, sdk.JobStatus) and status.status == "queued" and not status.done
+    assert status.total_iterations == 5 and status["job_id"] == job.job_id
+    page = admin.list_jobs(agent_id="sdk-agent", limit=5)
+    assert [j.job_id for j in page.jobs] == [job.job_id] and not page.has_more
+    assert admin.export_trajectories(job.job_id, limit=10).total_count == 0
+
+    with pytest.raises(sdk.EvaluationFailed, match="no checkpoint"):
+        admin.evaluate(job.job_id)
+    with pytest.raises(sdk.ValidationFailed, match="only running jobs pause"):
+        admin.pause(job.job_id)
+    with pytest.raises(sdk.ValidationFailed, match="only paused jobs resume"):
+        admin.resume(job.job_id)
+    cancelled = admin.cancel(job.job_id, reason="test")
+    assert isinstance(cancelled, sdk.CancelResult) and cancelled.status == "cancelled"
+    with pytest.raises(sdk.CannotCancel) as err:
+        admin.cancel(job.job_id)
+    assert err.value.code == -40003 and err.value.method == "training.cancel"
+
+    with pytest.raises(sdk.NotFound):
+        admin.get_status("job_" + "0" * 32)
+    with pytest.raises(sdk.InvalidParams) as err:
+        admin.start_grpo("a", [], config={"n_iterations": 0})
+    fields = {e["field"] for e in err.value.data["errors"]}
+    assert {"training_data", "config.n_iterations"} <= fields
+    with pytest.raises(sdk.BudgetExceeded):
+        admin.start_grpo("a", ROWS, config={"reward": "digit", "max_budget_usd": "0.000001"})
+    with pytest.raises(sdk.ValidationFailed, match="config.engine.output_dir"):
+        admin.start_grpo("a", ROWS, config={"engine": {"output_dir": "/tmp/x"}})
+    with pytest.raises(sdk.ExportLimitExceeded):
+        admin.export_trajectories(job.job_id, limit=20_000)
+    with pytest.raises(sdk.MethodNotFound):
+        admin.call("training.nope")
+    assert {m["name"] for m in admin.discover()["methods"]} >= {"training.start_grpo", "models.deploy",
+                                                                 "models.undeploy", "models.deployments"}
+
+
+def test_auth_methods_and_refusals(stack, admin):
+    url, tokens = stack
+    assert admin.whoami().subject == "admin-user"
+    issued = admin.create_api_key("bob", role="researcher", name="ci")
+    with sdk.Client(url, api_key=issued.api_key) as bob:
+        assert bob.whoami().subject == "bob"
+        keys = admin.list_api_keys(owner="bob").keys
+        assert [k["key_id"] for k in keys] == [issued.key_id]
+        admin.revoke_api_key(issued.key_id)
+        with pytest.raises(sdk.Unauthenticated, match="revoked") as err:
+            bob.list_jobs()
+        assert err.value.status == 401
+    entries = admin.audit_query(method="auth.create_api_key").entries
+    assert entries and entries[0]["principal"] == "admin-user"
+
+    with sdk.Client(url, token=tokens["viewer"]) as viewer:
+        with pytest.raises(sdk.Forbidden) as err:
+            viewer.start_grpo("a", ROWS)
+        assert err.value.status == 403 and err.value.data["permission"] == "training:start"
+        with pytest.raises(sdk.Forbidden):
+            viewer.deploy("x", model="/nonexistent")
+        assert viewer.deployments().deployments == []
+    with sdk.Client(url) as nobody, pytest.raises(sdk.Unauthenticated):
+        nobody.get_status("job_x")
+    with sdk.Client(url, token=tokens["researcher"]) as limited:  # RAYGRPO_RATE_LIMITS=auth.whoami=3
+        for _ in range(3):
+            limited.whoami()
+        with pytest.raises(sdk.RateLimited) as err:
+            limited.whoami()
+        assert err.value.status == 429 and err.value.retry_after_s > 0
+
+
+def test_async_client_same_methods_same_errors(stack):
+    url, tokens = stack
+
+    async def run():
+        async with sdk.AsyncClient(url, token=tokens["admin"]) as c:
+            job = await c.start_grpo("async-agent", ROWS[:2], config={"reward": "digit", "max_budget_usd": "1"})
+            statuses = await asyncio.gather(*(c.get_status(job.job_id) for _ in range(5)))
+            assert {s.status for s in statuses} == {"queued"}
+            done = await c.cancel(job.job_id)
+            final = await c.wait(job.job_id, poll_s=0.1, timeout_s=10)
+            with pytest.raises(sdk.NotFound):
+                await c.undeploy("no-such-policy")
+            return done, final
+
+    done, final = asyncio.run(run())
+    assert done.status == "cancelled" and final.status == "cancelled" and final.done
+
+
+def test_connection_errors_are_retried_and_reported(monkeypatch):
+    port = _free_port()  # nothing listens there
+    c = sdk.Client(f"http://127.0.0.1:{port}", retries=2, backoff_s=0.01)
+    sleeps: list[float] = []
+    monkeypatch.setattr(sdk.time, "sleep", sleeps.append)
+    with pytest.raises(sdk.TransportError, match="ConnectError"):
+        c.list_jobs()
+    assert len(sleeps) == 2 and sleeps[1] > sleeps[0] * 0.9  # two retries, backing off
+
+    # A read error may mean the server ran the call: a method that changes nothing is retried,
+    # one that changes something (a second job) is not.
+    calls: list[str] = []
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        method = request.read().decode()
+        calls.append(method)
+        if len(calls) == 1:
+            raise httpx.ReadError("connection reset", request=request)
+        return httpx.Response(200, json={"jsonrpc": "2.0", "result": {"jobs": [], "has_more": False}, "id": 1})
+
+    c.http = httpx.Client(transport=httpx.MockTransport(flaky))
+    assert c.list_jobs().jobs == [] and len(calls) == 2
+    calls.clear()
+    with pytest.raises(sdk.TransportError, match="ReadError"):
+        c.start_grpo("a", ROWS)
+    assert len(calls) == 1
+
+
+def _wait_running(c: sdk.Client, name: str, timeout: float = 120) -> sdk.Deployment:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        (dep,) = c.deployments(name=name).deployments
+        if dep.status == "running":
+            return dep
+        assert dep.status in ("deploying", "unknown"), dep
+        time.sleep(0.5)
+    raise AssertionError(f"{name} not running after {timeout}s: {dep}")
+
+
+def test_deploy_models_serves_the_openai_api_and_undeploy_frees_it(admin, tiny_model_dir, tmp_path):
+    import openai
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from app.policy import weights_digest
+    from grpo.tiny import save_tiny_model
+
+    with pytest.raises(sdk.NotFound, match="checkpoint not found"):
+        admin.deploy("p1", checkpoint_id="ckpt_missing")
+    with pytest.raises(sdk.ValidationFailed, match="model: no Hugging Face model directory"):
+        admin.deploy("p1", model=str(tmp_path))
+    with pytest.raises(sdk.InvalidParams, match="exactly one of"):
+        admin.deploy("p1", model=tiny_model_dir, checkpoint_id="ckpt_x")
+
+    other = str(save_tiny_model(tmp_path / "seed1", seed=1))
+    dep = admin.deploy("p1", model=tiny_model_dir, autoscaling={"min_replicas": 1, "max_replicas": 2})
+    assert dep.status in ("deploying", "running") and dep.url == "/policies/p1/v1"
+    assert dep.autoscaling["max_replicas"] == 2 and dep.gpus_per_replica == 0.0  # no GPU in this cluster
+    ab = admin.deploy("ab", variants=[{"name": "ab-a", "model": tiny_model_dir, "weight": 3},
+                                      {"name": "ab-b", "model": other, "weight": 1}])
+    assert [v["name"] for v in ab.variants] == ["ab-a", "ab-b"]
+    with pytest.raises(sdk.ValidationFailed, match="exists"):
+        admin.deploy("p1", model=tiny_model_dir)
+    _wait_running(admin, "p1")
+    _wait_running(admin, "ab")
+
+    oa = openai.OpenAI(base_url=admin.policy_url("p1"), api_key="unused", max_retries=0)
+    served = {m.id: m for m in oa.models.list().data}
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert served["p1"].model_extra["weights_sha256"] == weights_digest(model)  # the served weights are these
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([tok("digit 7:", add_special_tokens=False)["input_ids"]])
+    greedy = tok.decode(model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:],
+                        skip_special_tokens=True)
+    out = oa.completions.create(model="p1", prompt="digit 7:", max_tokens=6, temperature=0)
+    assert out.choices[0].text == greedy and out.usage.completion_tokens == 6 and out.usage.prompt_tokens == 8
+    many = oa.completions.create(model="p1", prompt=["digit 7:", "digit 1:"], max_tokens=4, n=3, temperature=1.0,
+                                 top_p=0.9)
+    assert len(many.choices) == 6 and [c.index for c in many.choices] == list(range(6))
+    assert many.usage.prompt_tokens == 16 and 6 <= many.usage.completion_tokens <= 6 * 4  # EOS may end one early
+
+    stream = oa.completions.create(model="p1", prompt="digit 7:", max_tokens=6, temperature=0, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == greedy and chunks[-1].choices[0].finish_reason == "length"
+    chat = oa.chat.completions.create(model="p1", messages=[{"role": "user", "content": "digit 7"}], max_tokens=5,
+                                      temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 5
+    chat_stream = oa.chat.completions.create(model="p1", messages=[{"role": "user", "content": "digit 7"}],
+                                             max_tokens=5, temperature=0, stream=True,
+                                             stream_options={"include_usage": True})
+    parts = list(chat_stream)
+    text = "".join(p.choices[0].delta.content or "" for p in parts if p.choices)
+    assert text == chat.choices[0].message.content and parts[-1].usage.completion_tokens == 5
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        oa.completions.create(model="p1", prompt="x", max_tokens=0)
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        oa.completions.create(model="other", prompt="x", max_tokens=2)
+
+    # A/B: the deployment's name routes by weight, a variant's name routes to it
+    seen = []
+    with httpx.Client(timeout=60) as h:
+        for _ in range(24):
+            r = h.post(admin.policy_url("ab") + "/completions", json={"model": "ab", "prompt": "d", "max_tokens": 1})
+            assert r.status_code == 200, r.text
+            seen.append(r.headers["x-raygrpo-variant"])
+        pinned = h.post(admin.policy_url("ab") + "/completions", json={"model": "ab-b", "prompt": "d",
+                                                                        "max_tokens": 1})
+    assert set(seen) == {"ab-a", "ab-b"} and seen.count("ab-a") > seen.count("ab-b")
+    assert pinned.headers["x-raygrpo-variant"] == "ab-b" and pinned.json()["model"] == "ab-b"
+    listed = {m.id: m.model_extra for m in openai.OpenAI(base_url=admin.policy_url("ab"), api_key="-")
+              .models.list().data}
+    assert listed["ab-b"]["weights_sha256"] == weights_digest(AutoModelForCausalLM.from_pretrained(other))
+    assert listed["ab-a"]["weights_sha256"] != listed["ab-b"]["weights_sha256"]
+
+    assert {d.name for d in admin.deployments().deployments} == {"p1", "ab"}
+    assert admin.undeploy("p1").status == "deleting"
+    assert admin.undeploy("ab").status == "deleting"
+    with pytest.raises(sdk.NotFound):
+        admin.undeploy("p1")
+    assert admin.deployments().deployments == []
+    deadline = time.time() + 60
+    while time.time() < deadline and httpx.get(admin.policy_url("p1") + "/models").status_code == 200:
+        time.sleep(0.5)
+    assert httpx.get(admin.policy_url("p1") + "/models").status_code != 200
