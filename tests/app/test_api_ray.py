@@ -20,7 +20,7 @@ import httpx
 import pytest
 from raygrpo_test_services import bearer
 
-from app.settings import Settings
+from app.settings import DEFAULT_RATE_LIMITS, Settings
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -52,7 +52,7 @@ def api(request, ray_session, tmp_path_factory, tiny_model_dir):
            "RAYGRPO_DEFAULT_MODEL": tiny_model_dir, "RAYGRPO_CANCEL_WAIT_S": "90", "RAYGRPO_MAX_RUNNING_JOBS": "2",
            "RAYGRPO_JWT_SECRET": secrets.token_urlsafe(32), "RAY_DASHBOARD_URL": os.environ["RAY_DASHBOARD_URL"],
            # the tests poll; one method keeps a small limit to show the buckets are shared by the replicas
-           "RAYGRPO_RATE_LIMITS": f"default=0,auth.whoami={WHOAMI_LIMIT}"}
+           "RAYGRPO_RATE_LIMITS": ",".join(f"{m}=0" for m in DEFAULT_RATE_LIMITS) + f",auth.whoami={WHOAMI_LIMIT}"}
     with contextlib.ExitStack() as stack:
         if request.param == "postgresql+redis":
             from raygrpo_test_services import fresh_postgres, unavailable
