@@ -139,6 +139,8 @@ class GRPOConfig(BaseModel):
     """shaping: added per step"""
     sft_warmup_steps: int = Field(0, ge=0, le=100_000)
     """supervised steps on the environment's demonstrations before GRPO starts (fresh runs only)"""
+    sft_learning_rate: float | None = Field(None, gt=0.0, le=1.0)
+    """learning rate of the warm-up; defaults to learning_rate"""
 
     # ---- cluster -------------------------------------------------------------------------------
     num_policy_workers: int = Field(1, ge=1, le=1024)

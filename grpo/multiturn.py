@@ -421,3 +421,40 @@ def concat_agent_rollouts(parts: list[AgentRollout]) -> AgentRollout:
         token_step=torch.cat([pad(r.token_step, width, -1) for r in parts]),
         records=[x for r in parts for x in r.records],
     )
+
+
+def demonstrations(samples: list[Sample], settings: AgentSettings, tokenizer: Any, *, pad_id: int,
+                   max_prompt_tokens: int) -> AgentRollout:
+    """The environment's demonstrations of `samples`, played against real environments (so the
+    observations are real) and laid out exactly as sampled trajectories: the warm-up's batch."""
+    import asyncio
+
+    from grpo.agent import environment_class
+
+    cls = environment_class(settings.environment)
+    forced = [cls.demonstration(s) for s in samples]
+    trajs, _ = asyncio.run(run_episodes(
+        samples, group_size=1, make_env=settings.make_env, generate=None, tokenizer=tokenizer,
+        fmt=TurnFormat(tokenizer, chat=settings.chat_template), max_steps=max(settings.max_steps, *map(len, forced)),
+        max_new_tokens=settings.max_new_tokens, max_total_tokens=10**9, max_prompt_tokens=max_prompt_tokens,
+        temperature=1.0, top_p=1.0, seed=None, concurrency=settings.concurrency,
+        step_timeout_s=settings.step_timeout_s, forced=forced,
+    ))
+    return to_rollout(trajs, group_size=1, pad_id=pad_id, version=0, gen_seconds=0.0, tokenizer=tokenizer)
+
+
+AGENT_STATS = ("tool_use", "tool_calls", "tool_errors", "agent_steps", "env_errors")
+"""per-step sums the trainer all-reduces for agent runs (see agent_stats)"""
+
+
+def agent_stats(ro: AgentRollout) -> dict[str, float]:
+    """Sums over the trajectories of a rollout: trajectories that used a tool successfully, successful
+    tool calls, failed ones (malformed, unknown, raised, timed out), steps taken, environment failures."""
+    calls = [[r for r in recs if r.get("tool") and not r.get("error")] for recs in ro.records]
+    return {
+        "tool_use": float(sum(bool(c) for c in calls)),
+        "tool_calls": float(sum(len(c) for c in calls)),
+        "tool_errors": float(sum(1 for recs in ro.records for r in recs if r.get("error"))),
+        "agent_steps": float(sum(len(recs) for recs in ro.records)),
+        "env_errors": float(sum(f in ("env_error", "env_timeout") for f in ro.finish_reasons)),
+    }
