@@ -443,13 +443,14 @@ def demonstrations(samples: list[Sample], settings: AgentSettings, tokenizer: An
     return to_rollout(trajs, group_size=1, pad_id=pad_id, version=0, gen_seconds=0.0, tokenizer=tokenizer)
 
 
-AGENT_STATS = ("tool_use", "tool_calls", "tool_errors", "agent_steps", "env_errors")
+AGENT_STATS = ("tool_use", "tool_calls", "tool_errors", "agent_steps", "env_errors", "env_reward")
 """per-step sums the trainer all-reduces for agent runs (see agent_stats)"""
 
 
 def agent_stats(ro: AgentRollout) -> dict[str, float]:
     """Sums over the trajectories of a rollout: trajectories that used a tool successfully, successful
-    tool calls, failed ones (malformed, unknown, raised, timed out), steps taken, environment failures."""
+    tool calls, failed ones (malformed, unknown, raised, timed out), steps taken, environment failures,
+    and the environments' own rewards (the outcome, without shaping)."""
     calls = [[r for r in recs if r.get("tool") and not r.get("error")] for recs in ro.records]
     return {
         "tool_use": float(sum(bool(c) for c in calls)),
@@ -457,4 +458,5 @@ def agent_stats(ro: AgentRollout) -> dict[str, float]:
         "tool_errors": float(sum(1 for recs in ro.records for r in recs if r.get("error"))),
         "agent_steps": float(sum(len(recs) for recs in ro.records)),
         "env_errors": float(sum(f in ("env_error", "env_timeout") for f in ro.finish_reasons)),
+        "env_reward": float(sum(r.get("env_reward", 0.0) for recs in ro.records for r in recs)),
     }

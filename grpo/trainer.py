@@ -169,6 +169,8 @@ def sft_warmup(cfg: GRPOConfig, dataset: Dataset, learner: Learner, tokenizer: A
     lr = cfg.sft_learning_rate or cfg.learning_rate
     for group in learner.optimizer.param_groups:
         group["lr"] = lr
+    # A warm-up step takes the step's prompts_per_step prompts, one demonstration each (a demonstration
+    # is deterministic: G copies of it would teach nothing more).
     n, loss = cfg.prompts_per_worker, float("nan")
     for k in range(cfg.sft_warmup_steps):
         # Negative step numbers: the warm-up's prompts are drawn apart from the GRPO steps' ones.
@@ -344,6 +346,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 tool_use_rate=agent["tool_use"] / n, tool_calls_per_traj=agent["tool_calls"] / n,
                 tool_error_rate=agent["tool_errors"] / max(agent["agent_steps"], 1.0),
                 steps_per_traj=agent["agent_steps"] / n, env_errors=agent["env_errors"],
+                env_reward_mean=agent["env_reward"] / n,
                 trajectories_per_s=n / step_s,
             )
         if warmup_loss is not None and step == start_step + 1:

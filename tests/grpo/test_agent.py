@@ -112,7 +112,7 @@ def test_malformed_and_unknown_calls_become_observations_and_the_episode_goes_on
               shaping=Shaping(tool_call=0.5, tool_error=-0.1, step=-0.01))
     assert ro.step_rewards[0].tolist() == pytest.approx([-0.11, 0.49, 0.99])
     assert agent_stats(ro) == {"tool_use": 1.0, "tool_calls": 1.0, "tool_errors": 1.0, "agent_steps": 3.0,
-                               "env_errors": 0.0}
+                               "env_errors": 0.0, "env_reward": 1.0}
 
 
 def test_a_tool_that_raises_or_hangs_times_out_and_the_trajectory_continues(tok, helpers):
