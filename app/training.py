@@ -108,6 +108,10 @@ class AgentConfig(BaseModel):
 
 # AgentConfig field -> engine key, where the names differ (the rest are the same name).
 AGENT_KEYS = {"max_steps": "max_steps_per_trajectory"}
+AGENT_ENGINE_KEYS = ("environment", "tools", "tool_instructions", "chat_template", "max_steps_per_trajectory",
+                     "max_trajectory_tokens", "max_new_tokens", "max_prompt_tokens", "tool_timeout_s",
+                     "env_step_timeout_s", "env_concurrency")
+"""what an evaluation of an agent job needs to play its episodes the way the run did"""
 
 
 class TrainingConfig(BaseModel):
@@ -511,17 +515,18 @@ class EvaluateParams(JobParams):
 
 
 def evaluation_task(base_model: str, checkpoint: str, rows: list[dict[str, str]], reward: str,
-                    max_new_tokens: int) -> dict[str, Any]:
-    """Runs on the cluster (a Ray task): score the checkpoint and its base model on the same queries."""
+                    max_new_tokens: int, agent: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Runs on the cluster (a Ray task): score the checkpoint and its base model on the same queries
+    (agent jobs: greedy episodes in their environment)."""
     from grpo.evaluate import compare, evaluate_model
     from grpo.tasks import Sample
 
     samples = [Sample(r["query"], r["expected_outcome"]) for r in rows]
-    tuned = evaluate_model(checkpoint, samples, reward=reward, max_new_tokens=max_new_tokens)
-    base = evaluate_model(base_model, samples, reward=reward, max_new_tokens=max_new_tokens)
+    tuned = evaluate_model(checkpoint, samples, reward=reward, max_new_tokens=max_new_tokens, agent=agent)
+    base = evaluate_model(base_model, samples, reward=reward, max_new_tokens=max_new_tokens, agent=agent)
     return {
         "n_queries": len(samples), "success_rate": tuned.success_rate, "avg_reward": tuned.avg_reward,
-        "avg_steps": 1.0,  # single-turn completions: one step per trajectory
+        "avg_steps": tuned.avg_steps,
         "base_model": {"model": base_model, "success_rate": base.success_rate, "avg_reward": base.avg_reward},
         "comparison": compare(base.rewards, tuned.rewards),
     }
@@ -545,7 +550,11 @@ async def evaluate(p: EvaluateParams, ctx: Context) -> dict[str, Any]:
     else:
         source = Path(cfg.get("eval_dataset") or cfg["dataset"])
         rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()][: p.max_queries]
-    args = (cfg["model"], ckpt.path, rows, cfg.get("reward") or "exact_match", int(cfg.get("max_new_tokens", 64)))
+    agent = None
+    if cfg.get("environment"):  # the engine's agent keys, as the run used them
+        agent = {k: cfg[k] for k in AGENT_ENGINE_KEYS if k in cfg}
+    args = (cfg["model"], ckpt.path, rows, cfg.get("reward") or "exact_match", int(cfg.get("max_new_tokens", 64)),
+            agent)
     try:
         import ray
 

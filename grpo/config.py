@@ -141,6 +141,8 @@ class GRPOConfig(BaseModel):
     """supervised steps on the environment's demonstrations before GRPO starts (fresh runs only)"""
     sft_learning_rate: float | None = Field(None, gt=0.0, le=1.0)
     """learning rate of the warm-up; defaults to learning_rate"""
+    sft_batch_size: int | None = Field(None, ge=1, le=65_536)
+    """demonstrations per warm-up step, across all policy workers; defaults to prompts_per_step"""
 
     # ---- cluster -------------------------------------------------------------------------------
     num_policy_workers: int = Field(1, ge=1, le=1024)
@@ -224,6 +226,8 @@ class GRPOConfig(BaseModel):
             )
         if self.strategy == "fsdp" and self.gpus_per_worker == 0:
             raise ValueError("strategy: fsdp needs gpus_per_worker > 0")
+        if self.sft_batch_size is not None and self.sft_batch_size % self.num_policy_workers:
+            raise ValueError("sft_batch_size: must be a multiple of num_policy_workers")
         if self.environment is None:
             for name in ("tools", "sft_warmup_steps"):
                 if getattr(self, name):

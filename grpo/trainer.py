@@ -169,12 +169,12 @@ def sft_warmup(cfg: GRPOConfig, dataset: Dataset, learner: Learner, tokenizer: A
     lr = cfg.sft_learning_rate or cfg.learning_rate
     for group in learner.optimizer.param_groups:
         group["lr"] = lr
-    # A warm-up step takes the step's prompts_per_step prompts, one demonstration each (a demonstration
-    # is deterministic: G copies of it would teach nothing more).
-    n, loss = cfg.prompts_per_worker, float("nan")
+    # One demonstration per prompt (a demonstration is deterministic: G copies would teach nothing more).
+    total = cfg.sft_batch_size or cfg.prompts_per_step
+    n, loss = total // world, float("nan")
     for k in range(cfg.sft_warmup_steps):
         # Negative step numbers: the warm-up's prompts are drawn apart from the GRPO steps' ones.
-        samples = dataset.batch(-1 - k, cfg.prompts_per_step, cfg.seed)[rank * n : (rank + 1) * n]
+        samples = dataset.batch(-1 - k, total, cfg.seed)[rank * n : (rank + 1) * n]
         ro = demonstrations(samples, settings, tokenizer, pad_id=pad_id, max_prompt_tokens=cfg.max_prompt_tokens)
         (num_tokens,) = _all_sum([float(ro.train_mask.sum())])
         loss = learner.sft_step(ro, num_tokens=num_tokens, world_size=world)
@@ -273,6 +273,8 @@ def train_loop(config: dict[str, Any]) -> None:
     warmup_loss = None
     if cfg.environment is not None and cfg.sft_warmup_steps and start_step == 0:
         warmup_loss = sft_warmup(cfg, dataset, learner, tokenizer, pad_id, rank=rank, world=world)
+        if ref_model is not None:  # KL then holds the policy near what the warm-up taught, not the init
+            ref_model.load_state_dict(_full_state_dict(learner.model))
 
     version = start_step
     publish(version)

@@ -338,3 +338,15 @@ def test_config_checks_the_agent_fields(tiny_model_dir, helpers):
     user = load_config(None, {"model": tiny_model_dir, "environment": "agent_helpers:EchoEnv",
                               "dataset": str(Path(HERE) / "agent_rows.jsonl")})
     assert user.load_dataset().train[0].prompt == "digit 1:"
+
+
+def test_offline_evaluation_of_an_agent_model_plays_greedy_episodes(tiny_model_dir):
+    """training.evaluate's engine side for agent jobs: one greedy episode per query, scored by the
+    environment's outcome (a random model answers without the tool, so one step and reward 0)."""
+    from grpo.evaluate import evaluate_model
+
+    samples = [Sample("12+7=", "19"), Sample("30*2=", "60")]
+    res = evaluate_model(tiny_model_dir, samples, reward="exact_match", max_new_tokens=16,
+                         agent={"environment": "calculator", "tool_instructions": False, "max_steps_per_trajectory": 2})
+    assert res.rewards == [0.0, 0.0] and res.steps is not None and 1 <= res.avg_steps <= 2
+    assert len(res.completions) == 2
