@@ -34,6 +34,9 @@ from grpo.agent import RESULT_CLOSE, RESULT_OPEN, TOOL_CLOSE, Action, StepResult
 from grpo.rollout import Rollout, left_pad, position_ids, sample_token
 from grpo.tasks import Sample
 
+BATCH_GRACE_S = 0.005
+"""how long a turn's batch waits for environment steps still running before it is generated"""
+
 
 @dataclass(frozen=True)
 class Shaping:
@@ -267,6 +270,80 @@ async def run_episodes(
         limits = [min(max_new_tokens, max_total_tokens - len(t.tokens)) for t in batch]
         return generate([t.prompt_ids + t.tokens for t in batch], limits, temperature=temperature, top_p=top_p, gen=gen)
 
+    def handle(task: asyncio.Future) -> None:
+        nonlocal generating, gen_seconds
+        kind, payload = tasks.pop(task)
+        if kind == "reset":
+            t = payload
+            try:
+                first = str(task.result())
+            except Exception as e:  # an environment that cannot start: the trajectory is empty
+                t.records.append({"step": 0, "error": f"reset failed: {type(e).__name__}: {e}"[:300],
+                                  "timestamp": _now()})
+                t.prompt_ids = encode(fmt.prompt(t.sample.prompt))[-max_prompt_tokens:]
+                finish(t, "env_error")
+                return
+            t.prompt_ids = encode(fmt.prompt(first))[-max_prompt_tokens:]
+            t.last_observation = first
+            ready.append(t)
+        elif kind == "generate":
+            batch, t0 = payload
+            generating = False
+            gen_seconds += time.perf_counter() - t0
+            for t, (ids, lps, reason) in zip(batch, task.result(), strict=True):
+                k = len(t.rewards)
+                if not ids:  # no token budget left for another turn
+                    finish(t, "length")
+                    continue
+                t.tokens += ids
+                t.policy += [True] * len(ids)
+                t.logps += lps
+                t.token_step += [k] * len(ids)
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                t.records.append({"step": k, "observation": t.last_observation, "action": text,
+                                  "action_tokens": len(ids), "end": reason, "timestamp": _now()})
+                tasks[asyncio.ensure_future(_env_step(t.env, Action(text, tuple(ids)), step_timeout_s))] = (
+                    "step", t)
+        else:  # an environment step finished
+            t = payload
+            rec = t.records[-1]
+            try:
+                res: StepResult = task.result()
+            except Exception as e:  # raised or timed out: end this trajectory cleanly, keep the rest
+                err = "env_timeout" if isinstance(e, TimeoutError) else "env_error"
+                rec.update(reward=shaping.step, env_reward=0.0, done=True, error=err,
+                           message=f"{type(e).__name__}: {e}"[:300],
+                           duration_s=round(time.perf_counter() - t.turn_started, 6))
+                t.rewards.append(shaping.step)
+                finish(t, err)
+                return
+            reward = float(res.reward) + shaping.of(res.info)
+            rec.update(reward=reward, env_reward=float(res.reward), done=bool(res.done),
+                       duration_s=round(time.perf_counter() - t.turn_started, 6),
+                       **{k: v for k, v in res.info.items() if k in ("tool", "error", "verified", "passed")})
+            if res.info.get("tool") and not res.info.get("error"):
+                rec["tool_result"] = res.observation
+            elif res.observation:
+                rec["tool_result"] = res.observation
+            t.rewards.append(reward)
+            if res.done:
+                finish(t, "stop")
+                return
+            if len(t.rewards) >= max_steps:
+                finish(t, "max_steps")
+                return
+            obs_ids = res.observation_ids if res.observation_ids is not None else encode(
+                fmt.observation(res.observation))
+            if len(t.tokens) + len(obs_ids) >= max_total_tokens:
+                finish(t, "length")
+                return
+            t.tokens += obs_ids
+            t.policy += [False] * len(obs_ids)
+            t.logps += [0.0] * len(obs_ids)
+            t.token_step += [-1] * len(obs_ids)
+            t.last_observation = res.observation
+            ready.append(t)
+
     while queue or tasks or ready:
         while queue and live < concurrency:
             t = queue.popleft()
@@ -274,6 +351,13 @@ async def run_episodes(
             t.env = make_env()
             tasks[asyncio.ensure_future(reset(t))] = ("reset", t)
         if ready and not generating:
+            # Let environment steps that are about to finish join this batch (a fast tool answers in
+            # microseconds): without the grace, the first few back would go alone and fragment batches.
+            pending = [f for f, (kind, _) in tasks.items() if kind != "generate"]
+            if pending:
+                await asyncio.wait(pending, timeout=BATCH_GRACE_S)
+                for f in [f for f in tasks if f.done()]:
+                    handle(f)
             batch, ready = ready, []
             for t in batch:
                 t.turn_started = time.perf_counter()
@@ -283,77 +367,7 @@ async def run_episodes(
             continue
         done, _ = await asyncio.wait(list(tasks), return_when=asyncio.FIRST_COMPLETED)
         for task in done:
-            kind, payload = tasks.pop(task)
-            if kind == "reset":
-                t = payload
-                try:
-                    first = str(task.result())
-                except Exception as e:  # an environment that cannot start: the trajectory is empty
-                    t.records.append({"step": 0, "error": f"reset failed: {type(e).__name__}: {e}"[:300],
-                                      "timestamp": _now()})
-                    t.prompt_ids = encode(fmt.prompt(t.sample.prompt))[-max_prompt_tokens:]
-                    finish(t, "env_error")
-                    continue
-                t.prompt_ids = encode(fmt.prompt(first))[-max_prompt_tokens:]
-                t.last_observation = first
-                ready.append(t)
-            elif kind == "generate":
-                batch, t0 = payload
-                generating = False
-                gen_seconds += time.perf_counter() - t0
-                for t, (ids, lps, reason) in zip(batch, task.result(), strict=True):
-                    k = len(t.rewards)
-                    if not ids:  # no token budget left for another turn
-                        finish(t, "length")
-                        continue
-                    t.tokens += ids
-                    t.policy += [True] * len(ids)
-                    t.logps += lps
-                    t.token_step += [k] * len(ids)
-                    text = tokenizer.decode(ids, skip_special_tokens=True)
-                    t.records.append({"step": k, "observation": t.last_observation, "action": text,
-                                      "action_tokens": len(ids), "end": reason, "timestamp": _now()})
-                    tasks[asyncio.ensure_future(_env_step(t.env, Action(text, tuple(ids)), step_timeout_s))] = (
-                        "step", t)
-            else:  # an environment step finished
-                t = payload
-                rec = t.records[-1]
-                try:
-                    res: StepResult = task.result()
-                except Exception as e:  # raised or timed out: end this trajectory cleanly, keep the rest
-                    err = "env_timeout" if isinstance(e, TimeoutError) else "env_error"
-                    rec.update(reward=shaping.step, env_reward=0.0, done=True, error=err,
-                               message=f"{type(e).__name__}: {e}"[:300],
-                               duration_s=round(time.perf_counter() - t.turn_started, 6))
-                    t.rewards.append(shaping.step)
-                    finish(t, err)
-                    continue
-                reward = float(res.reward) + shaping.of(res.info)
-                rec.update(reward=reward, env_reward=float(res.reward), done=bool(res.done),
-                           duration_s=round(time.perf_counter() - t.turn_started, 6),
-                           **{k: v for k, v in res.info.items() if k in ("tool", "error", "verified", "passed")})
-                if res.info.get("tool") and not res.info.get("error"):
-                    rec["tool_result"] = res.observation
-                elif res.observation:
-                    rec["tool_result"] = res.observation
-                t.rewards.append(reward)
-                if res.done:
-                    finish(t, "stop")
-                    continue
-                if len(t.rewards) >= max_steps:
-                    finish(t, "max_steps")
-                    continue
-                obs_ids = res.observation_ids if res.observation_ids is not None else encode(
-                    fmt.observation(res.observation))
-                if len(t.tokens) + len(obs_ids) >= max_total_tokens:
-                    finish(t, "length")
-                    continue
-                t.tokens += obs_ids
-                t.policy += [False] * len(obs_ids)
-                t.logps += [0.0] * len(obs_ids)
-                t.token_step += [-1] * len(obs_ids)
-                t.last_observation = res.observation
-                ready.append(t)
+            handle(task)
     return trajs, gen_seconds
 
 
