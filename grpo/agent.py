@@ -435,10 +435,50 @@ def environment_class(spec: str) -> type:
     return cls
 
 
+class _EnvHost:
+    """Holds one environment inside its own Ray actor (see ActorEnvironment)."""
+
+    def __init__(self, spec: str, kwargs: dict[str, Any]):
+        self.env = make_environment(spec, **kwargs)
+
+    async def reset(self, sample: Sample) -> str:
+        return await maybe_await(self.env.reset(sample))
+
+    async def step(self, action: Action) -> StepResult:
+        step = self.env.step
+        return await (step(action) if inspect.iscoroutinefunction(step) else asyncio.to_thread(step, action))
+
+
+class ActorEnvironment:
+    """An environment run in its own Ray actor, for heavy ones (a browser, a big simulator): the
+    actor starts at `reset` with `num_cpus` and ends with the episode (its handle is dropped).
+    The rollout actor awaits its calls, so many of them run at once."""
+
+    def __init__(self, spec: str, *, num_cpus: float = 1.0, **kwargs: Any):
+        self.spec, self.num_cpus, self.kwargs, self.actor = spec, num_cpus, kwargs, None
+
+    async def reset(self, sample: Sample) -> str:
+        import ray
+
+        self.actor = ray.remote(num_cpus=self.num_cpus)(_EnvHost).remote(self.spec, self.kwargs)
+        return await self.actor.reset.remote(sample)
+
+    async def step(self, action: Action) -> StepResult:
+        assert self.actor is not None, "step before reset"
+        result = await self.actor.step.remote(action)
+        if result.done:
+            self.actor = None  # the last handle: Ray ends the actor
+        return result
+
+
 def make_environment(spec: str, *, tools: list[str] | None = None, instructions: bool = True,
-                     tool_timeout_s: float = 10.0) -> Environment:
+                     tool_timeout_s: float = 10.0, actor_cpus: float | None = None) -> Environment:
     """A fresh environment instance (one per trajectory). ToolEnvironments get the tool options;
-    any other class is called with no arguments."""
+    any other class is called with no arguments. `actor_cpus` puts the environment in its own Ray
+    actor with that many CPUs (ActorEnvironment)."""
+    if actor_cpus is not None:
+        return ActorEnvironment(spec, num_cpus=actor_cpus, tools=tools, instructions=instructions,
+                                tool_timeout_s=tool_timeout_s)
     cls = environment_class(spec)
     if isinstance(cls, type) and issubclass(cls, ToolEnvironment):
         return cls(tools=tools, instructions=instructions, tool_timeout_s=tool_timeout_s)

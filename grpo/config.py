@@ -121,6 +121,8 @@ class GRPOConfig(BaseModel):
     """token budget of a trajectory after its prompt: actions plus observations"""
     env_concurrency: int = Field(64, ge=1, le=65_536)
     """live environments per rollout actor; their turns are generated as one batch"""
+    env_actor_cpus: float | None = Field(None, gt=0.0, le=256.0)
+    """run each environment in its own Ray actor with this many CPUs (heavy environments); None: in the rollout actor"""
     env_step_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
     """an environment step (or reset) slower than this ends its trajectory as `env_timeout`"""
     tool_timeout_s: float = Field(10.0, gt=0.0, le=3600.0)

@@ -77,6 +77,7 @@ class AgentSettings:
     step_timeout_s: float = 30.0
     tool_timeout_s: float = 10.0
     shaping: Shaping = Shaping()
+    actor_cpus: float | None = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> AgentSettings:
@@ -84,7 +85,7 @@ class AgentSettings:
                    chat_template=cfg.chat_template, max_steps=cfg.max_steps_per_trajectory,
                    max_new_tokens=cfg.max_new_tokens, max_total_tokens=cfg.max_trajectory_tokens,
                    concurrency=cfg.env_concurrency, step_timeout_s=cfg.env_step_timeout_s,
-                   tool_timeout_s=cfg.tool_timeout_s,
+                   tool_timeout_s=cfg.tool_timeout_s, actor_cpus=cfg.env_actor_cpus,
                    shaping=Shaping(tool_call=cfg.reward_tool_call, tool_error=cfg.reward_tool_error,
                                    verification=cfg.reward_verification, step=cfg.reward_step))
 
@@ -92,7 +93,7 @@ class AgentSettings:
         from grpo.agent import make_environment
 
         return make_environment(self.environment, tools=self.tools, instructions=self.instructions,
-                                tool_timeout_s=self.tool_timeout_s)
+                                tool_timeout_s=self.tool_timeout_s, actor_cpus=self.actor_cpus)
 
 
 @dataclass

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from grpo.config import GRPOConfig
 from grpo.run import run
@@ -63,3 +64,25 @@ def test_learns_the_calculator_task_with_the_tool_after_a_short_warmup(ray_sessi
     assert solved, "some trajectories of the last steps solve their problem"
     call, answer = solved[0]["steps"][-2:]
     assert call["tool"] == "calc" and answer["action"].strip().startswith(call["tool_result"])
+
+
+@pytest.mark.ray
+def test_heavy_environments_run_in_their_own_ray_actors(ray_session, tiny_model_dir):
+    """env_actor_cpus: each trajectory's environment lives in its own Ray actor, and the episodes
+    are the same as in-process ones (demonstrations through the rollout worker, plus sampling)."""
+    from grpo.agent import CalculatorEnv
+    from grpo.multiturn import AgentSettings
+    from grpo.rollout import RolloutWorker
+    from grpo.tasks import Sample
+
+    worker = RolloutWorker(tiny_model_dir)
+    samples = [Sample("12*7=", "84"), Sample("30+45=", "75")]
+    local = AgentSettings(environment="calculator", instructions=False)
+    remote = AgentSettings(environment="calculator", instructions=False, actor_cpus=0.1)
+    demos = [CalculatorEnv.demonstration(s) for s in samples]
+    a = worker.generate_agent(samples, settings=local, group_size=2, forced=demos)
+    b = worker.generate_agent(samples, settings=remote, group_size=2, forced=demos)
+    assert a.texts == b.texts and torch.equal(a.completion_ids, b.completion_ids)
+    assert b.step_rewards.sum(1).tolist() == [1.0] * 4
+    sampled = worker.generate_agent(samples, settings=remote, group_size=2, seed=1)
+    assert sampled.finish_reasons and all(recs for recs in sampled.records)
