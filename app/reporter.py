@@ -90,6 +90,9 @@ class DBReporter:
     def on_trajectories(self, rows: list[dict[str, Any]]) -> None:
         from app.db import add_trajectories, session_scope
 
+        # Multi-turn rows carry their steps (observation, action, tool result, reward, timestamp,
+        # duration) as the engine recorded them; model text may hold NULs, which PostgreSQL refuses.
+        rows = [dict(r, steps=_without_nul(r["steps"])) if r.get("steps") else r for r in rows]
         with session_scope(self.engine) as s:
             add_trajectories(s, job_id=self.job_id, rows=rows)
 
@@ -147,6 +150,16 @@ class DBReporter:
                 "best_checkpoint_id": final.best_checkpoint_id})
         self.webhooks.flush()
         log.info("job %s: run ended %s", self.job_id, status)
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {k: _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
 
 
 def _step_of(checkpoint_path: str) -> int:

@@ -83,6 +83,48 @@ class Row(BaseModel):
     """what the reward function compares the completion with"""
 
 
+class AgentConfig(BaseModel):
+    """A multi-turn agent job: the environment the model acts in, its tools, and how steps are scored."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    environment: str = Field(min_length=1, max_length=300)
+    """`calculator`, `python`, `search`, or `package.module:Class` importable on the cluster"""
+    tools: list[str] | None = Field(None, min_length=1, max_length=64)
+    """tools of the environment to offer (all when left out)"""
+    max_steps: int | None = Field(None, ge=1, le=100)
+    """agent turns per trajectory; defaults to config.max_steps_per_trajectory (4 when that is 1)"""
+    gamma: float | None = Field(None, ge=0.0, le=1.0)
+    """discount of step rewards; defaults to config.gamma"""
+    credit_assignment: Literal["outcome", "discounted"] = "outcome"
+    """outcome: group advantage of the trajectory's summed reward; discounted: per-step returns with gamma"""
+    max_trajectory_tokens: int | None = Field(None, ge=1, le=131_072)
+    """token budget of a trajectory after its prompt (actions and observations)"""
+    tool_timeout_s: float | None = Field(None, gt=0.0, le=3600.0)
+    """a slower tool call is reported to the model as timed out"""
+    reward_tool_call: float = Field(0.0, ge=-100.0, le=100.0)
+    """shaping per successful tool call"""
+    reward_tool_error: float = Field(0.0, ge=-100.0, le=100.0)
+    """shaping per malformed or failing tool call"""
+    reward_verification: float = Field(0.0, ge=-100.0, le=100.0)
+    """shaping per verification step"""
+    reward_step: float = Field(0.0, ge=-100.0, le=100.0)
+    """shaping per step"""
+    sft_warmup_steps: int = Field(0, ge=0, le=100_000)
+    """supervised steps on the environment's demonstrations before GRPO"""
+    tool_instructions: bool = True
+    """put the tool list and the call format before each query"""
+    chat_template: bool = False
+    """render prompts and tool turns with the tokenizer's chat template"""
+
+
+# AgentConfig field -> engine key, where the names differ (the rest are the same name).
+AGENT_KEYS = {"max_steps": "max_steps_per_trajectory"}
+AGENT_ENGINE_KEYS = ("environment", "tools", "tool_instructions", "chat_template", "max_steps_per_trajectory",
+                     "max_trajectory_tokens", "max_new_tokens", "max_prompt_tokens", "tool_timeout_s",
+                     "env_step_timeout_s", "env_concurrency")
+"""what an evaluation of an agent job needs to play its episodes the way the run did"""
+
+
 class TrainingConfig(BaseModel):
     """A job's training settings: the familiar fields of the old service plus the engine's own."""
 
@@ -103,6 +145,8 @@ class TrainingConfig(BaseModel):
     """agent turns per trajectory (1: single-turn completions)"""
     gamma: float = Field(1.0, ge=0.0, le=1.0)
     """discount of step rewards in multi-turn trajectories"""
+    agent: AgentConfig | None = None
+    """multi-turn agent settings: the environment and its tools (single-turn completions when left out)"""
     model: str | None = Field(None, min_length=1, max_length=1000)
     """HF model id or path; the server's default model when left out"""
     reward: str | None = Field(None, min_length=1, max_length=300)
@@ -136,7 +180,8 @@ MAPPED = {"num_steps": "n_iterations", "prompts_per_step": "batch_size", "group_
           "reward": "reward", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
           "kl_coef": "kl_coef", "num_policy_workers": "num_policy_workers",
           "num_rollout_workers": "num_rollout_workers", "num_reward_workers": "num_reward_workers",
-          "gpus_per_worker": "gpus_per_worker"}
+          "gpus_per_worker": "gpus_per_worker",
+          **{AGENT_KEYS.get(k, k): f"agent.{k}" for k in AgentConfig.model_fields}}
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "grpo": {"scale_advantages": True, "loss_agg": "seq-mean-token-mean", "clip_eps_high": 0.2},
@@ -228,9 +273,9 @@ def engine_config(params: StartParams, *, settings: Settings, dataset: Path, eva
                   output_dir: Path) -> GRPOConfig:
     """Map the API's config onto the engine's, validating it the way `grpo.run` will."""
     c = params.config
-    if c.max_steps_per_trajectory > 1:
-        raise RPCError(VALIDATION_FAILED, "config.max_steps_per_trajectory: multi-turn agent environments are "
-                       "not available yet; use 1", {"field": "config.max_steps_per_trajectory"})
+    if c.max_steps_per_trajectory > 1 and c.agent is None:
+        raise RPCError(VALIDATION_FAILED, "config.max_steps_per_trajectory: multi-turn trajectories need "
+                       "config.agent (the environment the agent acts in)", {"field": "config.agent"})
     model = c.model or settings.default_model
     if not model:
         raise RPCError(VALIDATION_FAILED, "config.model: required (this server has no default model)",
@@ -247,6 +292,11 @@ def engine_config(params: StartParams, *, settings: Settings, dataset: Path, eva
     else:
         mapping["eval_dataset"], mapping["eval_size"] = str(eval_dataset), len(params.evaluation_data or [])
     mapping.update(VARIANTS.get(c.grpo_variant or "", {}))
+    if c.agent is not None:
+        agent = {AGENT_KEYS.get(k, k): v for k, v in c.agent.model_dump(exclude_none=True).items()}
+        agent.setdefault("max_steps_per_trajectory", c.max_steps_per_trajectory if c.max_steps_per_trajectory > 1 else 4)
+        agent.setdefault("gamma", c.gamma)
+        mapping.update(agent)
     for key in ("max_new_tokens", "temperature", "kl_coef", "num_policy_workers", "num_rollout_workers",
                 "num_reward_workers", "gpus_per_worker"):
         if getattr(c, key) is not None:
@@ -489,17 +539,18 @@ class EvaluateParams(JobParams):
 
 
 def evaluation_task(base_model: str, checkpoint: str, rows: list[dict[str, str]], reward: str,
-                    max_new_tokens: int) -> dict[str, Any]:
-    """Runs on the cluster (a Ray task): score the checkpoint and its base model on the same queries."""
+                    max_new_tokens: int, agent: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Runs on the cluster (a Ray task): score the checkpoint and its base model on the same queries
+    (agent jobs: greedy episodes in their environment)."""
     from grpo.evaluate import compare, evaluate_model
     from grpo.tasks import Sample
 
     samples = [Sample(r["query"], r["expected_outcome"]) for r in rows]
-    tuned = evaluate_model(checkpoint, samples, reward=reward, max_new_tokens=max_new_tokens)
-    base = evaluate_model(base_model, samples, reward=reward, max_new_tokens=max_new_tokens)
+    tuned = evaluate_model(checkpoint, samples, reward=reward, max_new_tokens=max_new_tokens, agent=agent)
+    base = evaluate_model(base_model, samples, reward=reward, max_new_tokens=max_new_tokens, agent=agent)
     return {
         "n_queries": len(samples), "success_rate": tuned.success_rate, "avg_reward": tuned.avg_reward,
-        "avg_steps": 1.0,  # single-turn completions: one step per trajectory
+        "avg_steps": tuned.avg_steps,
         "base_model": {"model": base_model, "success_rate": base.success_rate, "avg_reward": base.avg_reward},
         "comparison": compare(base.rewards, tuned.rewards),
     }
@@ -524,7 +575,11 @@ async def evaluate(p: EvaluateParams, ctx: Context) -> dict[str, Any]:
     else:
         source = Path(cfg.get("eval_dataset") or cfg["dataset"])
         rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()][: p.max_queries]
-    args = (cfg["model"], ckpt.path, rows, cfg.get("reward") or "exact_match", int(cfg.get("max_new_tokens", 64)))
+    agent = None
+    if cfg.get("environment"):  # the engine's agent keys, as the run used them
+        agent = {k: cfg[k] for k in AGENT_ENGINE_KEYS if k in cfg}
+    args = (cfg["model"], ckpt.path, rows, cfg.get("reward") or "exact_match", int(cfg.get("max_new_tokens", 64)),
+            agent)
     try:
         import ray
 

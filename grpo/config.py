@@ -46,7 +46,7 @@ class GRPOConfig(BaseModel):
 
     # ---- data ----------------------------------------------------------------------------------
     task: str = Field("digit", min_length=1)
-    """built-in task (`digit`, `arithmetic`, `countdown`, `code`) or `jsonl` with `dataset`"""
+    """built-in task (`digit`, `arithmetic`, `countdown`, `code`) or `jsonl` with `dataset`; unused with environment"""
     dataset: str | None = None
     """JSONL file of `{query, expected_outcome}` rows; sets task to `jsonl`"""
     eval_dataset: str | None = None
@@ -105,6 +105,46 @@ class GRPOConfig(BaseModel):
     """soft overlong penalty over the last N tokens before max_new_tokens (0 disables)"""
     overlong_penalty: float = Field(1.0, ge=0.0, le=100.0)
     """size of the soft overlong penalty at max_new_tokens"""
+
+    # ---- multi-turn agents (grpo.agent, grpo.multiturn) -----------------------------------------
+    environment: str | None = Field(None, min_length=1)
+    """agent environment: `calculator`, `python`, `search` or `module:Class`; set, trajectories are multi-turn"""
+    tools: list[str] | None = None
+    """tools of the environment to offer (all when left out)"""
+    tool_instructions: bool = True
+    """put the tool list and the call format before each query"""
+    chat_template: bool = False
+    """render prompts and tool turns with the tokenizer's chat template"""
+    max_steps_per_trajectory: int = Field(4, ge=1, le=100)
+    """agent turns (actions) per trajectory; max_new_tokens bounds each turn"""
+    max_trajectory_tokens: int = Field(256, ge=1, le=131_072)
+    """token budget of a trajectory after its prompt: actions plus observations"""
+    env_concurrency: int = Field(64, ge=1, le=65_536)
+    """live environments per rollout actor; their turns are generated as one batch"""
+    env_actor_cpus: float | None = Field(None, gt=0.0, le=256.0)
+    """run each environment in its own Ray actor with this many CPUs (heavy environments); None: in the rollout actor"""
+    env_step_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    """an environment step (or reset) slower than this ends its trajectory as `env_timeout`"""
+    tool_timeout_s: float = Field(10.0, gt=0.0, le=3600.0)
+    """a tool call slower than this is reported to the model as timed out; the trajectory goes on"""
+    credit_assignment: Literal["outcome", "discounted"] = "outcome"
+    """outcome: group advantage of the summed reward on every token; discounted: per-step returns"""
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    """discount of step rewards (credit_assignment: discounted)"""
+    reward_tool_call: float = Field(0.0, ge=-100.0, le=100.0)
+    """shaping: added per successful tool call"""
+    reward_tool_error: float = Field(0.0, ge=-100.0, le=100.0)
+    """shaping: added per malformed, unknown, failing or timed-out tool call"""
+    reward_verification: float = Field(0.0, ge=-100.0, le=100.0)
+    """shaping: added per verification step (e.g. running the tests)"""
+    reward_step: float = Field(0.0, ge=-100.0, le=100.0)
+    """shaping: added per step"""
+    sft_warmup_steps: int = Field(0, ge=0, le=100_000)
+    """supervised steps on the environment's demonstrations before GRPO starts (fresh runs only)"""
+    sft_learning_rate: float | None = Field(None, gt=0.0, le=1.0)
+    """learning rate of the warm-up; defaults to learning_rate"""
+    sft_batch_size: int | None = Field(None, ge=1, le=65_536)
+    """demonstrations per warm-up step, across all policy workers; defaults to prompts_per_step"""
 
     # ---- cluster -------------------------------------------------------------------------------
     num_policy_workers: int = Field(1, ge=1, le=1024)
@@ -188,6 +228,31 @@ class GRPOConfig(BaseModel):
             )
         if self.strategy == "fsdp" and self.gpus_per_worker == 0:
             raise ValueError("strategy: fsdp needs gpus_per_worker > 0")
+        if self.sft_batch_size is not None and self.sft_batch_size % self.num_policy_workers:
+            raise ValueError("sft_batch_size: must be a multiple of num_policy_workers")
+        if self.environment is None:
+            for name in ("tools", "sft_warmup_steps"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}: needs environment")
+        else:
+            from grpo.agent import ToolEnvironment, environment_class
+
+            try:
+                env_cls = environment_class(self.environment)
+            except ValueError as e:
+                raise ValueError(f"environment: {e}") from None
+            if self.task not in ("digit", "jsonl"):
+                raise ValueError("task: leave it out with environment (the environment brings its samples) "
+                                 "or give dataset")
+            if self.tools is not None:
+                if not (isinstance(env_cls, type) and issubclass(env_cls, ToolEnvironment)):
+                    raise ValueError("tools: the environment is not a ToolEnvironment")
+                try:
+                    env_cls(tools=self.tools)
+                except ValueError as e:
+                    raise ValueError(str(e)) from None
+            if self.overlong_buffer:
+                raise ValueError("overlong_buffer: not used with environment (use max_trajectory_tokens, reward_step)")
         if self.overlong_buffer >= self.max_new_tokens and self.overlong_buffer:
             raise ValueError("overlong_buffer: must be smaller than max_new_tokens")
         return self
@@ -213,6 +278,10 @@ class GRPOConfig(BaseModel):
         """The run's train/eval prompts, as every process of the run loads them."""
         from grpo.tasks import load_dataset
 
+        if self.environment is not None and self.dataset is None:
+            from grpo.agent import environment_class
+
+            return environment_class(self.environment).load_dataset(self.eval_size, self.seed)
         return load_dataset(self.task, dataset_path=self.dataset, eval_size=self.eval_size, seed=self.seed,
                             eval_path=self.eval_dataset)
 

@@ -19,6 +19,11 @@ from grpo.tasks import Sample
 class EvalResult:
     rewards: list[float]  # one per query, in order
     completions: list[str]
+    steps: list[int] | None = None  # agent steps per query (multi-turn evaluation), else None
+
+    @property
+    def avg_steps(self) -> float:
+        return sum(self.steps) / len(self.steps) if self.steps else 1.0
 
     @property
     def avg_reward(self) -> float:
@@ -30,9 +35,20 @@ class EvalResult:
 
 
 def evaluate_model(model: str, samples: list[Sample], *, reward: str, max_new_tokens: int,
-                   batch_size: int = 64, torch_threads: int = 1) -> EvalResult:
-    """Greedy completions of `model` on `samples`, scored with the reward function `reward`."""
+                   batch_size: int = 64, torch_threads: int = 1, agent: dict | None = None) -> EvalResult:
+    """Greedy completions of `model` on `samples`, scored with the reward function `reward`.
+
+    With `agent` (the agent keys of a GRPOConfig: environment, tools, ...) each query is a greedy
+    multi-turn episode instead, scored by its environment (the outcome, without shaping)."""
     worker = RolloutWorker(model, torch_threads=torch_threads)
+    if agent is not None:
+        from grpo.config import GRPOConfig
+        from grpo.multiturn import AgentSettings
+
+        settings = AgentSettings.from_config(GRPOConfig(model=model, **agent))
+        ro = worker.generate_agent(samples, settings=settings, group_size=1, temperature=0.0)
+        return EvalResult([sum(r.get("env_reward", 0.0) for r in recs) for recs in ro.records], ro.texts,
+                          steps=[len(recs) for recs in ro.records])
     fn = resolve(reward)
     texts: list[str] = []
     for i in range(0, len(samples), batch_size):

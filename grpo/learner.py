@@ -20,6 +20,7 @@ from torch import Tensor
 
 from grpo import loss as L
 from grpo.config import GRPOConfig
+from grpo.multiturn import AgentRollout
 from grpo.rollout import Rollout, left_pad, position_ids
 
 
@@ -28,13 +29,13 @@ class ScoredBatch:
     """A rollout with its rewards and group advantages; `keep` drops whole groups (dynamic sampling)."""
 
     rollout: Rollout
-    rewards: Tensor  # (N,) float32, after shaping (overlong penalty)
-    advantages: Tensor  # (N,) float32
+    rewards: Tensor  # (N,) float32, after shaping (overlong penalty; multi-turn: summed step rewards)
+    advantages: Tensor  # (N,) float32, or (N, L) per token (multi-turn discounted step credit)
     keep: Tensor  # (N,) bool
 
     @property
     def num_tokens(self) -> int:
-        return int(self.rollout.completion_mask[self.keep].sum())
+        return int(self.rollout.train_mask[self.keep].sum())
 
     @property
     def num_seqs(self) -> int:
@@ -49,6 +50,28 @@ def score_batch(rollout: Rollout, raw_rewards: list[float], cfg: GRPOConfig) -> 
     advantages = L.group_advantages(rewards, rollout.group_size, scale=cfg.scale_advantages)  # (N,)
     if cfg.dynamic_sampling:
         keep = L.dynamic_sampling_mask(rewards, rollout.group_size).repeat_interleave(rollout.group_size)  # (N,)
+    else:
+        keep = torch.ones_like(rewards, dtype=torch.bool)
+    return ScoredBatch(rollout=rollout, rewards=rewards, advantages=advantages, keep=keep)
+
+
+def score_agent_batch(rollout: AgentRollout, cfg: GRPOConfig) -> ScoredBatch:
+    """Multi-turn credit: a trajectory's reward is the sum of its step rewards (outcome on the last
+    step, step rewards and shaping on the others). `credit_assignment: outcome` gives every policy
+    token the group-relative advantage of that sum; `discounted` gives each action's tokens the
+    group-relative advantage of its gamma-discounted return from that step on."""
+    assert rollout.step_rewards is not None and rollout.step_mask is not None and rollout.token_step is not None
+    rewards = rollout.step_rewards.sum(dim=1)  # (N,)
+    g = rollout.group_size
+    if cfg.credit_assignment == "outcome":
+        advantages = L.group_advantages(rewards, g, scale=cfg.scale_advantages)  # (N,)
+    else:
+        returns = L.discounted_returns(rollout.step_rewards, rollout.step_mask, cfg.gamma)  # (N, S)
+        per_step = L.group_step_advantages(returns, rollout.step_mask, g, scale=cfg.scale_advantages)  # (N, S)
+        idx = rollout.token_step.clamp(min=0)  # (N, L)
+        advantages = per_step.gather(1, idx) * (rollout.token_step >= 0)  # (N, L)
+    if cfg.dynamic_sampling:
+        keep = L.dynamic_sampling_mask(rewards, g).repeat_interleave(g)  # (N,)
     else:
         keep = torch.ones_like(rewards, dtype=torch.bool)
     return ScoredBatch(rollout=rollout, rewards=rewards, advantages=advantages, keep=keep)
@@ -116,6 +139,23 @@ class Learner:
         rest = model(input_ids=c_ids, attention_mask=attn, position_ids=pos, past_key_values=cache).logits
         return torch.cat([first, rest], dim=1)  # (N, L, V)
 
+    def sft_step(self, rollout: Rollout, *, num_tokens: float, world_size: int = 1) -> float:
+        """One supervised step (the warm-up): mean negative log-likelihood of the rollout's train-mask
+        tokens (demonstrated actions; observations stay masked), over the global token count."""
+        ids, mask, pos = (t.to(self.device) for t in training_tensors(rollout, self.pad_id))
+        n_comp = rollout.completion_ids.shape[1]
+        self.model.train()
+        logits = self._logits(self.model, ids, mask, pos, n_comp)  # (N, L, V)
+        logp = L.token_logprobs(logits, rollout.completion_ids.to(self.device))  # (N, L)
+        m = rollout.train_mask.to(self.device)  # (N, L)
+        loss = -(logp * m).sum() / max(num_tokens, 1.0)
+        (loss * world_size).backward()
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
     def step(self, batch: ScoredBatch, *, num_tokens: float, num_seqs: float, world_size: int = 1) -> dict[str, float]:
         """Forward/backward over micro-batches, clip, optimizer step. Returns this worker's share of
         each metric (sum over workers gives the global value)."""
@@ -146,7 +186,7 @@ class Learner:
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
                 c_ids = ro.completion_ids[idx].to(self.device)  # (B, L)
-                c_mask = ro.completion_mask[idx].to(self.device) & (not empty)  # (B, L)
+                c_mask = ro.train_mask[idx].to(self.device) & (not empty)  # (B, L): the policy's own tokens
                 logits = logits_of(self.model, grp, idx)  # (B, L, V)
                 logp = L.token_logprobs(logits, c_ids, cfg.temperature)  # (B, L)
                 # On-policy (sync) the ratio is 1 with the right gradient; async corrects with the

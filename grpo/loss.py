@@ -21,7 +21,9 @@ __all__ = [
     "LossOutput",
     "aggregate",
     "clipped_surrogate",
+    "discounted_returns",
     "dynamic_sampling_mask",
+    "group_step_advantages",
     "entropy",
     "group_advantages",
     "kl_penalty",
@@ -106,14 +108,15 @@ def clipped_surrogate(
 ) -> tuple[Tensor, Tensor]:
     """PPO's clipped surrogate per token, with separate clip ranges below and above 1.
 
-    logp, old_logp (B, T), advantages (B,) -> (loss (B, T), clipped (B, T) bool).
+    logp, old_logp (B, T), advantages (B,) or per token (B, T) -> (loss (B, T), clipped (B, T) bool).
     loss = -min(ratio * A, clamp(ratio, 1 - eps_low, 1 + eps_high) * A), ratio = pi / pi_old.
     eps_high > eps_low is DAPO's clip-higher: low-probability tokens with A > 0 may grow further,
     which keeps exploration (entropy) alive. `clipped` marks tokens where the clipped branch was
     strictly the smaller term, i.e. tokens that get no gradient.
     """
     ratio = torch.exp(logp - old_logp)  # (B, T)
-    adv = advantages.unsqueeze(-1)  # (B, 1): one advantage for every token of a sequence
+    # (B, 1): one advantage for every token of a sequence; (B, T) as given (multi-turn step credit)
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     unclipped = ratio * adv  # (B, T)
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * adv  # (B, T)
     return -torch.minimum(unclipped, clipped), clipped < unclipped
@@ -199,7 +202,7 @@ def policy_loss(
 ) -> LossOutput:
     """The GRPO loss: clipped surrogate + kl_coef * KL(pi || ref), aggregated with `agg`.
 
-    logp, old_logp, mask, ref_logp (B, T), advantages (B,) -> LossOutput of scalars. The KL is added
+    logp, old_logp, mask, ref_logp (B, T), advantages (B,) or (B, T) -> LossOutput of scalars. The KL is added
     per token before aggregation (as a loss term, not folded into the reward), so it shares the
     surrogate's weighting; with the global counts the shards' losses sum to the whole-batch loss.
     """
@@ -252,3 +255,40 @@ def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float =
     ramp = (start - length) / buffer * factor  # (B,)
     penalty = torch.where(length <= start, torch.zeros_like(length), ramp)  # (B,)
     return torch.where(length > max_len, torch.full_like(length, -factor), penalty)  # (B,)
+
+
+def discounted_returns(step_rewards: Tensor, step_mask: Tensor, gamma: float) -> Tensor:
+    """Return of each step of a multi-turn trajectory: G_k = r_k + gamma * G_{k+1}.
+
+    step_rewards, step_mask (B, S) -> (B, S) float32, 0 on steps that did not happen. The outcome
+    reward sits on the last step, so with gamma < 1 earlier steps get it discounted by their
+    distance from the end: credit moves towards the steps that led to the answer.
+    """
+    r = (step_rewards.float() * step_mask).clone()  # (B, S)
+    out = torch.zeros_like(r)  # (B, S)
+    running = torch.zeros(r.shape[0], dtype=r.dtype, device=r.device)  # (B,)
+    for k in range(r.shape[1] - 1, -1, -1):
+        running = r[:, k] + gamma * running * step_mask[:, k]  # (B,)
+        out[:, k] = running
+    return out * step_mask
+
+
+def group_step_advantages(returns: Tensor, step_mask: Tensor, group_size: int, scale: bool = True,
+                          eps: float = 1e-6) -> Tensor:
+    """Step returns made group-relative: every step's return minus the mean over all steps of the
+    group's trajectories (divided by their std when `scale`).
+
+    returns, step_mask (P*G, S) -> (P*G, S), 0 on missing steps. Pooling the group's steps (rather than
+    comparing step k with step k only) keeps groups whose trajectories have different lengths
+    comparable; with one step per trajectory it is exactly `group_advantages`.
+    """
+    p = returns.shape[0] // group_size
+    r = returns.float().reshape(p, -1)  # (P, G*S)
+    m = step_mask.reshape(p, -1).float()  # (P, G*S)
+    n = m.sum(dim=1, keepdim=True).clamp(min=1)  # (P, 1)
+    mean = (r * m).sum(dim=1, keepdim=True) / n  # (P, 1)
+    a = (r - mean) * m  # (P, G*S)
+    if scale:
+        var = (a**2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)  # (P, 1), unbiased like group_advantages
+        a = a / (var.sqrt() + eps)
+    return a.reshape(returns.shape) * step_mask  # (P*G, S)

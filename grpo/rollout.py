@@ -31,6 +31,13 @@ class Rollout:
     version: int  # policy version that sampled these
     gen_seconds: float = 0.0
     meta: dict[str, float] = field(default_factory=dict)
+    loss_mask: Tensor | None = None
+    """(P*G, L) bool, the tokens the loss trains on when they differ from completion_mask (multi-turn:
+    the policy's own tokens, not observations); None means completion_mask"""
+
+    @property
+    def train_mask(self) -> Tensor:
+        return self.completion_mask if self.loss_mask is None else self.loss_mask  # (P*G, L)
 
     @property
     def lengths(self) -> Tensor:
@@ -82,6 +89,7 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
         version=min(r.version for r in parts),
         gen_seconds=max(r.gen_seconds for r in parts),
         meta=dict(parts[0].meta),
+        loss_mask=None if parts[0].loss_mask is None else torch.cat([pad(r.train_mask, False) for r in parts]),
     )
 
 
@@ -181,6 +189,38 @@ class RolloutWorker:
         import os
 
         return os.getpid()
+
+    # ---- multi-turn agents (grpo.multiturn) ------------------------------------------------------
+    def generate_agent(self, samples: list, *, settings, group_size: int, temperature: float = 1.0,
+                       top_p: float = 1.0, seed: int | None = None, min_version: int = 0,
+                       forced: list[list[str]] | None = None):
+        """Play `group_size` trajectories per sample against fresh environments, up to
+        `settings.concurrency` at once, their turns generated as one batch. -> multiturn.AgentRollout.
+        `forced` plays given actions instead of sampling (the supervised warm-up's demonstrations)."""
+        import asyncio
+
+        from grpo import multiturn as mt
+
+        if min_version > self.version:
+            self.pull_weights(min_version)
+        t0 = time.perf_counter()
+        if getattr(self, "_turns", None) is None:
+            self._turns = mt.TurnGenerator(self.model, self.tokenizer, pad_id=self.pad_id, eos_id=self.eos_id,
+                                           device=self.device)
+        fmt = mt.TurnFormat(self.tokenizer, chat=settings.chat_template)
+        with torch.inference_mode():
+            trajs, gen_s = asyncio.run(mt.run_episodes(
+                samples, group_size=group_size, make_env=settings.make_env, generate=self._turns,
+                tokenizer=self.tokenizer, fmt=fmt, max_steps=settings.max_steps,
+                max_new_tokens=settings.max_new_tokens, max_total_tokens=settings.max_total_tokens,
+                max_prompt_tokens=self.max_prompt_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                concurrency=settings.concurrency, step_timeout_s=settings.step_timeout_s, shaping=settings.shaping,
+                forced=forced,
+            ))
+        ro = mt.to_rollout(trajs, group_size=group_size, pad_id=self.pad_id, version=self.version,
+                           gen_seconds=gen_s, tokenizer=self.tokenizer)
+        ro.meta["wall_seconds"] = time.perf_counter() - t0
+        return ro
 
     # ---- sampling --------------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> list[list[int]]:

@@ -51,6 +51,20 @@ def preflight(cfg: GRPOConfig) -> None:
         resolve(cfg.reward or dataset.reward)
     except RewardError as e:
         raise ConfigError(f"reward: {e}") from None
+    if cfg.environment is not None:
+        from grpo.multiturn import AgentSettings
+
+        try:
+            AgentSettings.from_config(cfg).make_env()
+        except Exception as e:  # a user environment that cannot be built: fail before any actor
+            raise ConfigError(f"environment: {type(e).__name__}: {e}") from None
+        if cfg.sft_warmup_steps:
+            from grpo.agent import environment_class
+
+            try:
+                environment_class(cfg.environment).demonstration(dataset.train[0])
+            except Exception as e:
+                raise ConfigError(f"sft_warmup_steps: {type(e).__name__}: {e}") from None
 
 
 def required_cpus(cfg: GRPOConfig) -> float:

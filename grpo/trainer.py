@@ -28,7 +28,7 @@ import torch.distributed as dist
 from ray.util import ActorPool
 
 from grpo.config import GRPOConfig
-from grpo.learner import Learner, ScoredBatch, score_batch
+from grpo.learner import Learner, ScoredBatch, score_agent_batch, score_batch
 from grpo.rollout import Rollout, concat_rollouts
 from grpo.tasks import Dataset, Sample
 
@@ -45,6 +45,7 @@ class Collected:
     reward_errors: int
     reward_timeouts: int
     seconds: float
+    agent: dict[str, float] | None = None  # multi-turn sums (grpo.multiturn.AGENT_STATS), None single-turn
 
 
 def _sample_seed(cfg: GRPOConfig, step: int, rank: int, part: int) -> int:
@@ -84,6 +85,20 @@ def collect(
     mine = my_rollout_actors(actors, rank, world)
     per = -(-len(samples) // len(mine))
     parts = [samples[i : i + per] for i in range(0, len(samples), per)]
+    if cfg.environment is not None:  # multi-turn: the environments score, no reward pool
+        from grpo import multiturn as mt
+
+        settings = mt.AgentSettings.from_config(cfg)
+        futures = [
+            actor.generate_agent.remote(
+                part, settings=settings, group_size=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                seed=_sample_seed(cfg, step, rank, j), min_version=min_version,
+            )
+            for j, (actor, part) in enumerate(zip(mine, parts, strict=False))
+        ]
+        ro = mt.concat_agent_rollouts(ray.get(futures))
+        return Collected(step, samples, score_agent_batch(ro, cfg), 0, 0, time.perf_counter() - t0,
+                         agent=mt.agent_stats(ro))
     futures = [
         actor.generate.remote(
             [s.prompt for s in part], group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
@@ -106,6 +121,14 @@ def evaluate(cfg: GRPOConfig, dataset: Dataset, actors: list, reward_actors: lis
         return float("nan")
     per = -(-len(samples) // len(actors))
     parts = [samples[i : i + per] for i in range(0, len(samples), per)]
+    if cfg.environment is not None:  # greedy episodes; the score is the environment's reward, no shaping
+        from grpo.multiturn import AgentSettings
+
+        settings = AgentSettings.from_config(cfg)
+        rollouts = ray.get([a.generate_agent.remote(p, settings=settings, group_size=1, temperature=0.0,
+                                                    min_version=min_version) for a, p in zip(actors, parts, strict=False)])
+        env_rewards = [sum(r.get("env_reward", 0.0) for r in recs) for ro in rollouts for recs in ro.records]
+        return sum(env_rewards) / len(env_rewards)
     futures = [
         a.generate.remote([s.prompt for s in p], group_size=1, max_new_tokens=cfg.max_new_tokens,
                           temperature=0.0, min_version=min_version)
@@ -119,13 +142,45 @@ def evaluate(cfg: GRPOConfig, dataset: Dataset, actors: list, reward_actors: lis
 def trajectories(got: Collected) -> list[dict[str, Any]]:
     """One row per completion, for the run's trajectory log (and the job API's export)."""
     b, ro, g = got.batch, got.batch.rollout, got.batch.rollout.group_size
-    return [
-        {"step": got.step, "prompt": got.samples[i // g].prompt, "completion": ro.texts[i],
-         "expected": got.samples[i // g].expected, "reward": float(b.rewards[i]),
-         "advantage": float(b.advantages[i]), "finish_reason": ro.finish_reasons[i],
-         "tokens": int(ro.lengths[i]), "policy_version": ro.version}
-        for i in range(len(ro.texts))
-    ]
+    records = getattr(ro, "records", None)
+    rows = []
+    for i in range(len(ro.texts)):
+        adv = b.advantages[i]
+        row = {"step": got.step, "prompt": got.samples[i // g].prompt, "completion": ro.texts[i],
+               "expected": got.samples[i // g].expected, "reward": float(b.rewards[i]),
+               # per-token advantages (multi-turn step credit): the mean over the policy's tokens
+               "advantage": float(adv if adv.dim() == 0 else adv[ro.train_mask[i]].mean().nan_to_num()),
+               "finish_reason": ro.finish_reasons[i], "tokens": int(ro.lengths[i]), "policy_version": ro.version}
+        if records is not None:
+            row["steps"] = records[i]
+            # success is the outcome (the environment's last reward), not the shaped sum
+            row["success"] = bool(records[i]) and records[i][-1].get("env_reward", 0.0) >= 1.0
+        rows.append(row)
+    return rows
+
+
+def sft_warmup(cfg: GRPOConfig, dataset: Dataset, learner: Learner, tokenizer: Any, pad_id: int, *,
+               rank: int, world: int) -> float:
+    """`sft_warmup_steps` supervised steps on demonstrations of this worker's shard of prompts,
+    built here (no rollout actor needed); returns the last loss."""
+    from grpo.multiturn import AgentSettings, demonstrations
+
+    settings = AgentSettings.from_config(cfg)
+    lr = cfg.sft_learning_rate or cfg.learning_rate
+    for group in learner.optimizer.param_groups:
+        group["lr"] = lr
+    # One demonstration per prompt (a demonstration is deterministic: G copies would teach nothing more).
+    total = cfg.sft_batch_size or cfg.prompts_per_step
+    n, loss = total // world, float("nan")
+    for k in range(cfg.sft_warmup_steps):
+        # Negative step numbers: the warm-up's prompts are drawn apart from the GRPO steps' ones.
+        samples = dataset.batch(-1 - k, total, cfg.seed)[rank * n : (rank + 1) * n]
+        ro = demonstrations(samples, settings, tokenizer, pad_id=pad_id, max_prompt_tokens=cfg.max_prompt_tokens)
+        (num_tokens,) = _all_sum([float(ro.train_mask.sum())])
+        loss = learner.sft_step(ro, num_tokens=num_tokens, world_size=world)
+    for group in learner.optimizer.param_groups:
+        group["lr"] = cfg.learning_rate
+    return loss
 
 
 def _all_sum(values: list[float]) -> list[float]:
@@ -214,6 +269,13 @@ def train_loop(config: dict[str, Any]) -> None:
             )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    # 0b. supervised warm-up on the environment's demonstrations (fresh agent runs only)
+    warmup_loss = None
+    if cfg.environment is not None and cfg.sft_warmup_steps and start_step == 0:
+        warmup_loss = sft_warmup(cfg, dataset, learner, tokenizer, pad_id, rank=rank, world=world)
+        if ref_model is not None:  # KL then holds the policy near what the warm-up taught, not the init
+            ref_model.load_state_dict(_full_state_dict(learner.model))
+
     version = start_step
     publish(version)
     evaluating = cfg.eval_size > 0
@@ -261,14 +323,17 @@ def train_loop(config: dict[str, Any]) -> None:
         r = batch.rewards
         ro = batch.rollout
         keys = list(stats)
+        agent_keys = sorted(got.agent or {})
         summed = _all_sum(
             [stats[k] for k in keys]
             + [float(r.sum()), float((r**2).sum()), float(r.numel()), float(ro.num_tokens),
                float(got.reward_errors), float(got.reward_timeouts),
                float(sum(f == "stop" for f in ro.finish_reasons)), float(staleness), float(batch.num_seqs)]
+            + [got.agent[k] for k in agent_keys]
         )
         metrics = dict(zip(keys, summed[: len(keys)], strict=True))
-        s, s2, n, toks, errs, tos, stops, stale, kept = summed[len(keys) :]
+        s, s2, n, toks, errs, tos, stops, stale, kept = summed[len(keys) : len(keys) + 9]
+        agent = dict(zip(agent_keys, summed[len(keys) + 9 :], strict=True))
         step_s = time.perf_counter() - t0
         mean = s / n
         metrics.update(
@@ -278,6 +343,16 @@ def train_loop(config: dict[str, Any]) -> None:
             rollout_time_s=t_train - t0, gen_time_s=got.batch.rollout.gen_seconds, publish_time_s=publish_s,
             tokens_per_s=toks / step_s, elapsed_s=time.perf_counter() - t_start, policy_version=version,
         )
+        if agent:  # multi-turn: how the agent used its tools
+            metrics.update(
+                tool_use_rate=agent["tool_use"] / n, tool_calls_per_traj=agent["tool_calls"] / n,
+                tool_error_rate=agent["tool_errors"] / max(agent["agent_steps"], 1.0),
+                steps_per_traj=agent["agent_steps"] / n, env_errors=agent["env_errors"],
+                env_reward_mean=agent["env_reward"] / n,
+                trajectories_per_s=n / step_s,
+            )
+        if warmup_loss is not None and step == start_step + 1:
+            metrics["sft_warmup_loss"] = warmup_loss
 
         # 7. report to the driver; it answers with a stop reason (cancel, budget) or None
         stop_flag = 0.0
