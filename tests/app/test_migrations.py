@@ -17,7 +17,9 @@ from sqlmodel import SQLModel
 
 from app import db
 
-TABLES = {"training_jobs", "trajectories", "policy_checkpoints", "api_keys", "audit_log"}
+TABLES = {"training_jobs", "trajectories", "policy_checkpoints", "api_keys", "audit_log", "experiments", "runs",
+          "metric_series", "metric_points", "registered_models", "datasets", "dataset_versions", "prompt_templates",
+          "prompt_template_versions", "evaluations", "registry_members", "registry_tags"}
 ROOT = Path(__file__).resolve().parents[2]
 
 
