@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 import app.admin  # noqa: F401  registers the auth.* and audit.* methods
+import app.research  # noqa: F401  registers the research registry's methods
 from app import logs
 from app.auth import RequestState, authenticate, reset_request_state, set_request_state
 from app.jsonrpc import FORBIDDEN, INTERNAL_ERROR, INVALID_REQUEST, RATE_LIMITED, UNAUTHENTICATED, CallRecord
@@ -119,6 +120,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="raygrpo"'
         return response
+
+    from app.research.datasets import install_routes
+
+    install_routes(app, ctx)  # PUT/GET of dataset files: streamed, with signed links
 
     @app.get("/api/v1/jsonrpc/methods")
     def methods() -> list[dict]:
