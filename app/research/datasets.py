@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fastapi import Request
 from pydantic import Field, model_validator
 from sqlalchemy import select
 from sqlmodel import Session, col
@@ -463,7 +464,6 @@ def _dataset_for(ctx: Any, principal: Any, dataset_id: str, version: int | None)
 
 
 def install_routes(app: Any, ctx: Any) -> None:
-    from fastapi import Request
     from fastapi.responses import StreamingResponse
 
     @app.put("/api/v1/datasets/{dataset_id}/file")

@@ -96,8 +96,8 @@ def write_metrics(s: Session, run_id: str, points: Iterable[tuple[str, int, floa
     return insert_points(s, [(ids[name], step, value, ts) for name, step, value, ts in points])
 
 
-def _range_filter(step_from: int | None, step_to: int | None, time_from: datetime | None,
-                  time_to: datetime | None) -> tuple[str, dict[str, Any]]:
+def _range_filter(step_from: int | None = None, step_to: int | None = None, time_from: datetime | None = None,
+                  time_to: datetime | None = None) -> tuple[str, dict[str, Any]]:
     where, params = "", {}
     if step_from is not None:
         where += " AND step >= :step_from"
