@@ -77,12 +77,13 @@ def insert_points(s: Session, points: Sequence[Point]) -> int:
 def _copy_points(s: Session, rows: list[Point]) -> None:
     # COPY cannot resolve conflicts itself, so it fills a temporary table that lives as long as the
     # pooled connection (emptied at each commit), and one INSERT ... SELECT moves the rows over.
+    # The rows go over as one text block: formatting them here is faster than psycopg's per-row write_row.
     cursor = s.connection().connection.driver_connection.cursor()
     cursor.execute("CREATE TEMP TABLE IF NOT EXISTS metric_points_in (series_id integer, step bigint, "
                    "value double precision, ts timestamp) ON COMMIT DELETE ROWS")
+    block = "".join(f"{sid}\t{step}\t{value!r}\t{_naive_utc(ts).isoformat(' ')}\n" for sid, step, value, ts in rows)
     with cursor.copy("COPY metric_points_in (series_id, step, value, ts) FROM STDIN") as copy:
-        for series_id, step, value, ts in rows:
-            copy.write_row((series_id, step, value, _naive_utc(ts)))
+        copy.write(block)
     cursor.execute("INSERT INTO metric_points (series_id, step, value, ts) SELECT series_id, step, value, ts "
                    "FROM metric_points_in ON CONFLICT (series_id, step) DO UPDATE "
                    "SET value = EXCLUDED.value, ts = EXCLUDED.ts")
