@@ -150,7 +150,7 @@ class DatasetRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     dataset_id: str = Field(min_length=1, max_length=64)
-    version: int | None = Field(None, ge=1)
+    version: int | None = Field(None, ge=1, le=2**31 - 1)
     """the latest version when left out"""
 
 

@@ -235,7 +235,7 @@ class AddVersion(TemplateText):
 
 class GetTemplate(Strict):
     id: str = Field(min_length=1, max_length=64)
-    version: int | None = Field(None, ge=1)
+    version: int | None = Field(None, ge=1, le=2**31 - 1)
     """a version number; the latest when left out"""
 
 

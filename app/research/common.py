@@ -27,8 +27,26 @@ from app.models import RegistryMember, RegistryTag, utcnow
 TAG_MAX = 64
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, populate_by_name=True)
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, v: Any) -> Any:
+        # PostgreSQL text cannot hold NUL; refuse it here, naming the field, rather than fail in the database
+        if _has_nul(v):
+            raise ValueError("must not contain NUL characters")
+        return v
 
 
 def _clean_labels(values: list[str] | None, what: str, max_len: int) -> list[str] | None:

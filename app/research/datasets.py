@@ -205,7 +205,7 @@ class CreateVersion(Strict):
 
 class VersionParams(Strict):
     dataset_id: str = Field(min_length=1, max_length=64)
-    version: int | None = Field(None, ge=1)
+    version: int | None = Field(None, ge=1, le=2**31 - 1)
     """a version number; the latest when left out"""
 
 
@@ -328,7 +328,7 @@ class LinkParams(Strict):
 
 
 class DownloadLinkParams(LinkParams):
-    version: int | None = Field(None, ge=1)
+    version: int | None = Field(None, ge=1, le=2**31 - 1)
     """a version number; the latest when left out"""
 
 
@@ -483,6 +483,8 @@ def install_routes(app: Any, ctx: Any) -> None:
 
     @app.get("/api/v1/datasets/{dataset_id}/versions/{version}/file")
     async def get_file(dataset_id: str, version: int, request: Request) -> Any:
+        if not 1 <= version < 2**31:
+            return _http_error(404, NOT_FOUND, f"version: no version {version}")
         principal = await _caller(request, ctx, "GET", READ)
         if not hasattr(principal, "subject"):
             return principal

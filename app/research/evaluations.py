@@ -41,8 +41,8 @@ class RecordParams(Strict):
     name: str = Field(min_length=1, max_length=256)
     """what was evaluated (benchmark, suite)"""
     dataset_id: str | None = Field(None, min_length=1, max_length=64)
-    dataset_version: int | None = Field(None, ge=1)
-    samples: int = Field(ge=0, le=10**12)
+    dataset_version: int | None = Field(None, ge=1, le=2**31 - 1)
+    samples: int = Field(ge=0, le=2**31 - 1)
     avg_latency_ms: float | None = Field(None, ge=0)
     tokens: int = Field(0, ge=0, le=10**15)
     cost_usd: Decimal = Field(Decimal("0"), ge=0, le=Decimal("100000000"), decimal_places=6)

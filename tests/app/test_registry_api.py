@@ -98,6 +98,7 @@ def test_experiment_crud_and_every_illegal_transition(client):
     err(client, "experiments.create", {"name": ""}, code=-32602, field="name")
     err(client, "experiments.create", {"name": "x", "tags": ["a" * 65]}, code=-32602, field="tags")
     err(client, "experiments.create", {"name": "x", "nope": 1}, code=-32602, field="nope")
+    err(client, "experiments.create", {"name": "a\x00b"}, code=-32602, field="name")  # PostgreSQL text refuses NUL
     err(client, "experiments.get", {"id": "exp_missing"}, code=-32001)
     deleted = ok(client, "experiments.delete", {"id": exp["id"]})
     assert deleted["deleted"] is True
