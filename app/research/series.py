@@ -4,9 +4,10 @@ it (app.reporter). Nothing here imports the API, so a run's driver stays light.
 
 Storage: `metric_series` names (run, metric) once; `metric_points` holds (series_id, step) -> value,
 timestamp, with that pair as primary key, so a range of one metric is one index range scan. Writes
-are batches: on PostgreSQL a COPY into a session-local temporary table followed by one
-`INSERT ... SELECT ... ON CONFLICT` (a step written twice keeps the last value: a resumed job re-runs
-steps after its checkpoint); elsewhere one multi-row `INSERT ... ON CONFLICT` per chunk.
+are batches: on PostgreSQL a COPY straight into the table, or, when the batch rewrites stored steps,
+a COPY into a session-local temporary table followed by one `INSERT ... SELECT ... ON CONFLICT` (a
+step written twice keeps the last value: a resumed job re-runs steps after its checkpoint);
+elsewhere one multi-row `INSERT ... ON CONFLICT` per chunk.
 Downsampling happens in SQL: the step range is cut into at most `max_points` equal buckets, and
 each bucket comes back as min/max/mean/count and its last value, never as raw rows through Python.
 bench/bench_metrics.py measures both on a million points.
@@ -75,13 +76,28 @@ def insert_points(s: Session, points: Sequence[Point]) -> int:
 
 
 def _copy_points(s: Session, rows: list[Point]) -> None:
-    # COPY cannot resolve conflicts itself, so it fills a temporary table that lives as long as the
-    # pooled connection (emptied at each commit), and one INSERT ... SELECT moves the rows over.
-    # The rows go over as one text block: formatting them here is faster than psycopg's per-row write_row.
+    # New steps (the usual case) are COPYed straight into metric_points, inside a savepoint. A batch
+    # that rewrites a stored step makes that COPY fail on the primary key; it is then rolled back and
+    # the batch goes through a temporary table (living as long as the pooled connection, emptied at
+    # each commit) and one INSERT ... SELECT ... ON CONFLICT. The rows travel as one text block:
+    # formatting them here is faster than psycopg's per-row write_row.
+    import psycopg
+
+    stamps: dict[datetime, str] = {}  # a step's metrics share one timestamp: format it once
+    block = "".join(f"{sid}\t{step}\t{value!r}\t"
+                    f"{stamps.get(ts) or stamps.setdefault(ts, _naive_utc(ts).isoformat(' '))}\n"
+                    for sid, step, value, ts in rows)
     cursor = s.connection().connection.driver_connection.cursor()
+    cursor.execute("SAVEPOINT metric_points_copy")
+    try:
+        with cursor.copy("COPY metric_points (series_id, step, value, ts) FROM STDIN") as copy:
+            copy.write(block)
+        cursor.execute("RELEASE SAVEPOINT metric_points_copy")
+        return
+    except psycopg.errors.UniqueViolation:
+        cursor.execute("ROLLBACK TO SAVEPOINT metric_points_copy")
     cursor.execute("CREATE TEMP TABLE IF NOT EXISTS metric_points_in (series_id integer, step bigint, "
                    "value double precision, ts timestamp) ON COMMIT DELETE ROWS")
-    block = "".join(f"{sid}\t{step}\t{value!r}\t{_naive_utc(ts).isoformat(' ')}\n" for sid, step, value, ts in rows)
     with cursor.copy("COPY metric_points_in (series_id, step, value, ts) FROM STDIN") as copy:
         copy.write(block)
     cursor.execute("INSERT INTO metric_points (series_id, step, value, ts) SELECT series_id, step, value, ts "

@@ -263,6 +263,12 @@ def test_metric_series_batches_ranges_downsampling_and_aggregates(client):
     err(client, "metrics.log", {"run_id": run, "points": [{"name": "x", "step": -1, "value": 1}]}, code=-32602,
         field="points.0.step")
     err(client, "metrics.log", {"run_id": "run_missing", "points": small}, code=-32001)
+    # a large batch rewriting stored steps (a resumed job): PostgreSQL's COPY conflicts and falls back to the upsert
+    again = [{"name": "loss", "step": s, "value": -float(s)} for s in range(2400, 2700)]
+    assert ok(client, "metrics.log", {"run_id": run, "points": again})["written"] == 300
+    tail = ok(client, "metrics.aggregate", {"run_id": run, "names": ["loss"], "step_from": 2400})["metrics"]["loss"]
+    assert tail["count"] == 300 and tail["max"] == -2400.0 and tail["last"] == -2699.0
+    assert ok(client, "metrics.aggregate", {"run_id": run, "names": ["loss"]})["metrics"]["loss"]["count"] == 2700
     ok(client, "runs.complete", {"id": run})
     err(client, "metrics.log", {"run_id": run, "points": small}, code=-40002, field="completed")
 
