@@ -393,6 +393,13 @@ def test_dataset_versions_files_links_and_a_job_trained_from_one(client):
     assert v1["content_hash"] == hashlib.sha256(jsonl(ROWS[:5])).hexdigest()
     assert v1["schema"] == {"query": "string", "expected_outcome": "string"}
     stored = client.settings.home / "datasets" / v1["content_hash"][:2] / v1["content_hash"]
+    from sqlmodel import select
+
+    from app.models import AuditEntry
+
+    with db.session_scope(client.ctx.engine) as s:  # the audit row of the upload keeps no file content
+        audit = s.exec(select(AuditEntry).where(AuditEntry.method == "datasets.create_version")).one()
+        assert audit.params["content_base64"] == "<redacted>" and audit.target == ds["id"]
     assert stored.read_bytes() == jsonl(ROWS[:5]) and v1["storage_url"] == stored.as_uri()
     same = err(client, "datasets.create_version", {"dataset_id": ds["id"],
                                                    "content_base64": base64.b64encode(jsonl(ROWS[:5])).decode()},
