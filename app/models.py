@@ -334,6 +334,28 @@ class MetricPoint(SQLModel, table=True):
     ts: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
+class MetricRollup(SQLModel, table=True):
+    """A block of ROLLUP_STEPS consecutive steps of one series, summarised (app.research.series): rewritten
+    for the blocks each write touches, so a whole-run downsampled query reads a thousand of these
+    instead of a million points."""
+
+    __tablename__ = "metric_rollups"
+
+    series_id: int = Field(sa_column=Column(Integer, ForeignKey("metric_series.id"), primary_key=True,
+                                            autoincrement=False))
+    block: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    """step // ROLLUP_STEPS"""
+    n: int
+    vmin: float
+    vmax: float
+    vsum: float
+    step_min: int = Field(sa_column=Column(BigInteger, nullable=False))
+    step_max: int = Field(sa_column=Column(BigInteger, nullable=False))
+    last_value: float
+    """the value at step_max"""
+    last_ts: datetime = Field(sa_type=UTCDateTime)
+
+
 class RegisteredModel(SQLModel, table=True):
     """A model the team uses: a provider's model id and version, or a training job's checkpoint."""
 

@@ -28,6 +28,8 @@ from app.models import MetricPoint, MetricSeries, Run, UTCDateTime, utcnow
 
 SQLITE_CHUNK = 2000  # rows per multi-row INSERT: 4 params a row stays under SQLite's 32766 limit
 COPY_THRESHOLD = 200  # below this many points a multi-row INSERT beats creating/filling the temp table
+ROLLUP_STEPS = 1000
+"""steps per metric_rollups block: a query whose buckets span at least this many steps reads blocks"""
 
 Point = tuple[int, int, float, datetime]  # (series_id, step, value, timestamp)
 
@@ -65,14 +67,39 @@ def insert_points(s: Session, points: Sequence[Point]) -> int:
         return 0
     if s.get_bind().dialect.name == "postgresql" and len(rows) >= COPY_THRESHOLD:
         _copy_points(s, rows)
-    else:
-        dialect = postgresql if s.get_bind().dialect.name == "postgresql" else sqlite
-        for i in range(0, len(rows), SQLITE_CHUNK):
-            chunk = [{"series_id": a, "step": b, "value": v, "ts": t} for a, b, v, t in rows[i:i + SQLITE_CHUNK]]
-            stmt = dialect.insert(MetricPoint).values(chunk)
-            s.execute(stmt.on_conflict_do_update(index_elements=["series_id", "step"],
-                                                 set_={"value": stmt.excluded.value, "ts": stmt.excluded.ts}))
+        _refresh_rollups(s, rows)
+        return len(rows)
+    dialect = postgresql if s.get_bind().dialect.name == "postgresql" else sqlite
+    for i in range(0, len(rows), SQLITE_CHUNK):
+        chunk = [{"series_id": a, "step": b, "value": v, "ts": t} for a, b, v, t in rows[i:i + SQLITE_CHUNK]]
+        stmt = dialect.insert(MetricPoint).values(chunk)
+        s.execute(stmt.on_conflict_do_update(index_elements=["series_id", "step"],
+                                             set_={"value": stmt.excluded.value, "ts": stmt.excluded.ts}))
+    _refresh_rollups(s, rows)
     return len(rows)
+
+
+def _refresh_rollups(s: Session, rows: list[Point]) -> None:
+    """Recompute the rollup blocks the written points fall in, from the points themselves (so a
+    rewritten step is reflected exactly). A contiguous batch of N steps rereads about N points."""
+    spans: dict[int, tuple[int, int]] = {}
+    for sid, step, _, _ in rows:
+        lo, hi = spans.get(sid, (step, step))
+        spans[sid] = (min(lo, step), max(hi, step))
+    r = ROLLUP_STEPS
+    for sid, (lo, hi) in spans.items():
+        # ROLLUP_STEPS is a constant of ours, written into the SQL so that GROUP BY and SELECT share the expression
+        s.execute(text(
+            "INSERT INTO metric_rollups (series_id, block, n, vmin, vmax, vsum, step_min, step_max, last_value, last_ts)"
+            " SELECT a.series_id, a.block, a.n, a.vmin, a.vmax, a.vsum, a.step_min, a.step_max, p.value, p.ts FROM ("
+            f"  SELECT series_id, step / {r} AS block, COUNT(*) AS n, MIN(value) AS vmin, MAX(value) AS vmax,"
+            "   SUM(value) AS vsum, MIN(step) AS step_min, MAX(step) AS step_max FROM metric_points"
+            f"  WHERE series_id = :sid AND step >= :lo AND step < :hi GROUP BY series_id, step / {r}"
+            " ) a JOIN metric_points p ON p.series_id = a.series_id AND p.step = a.step_max WHERE 1 = 1"
+            " ON CONFLICT (series_id, block) DO UPDATE SET n = excluded.n, vmin = excluded.vmin,"
+            " vmax = excluded.vmax, vsum = excluded.vsum, step_min = excluded.step_min,"
+            " step_max = excluded.step_max, last_value = excluded.last_value, last_ts = excluded.last_ts"),
+            {"sid": sid, "lo": (lo // r) * r, "hi": (hi // r + 1) * r})
 
 
 def _copy_points(s: Session, rows: list[Point]) -> None:
@@ -165,6 +192,10 @@ def query_series(s: Session, series_id: int, *, max_points: int, step_from: int 
                               f"AND step >= :lo AND step <= :hi{where} ORDER BY step", params), params).all()
         return {"downsampled": False, "bucket_steps": 1,
                 "points": [{"step": st, "value": v, "timestamp": _ts(t)} for st, v, t in rows]}
+    if width >= ROLLUP_STEPS and time_from is None and time_to is None:
+        from_blocks = _downsample_blocks(s, series_id, lo, hi, max_points)
+        if from_blocks is not None:
+            return from_blocks
     params["width"] = width
     rows = s.execute(_sql(
         "SELECT b.step_min, b.step_max, b.n, b.vmin, b.vmax, b.vmean, p.value, p.ts FROM ("
@@ -178,12 +209,46 @@ def query_series(s: Session, series_id: int, *, max_points: int, step_from: int 
         for smin, smax, n, vmin, vmax, vmean, last, ts in rows]}
 
 
+def _downsample_blocks(s: Session, series_id: int, lo: int, hi: int, max_points: int) -> dict[str, Any] | None:
+    """Buckets of whole rollup blocks, or None when the blocks at either end reach outside [lo, hi]
+    (a step range cutting through a block): then only the points give exact figures."""
+    r = ROLLUP_STEPS
+    first, last = lo // r, hi // r
+    ends = s.execute(text("SELECT step_min, step_max FROM metric_rollups WHERE series_id = :sid AND block IN (:a, :b)"),
+                     {"sid": series_id, "a": first, "b": last}).all()
+    if len(ends) != len({first, last}) or any(smin < lo or smax > hi for smin, smax in ends):
+        return None
+    per_bucket = max(1, math.ceil((last - first + 1) / max_points))  # blocks per bucket
+    rows = s.execute(text(
+        "SELECT b.step_min, b.step_max, b.n, b.vmin, b.vmax, b.vmean, x.last_value, x.last_ts FROM ("
+        " SELECT (block - :first) / CAST(:per AS BIGINT) AS bucket, MIN(step_min) AS step_min,"
+        " MAX(step_max) AS step_max, SUM(n) AS n, MIN(vmin) AS vmin, MAX(vmax) AS vmax, SUM(vsum) / SUM(n) AS vmean"
+        " FROM metric_rollups WHERE series_id = :sid AND block >= :first AND block <= :last GROUP BY 1"
+        f") b JOIN metric_rollups x ON x.series_id = :sid AND x.block = b.step_max / {r} ORDER BY b.bucket"),
+        {"sid": series_id, "first": first, "last": last, "per": per_bucket}).all()
+    return {"downsampled": True, "bucket_steps": per_bucket * r, "points": [
+        {"step": smax, "value": lv, "timestamp": _ts(ts), "step_min": smin, "count": int(n), "min": vmin,
+         "max": vmax, "mean": float(vmean)}
+        for smin, smax, n, vmin, vmax, vmean, lv, ts in rows]}
+
+
 def aggregate_series(s: Session, series_ids_: Sequence[int], **rng: Any) -> dict[int, dict[str, Any]]:
-    """count/min/max/mean/first_step/last_step/last of each series in a range, in one query."""
+    """count/min/max/mean/first_step/last_step/last of each series in a range, in one query (over the
+    rollup blocks when the whole series is asked for)."""
     if not series_ids_:
         return {}
     where, params = _range_filter(**rng)
     ids = ", ".join(str(int(i)) for i in series_ids_)  # ints from our own table, never client text
+    if not params:
+        rows = s.execute(text(
+            "SELECT a.series_id, a.n, a.vmin, a.vmax, a.vmean, a.first_step, a.last_step, x.last_value FROM ("
+            " SELECT series_id, SUM(n) AS n, MIN(vmin) AS vmin, MAX(vmax) AS vmax, SUM(vsum) / SUM(n) AS vmean,"
+            f" MIN(step_min) AS first_step, MAX(step_max) AS last_step FROM metric_rollups WHERE series_id IN ({ids})"
+            f" GROUP BY series_id) a JOIN metric_rollups x ON x.series_id = a.series_id"
+            f" AND x.block = a.last_step / {ROLLUP_STEPS}")).all()
+        return {sid: {"count": int(n), "min": vmin, "max": vmax, "mean": float(vmean), "first_step": first,
+                      "last_step": last_step, "last": last}
+                for sid, n, vmin, vmax, vmean, first, last_step, last in rows}
     rows = s.execute(_sql(
         "SELECT a.series_id, a.n, a.vmin, a.vmax, a.vmean, a.first_step, a.last_step, p.value FROM ("
         " SELECT series_id, COUNT(*) AS n, MIN(value) AS vmin, MAX(value) AS vmax, AVG(value) AS vmean,"

@@ -268,7 +268,24 @@ def test_metric_series_batches_ranges_downsampling_and_aggregates(client):
     assert ok(client, "metrics.log", {"run_id": run, "points": again})["written"] == 300
     tail = ok(client, "metrics.aggregate", {"run_id": run, "names": ["loss"], "step_from": 2400})["metrics"]["loss"]
     assert tail["count"] == 300 and tail["max"] == -2400.0 and tail["last"] == -2699.0
-    assert ok(client, "metrics.aggregate", {"run_id": run, "names": ["loss"]})["metrics"]["loss"]["count"] == 2700
+    whole = ok(client, "metrics.aggregate", {"run_id": run, "names": ["loss"]})["metrics"]["loss"]  # from rollups
+    assert whole["count"] == 2700 and whole["last"] == -2699.0 and (whole["min"], whole["max"]) == (-2699.0, 2399.0)
+    assert whole["mean"] == pytest.approx((sum(range(2400)) - 7 + 70 - sum(range(2400, 2700))) / 2700)
+    # buckets of whole rollup blocks (1,000 steps): steps 0..1999 and 2000..2699, with the rewrites in them
+    coarse = ok(client, "metrics.query", {"run_id": run, "names": ["loss"], "max_points": 2})["series"][0]
+    assert coarse["bucket_steps"] == 2000 and [(p["step_min"], p["step"], p["count"]) for p in coarse["points"]] \
+        == [(0, 1999, 2000), (2000, 2699, 700)]
+    first, second = coarse["points"]
+    assert (first["min"], first["max"], first["value"]) == (0.0, 1999.0, 1999.0)
+    assert first["mean"] == pytest.approx((sum(range(2000)) - 7 + 70) / 2000)
+    assert (second["min"], second["max"], second["value"]) == (-2699.0, 2399.0, -2699.0)
+    assert second["mean"] == pytest.approx((sum(range(2000, 2400)) - sum(range(2400, 2700))) / 700)
+    # a range cutting through a block is computed from the points: the same figures the points give
+    cut = ok(client, "metrics.query", {"run_id": run, "names": ["loss"], "max_points": 2, "step_from": 500})
+    cut = cut["series"][0]
+    assert cut["bucket_steps"] == 1100 and [(p["step_min"], p["step"]) for p in cut["points"]] == [(500, 1599),
+                                                                                                 (1600, 2699)]
+    assert cut["points"][0]["mean"] == pytest.approx(sum(range(500, 1600)) / 1100)
     ok(client, "runs.complete", {"id": run})
     err(client, "metrics.log", {"run_id": run, "points": small}, code=-40002, field="completed")
 

@@ -212,8 +212,25 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("series_id", "step"),
     )
 
+    op.create_table(
+        "metric_rollups",
+        sa.Column("series_id", sa.Integer(), autoincrement=False, nullable=False),
+        sa.Column("block", sa.BigInteger(), autoincrement=False, nullable=False),
+        sa.Column("n", sa.Integer(), nullable=False),
+        sa.Column("vmin", sa.Float(), nullable=False),
+        sa.Column("vmax", sa.Float(), nullable=False),
+        sa.Column("vsum", sa.Float(), nullable=False),
+        sa.Column("step_min", sa.BigInteger(), nullable=False),
+        sa.Column("step_max", sa.BigInteger(), nullable=False),
+        sa.Column("last_value", sa.Float(), nullable=False),
+        sa.Column("last_ts", sa.DateTime(), nullable=False),
+        sa.ForeignKeyConstraint(["series_id"], ["metric_series.id"]),
+        sa.PrimaryKeyConstraint("series_id", "block"),
+    )
+
 
 def downgrade() -> None:
+    op.drop_table("metric_rollups")
     op.drop_table("metric_points")
     op.drop_table("evaluations")
     op.drop_table("registered_models")
