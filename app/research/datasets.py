@@ -420,8 +420,9 @@ def _http_error(status: int, code: int, message: str) -> Any:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
-async def _caller(request: Any, ctx: Any, method: str, permission: str) -> Any:
-    """Who may do this: a valid signed link for exactly this method and path, or the usual credentials."""
+async def _caller(request: Any, ctx: Any, method: str, permission: str) -> tuple[Any, Any]:
+    """(principal, None) for a valid signed link for exactly this method and path, or the usual
+    credentials with `permission`; (None, the HTTP error reply) otherwise."""
     from app.auth import Principal
 
     params, path = request.query_params, request.url.path
@@ -429,22 +430,22 @@ async def _caller(request: Any, ctx: Any, method: str, permission: str) -> Any:
         try:
             expires, subject = int(params.get("expires", "")), params.get("by", "")
         except ValueError:
-            return _http_error(401, UNAUTHENTICATED, "unauthenticated: malformed signed link")
+            return None, _http_error(401, UNAUTHENTICATED, "unauthenticated: malformed signed link")
         good = _signature(ctx.settings, method, path, expires, subject)
         if not hmac.compare_digest(good, params["signature"]):
-            return _http_error(401, UNAUTHENTICATED, "unauthenticated: signature invalid")
+            return None, _http_error(401, UNAUTHENTICATED, "unauthenticated: signature invalid")
         if expires < time.time():
-            return _http_error(401, UNAUTHENTICATED, "unauthenticated: link expired")
+            return None, _http_error(401, UNAUTHENTICATED, "unauthenticated: link expired")
         # the link carries its own permission: exactly this operation, for the user who asked for it
-        return Principal(subject=subject, role="link", permissions=frozenset({permission}), auth_method="link")
+        return Principal(subject=subject, role="link", permissions=frozenset({permission}), auth_method="link"), None
     principal, reason = await asyncio.to_thread(authenticate, ctx.settings, ctx.engine,
                                                 request.headers.get("authorization"),
                                                 request.headers.get("x-api-key"))
     if principal is None:
-        return _http_error(401, UNAUTHENTICATED, f"unauthenticated: {reason or 'credentials required'}")
+        return None, _http_error(401, UNAUTHENTICATED, f"unauthenticated: {reason or 'credentials required'}")
     if not principal.can(permission):
-        return _http_error(403, FORBIDDEN, f"forbidden: needs the permission {permission}")
-    return principal
+        return None, _http_error(403, FORBIDDEN, f"forbidden: needs the permission {permission}")
+    return principal, None
 
 
 def _dataset_for(ctx: Any, principal: Any, dataset_id: str, version: int | None) -> Any:
@@ -468,9 +469,9 @@ def install_routes(app: Any, ctx: Any) -> None:
 
     @app.put("/api/v1/datasets/{dataset_id}/file")
     async def put_file(dataset_id: str, request: Request) -> Any:
-        principal = await _caller(request, ctx, "PUT", WRITE)
-        if not hasattr(principal, "subject"):
-            return principal
+        principal, refused = await _caller(request, ctx, "PUT", WRITE)
+        if refused is not None:
+            return refused
         try:
             await asyncio.to_thread(_dataset_for, ctx, principal, dataset_id, None)
             st = await _storage(ctx).put_stream(request.stream())
@@ -485,9 +486,9 @@ def install_routes(app: Any, ctx: Any) -> None:
     async def get_file(dataset_id: str, version: int, request: Request) -> Any:
         if not 1 <= version < 2**31:
             return _http_error(404, NOT_FOUND, f"version: no version {version}")
-        principal = await _caller(request, ctx, "GET", READ)
-        if not hasattr(principal, "subject"):
-            return principal
+        principal, refused = await _caller(request, ctx, "GET", READ)
+        if refused is not None:
+            return refused
         try:
             _, v = await asyncio.to_thread(_dataset_for, ctx, principal, dataset_id, version)
             actual = await asyncio.to_thread(_storage(ctx).hash_of, v.storage_url)

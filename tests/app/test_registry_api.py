@@ -441,6 +441,9 @@ def test_dataset_versions_files_links_and_a_job_trained_from_one(client):
     assert client.put(f"/api/v1/datasets/{ds['id']}/file", content=b"[1]\n").status_code == 400  # not objects
     r = client.put(f"/api/v1/datasets/{ds['id']}/file", content=b'{"q": 1}\n', headers=bearer(client.settings, "dave", "researcher"))
     assert r.status_code == 404  # someone else's dataset
+    r = client.put(f"/api/v1/datasets/{ds['id']}/file", content=b'{"q": 1}\n', headers=bearer(client.settings, "vera",
+                                                                                              "viewer"))
+    assert r.status_code == 403 and "datasets:write" in r.text
     v2 = ok(client, "datasets.create_version", {"dataset_id": ds["id"], "content_hash": up["content_hash"],
                                                 "change_description": "all ten"})
     assert v2["version"] == 2 and v2["sample_count"] == 10
