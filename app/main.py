@@ -27,7 +27,11 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 import app.admin  # noqa: F401  registers the auth.* and audit.* methods
-import app.research  # noqa: F401  registers the research registry's methods
+import app.research.catalog  # noqa: F401  the research registry: models.*, prompts.*
+import app.research.datasets  # noqa: F401  datasets.* (and the dataset file routes)
+import app.research.evaluations  # noqa: F401  evaluations.*
+import app.research.experiments  # noqa: F401  experiments.*, runs.*
+import app.research.metrics  # noqa: F401  metrics.*
 from app import logs
 from app.auth import RequestState, authenticate, reset_request_state, set_request_state
 from app.jsonrpc import FORBIDDEN, INTERNAL_ERROR, INVALID_REQUEST, RATE_LIMITED, UNAUTHENTICATED, CallRecord
