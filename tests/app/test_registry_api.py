@@ -280,12 +280,21 @@ def test_metric_series_batches_ranges_downsampling_and_aggregates(client):
     assert first["mean"] == pytest.approx((sum(range(2000)) - 7 + 70) / 2000)
     assert (second["min"], second["max"], second["value"]) == (-2699.0, 2399.0, -2699.0)
     assert second["mean"] == pytest.approx((sum(range(2000, 2400)) - sum(range(2400, 2700))) / 700)
-    # a range cutting through a block is computed from the points: the same figures the points give
+    # a range cutting blocks: whole blocks from the rollups, the cut ends from their points
     cut = ok(client, "metrics.query", {"run_id": run, "names": ["loss"], "max_points": 2, "step_from": 500})
     cut = cut["series"][0]
-    assert cut["bucket_steps"] == 1100 and [(p["step_min"], p["step"]) for p in cut["points"]] == [(500, 1599),
-                                                                                                 (1600, 2699)]
-    assert cut["points"][0]["mean"] == pytest.approx(sum(range(500, 1600)) / 1100)
+    assert cut["bucket_steps"] == 2000 and [(p["step_min"], p["step"], p["count"]) for p in cut["points"]] \
+        == [(500, 1999, 1500), (2000, 2699, 700)]
+    assert cut["points"][0]["mean"] == pytest.approx(sum(range(500, 2000)) / 1500)
+    both = ok(client, "metrics.query", {"run_id": run, "names": ["loss"], "max_points": 2, "step_from": 500,
+                                        "step_to": 2499})["series"][0]
+    assert [(p["step_min"], p["step"], p["count"]) for p in both["points"]] == [(500, 1999, 1500), (2000, 2499, 500)]
+    end = both["points"][1]
+    assert (end["min"], end["max"], end["value"]) == (-2499.0, 2399.0, -2499.0)
+    assert end["mean"] == pytest.approx((sum(range(2000, 2400)) - sum(range(2400, 2500))) / 500)
+    inside = ok(client, "metrics.query", {"run_id": run, "names": ["loss"], "max_points": 2, "step_from": 1100,
+                                          "step_to": 1800})["series"][0]  # within one block: from the points
+    assert [(p["step_min"], p["step"]) for p in inside["points"]] == [(1100, 1450), (1451, 1800)]
     ok(client, "runs.complete", {"id": run})
     err(client, "metrics.log", {"run_id": run, "points": small}, code=-40002, field="completed")
 
