@@ -27,7 +27,8 @@ from app.training import registry
 log = logging.getLogger("app.audit")
 
 # Params never written to the audit log: bulk data, or what could carry a secret.
-_LEFT_OUT = {"training_data", "evaluation_data", "evaluation_queries", "api_key", "password", "secret", "token"}
+_LEFT_OUT = {"training_data", "evaluation_data", "evaluation_queries", "api_key", "password", "secret", "token",
+             "content_base64", "points"}
 _MAX_AUDIT_TEXT = 500
 
 
@@ -179,7 +180,7 @@ def _target(record: CallRecord) -> str | None:
         if source is None:
             continue
         data = source if isinstance(source, dict) else getattr(source, "__dict__", {})
-        for name in ("job_id", "key_id", "checkpoint_id", "id"):
+        for name in ("job_id", "key_id", "checkpoint_id", "id", "run_id", "dataset_id", "experiment_id", "model_id"):
             value = data.get(name)
             if isinstance(value, str):
                 return value[:256]

@@ -28,6 +28,11 @@ from sqlalchemy import text
 
 import app.admin  # noqa: F401  registers the auth.* and audit.* methods
 import app.deploy_api  # noqa: F401  registers models.deploy, models.undeploy, models.deployments
+import app.research.catalog  # noqa: F401  the research registry: models.*, prompts.*
+import app.research.datasets  # noqa: F401  datasets.* (and the dataset file routes)
+import app.research.evaluations  # noqa: F401  evaluations.*
+import app.research.experiments  # noqa: F401  experiments.*, runs.*
+import app.research.metrics  # noqa: F401  metrics.*
 from app import logs
 from app.auth import RequestState, authenticate, reset_request_state, set_request_state
 from app.jsonrpc import FORBIDDEN, INTERNAL_ERROR, INVALID_REQUEST, RATE_LIMITED, UNAUTHENTICATED, CallRecord
@@ -120,6 +125,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="raygrpo"'
         return response
+
+    from app.research.datasets import install_routes
+
+    install_routes(app, ctx)  # PUT/GET of dataset files: streamed, with signed links
 
     @app.get("/api/v1/jsonrpc/methods")
     def methods() -> list[dict]:

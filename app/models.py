@@ -14,7 +14,20 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Dialect, Index, Numeric, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    Numeric,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlmodel import Field, SQLModel
 
 
@@ -214,3 +227,265 @@ class PolicyDeployment(SQLModel, table=True):
     """replicas, autoscaling, gpus_per_replica, cpus_per_replica, batching, max_batch_size"""
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+# ---- research registry (app.research): experiments, runs, metric series, models, datasets, prompts, evaluations
+
+class ExperimentStatus(StrEnum):
+    draft = "draft"
+    active = "active"
+    paused = "paused"
+    completed = "completed"
+    failed = "failed"
+    archived = "archived"
+
+
+EXPERIMENT_TRANSITIONS: dict[str, frozenset[str]] = {
+    "draft": frozenset({"active"}),
+    "active": frozenset({"paused", "completed", "failed"}),
+    "paused": frozenset({"active", "completed", "failed"}),
+    "completed": frozenset({"archived"}),
+    "failed": frozenset({"archived"}),
+    "archived": frozenset(),
+}
+"""The legal moves of an experiment; anything else is refused (-40002) naming the allowed ones."""
+
+
+class RegistryMember(SQLModel, table=True):
+    """A collaborator of a registry object (experiment, model, dataset, template): may read and write it.
+
+    The object's `collaborators` column keeps the same list for replies; this table is what list
+    filters query, so "everything I may see" is one indexed lookup on any database."""
+
+    __tablename__ = "registry_members"
+    __table_args__ = (Index("ix_registry_members_kind_subject", "kind", "subject"),)
+
+    kind: str = Field(primary_key=True, max_length=16)
+    object_id: str = Field(primary_key=True, max_length=64)
+    subject: str = Field(primary_key=True, max_length=256)
+
+
+class RegistryTag(SQLModel, table=True):
+    """A tag of a registry object, for the `tag` filter of every list (the row's `tags` column is the copy replies read)."""
+
+    __tablename__ = "registry_tags"
+    __table_args__ = (Index("ix_registry_tags_kind_tag", "kind", "tag"),)
+
+    kind: str = Field(primary_key=True, max_length=16)
+    object_id: str = Field(primary_key=True, max_length=64)
+    tag: str = Field(primary_key=True, max_length=64)
+
+
+class Experiment(SQLModel, table=True):
+    """A research question with its runs; owned by one user, shared with collaborators."""
+
+    __tablename__ = "experiments"
+    __table_args__ = (Index("ix_experiments_created", "created_at", "id"),)
+
+    id: str = Field(default_factory=lambda: new_id("exp"), primary_key=True, max_length=64)
+    name: str = Field(max_length=256, index=True)
+    description: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    hypothesis: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    owner: str = Field(max_length=256, index=True)
+    collaborators: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    meta: dict[str, Any] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
+    """free-form metadata (`metadata` on the wire; the attribute name is SQLAlchemy's own)"""
+    status: str = Field(default=ExperimentStatus.draft, max_length=16, index=True)
+    run_count: int = 0
+    """runs created so far: the next run's number is run_count + 1"""
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    deleted_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    """soft delete: the experiment's runs, series and evaluations stay for the record"""
+
+
+class Run(SQLModel, table=True):
+    """One attempt under an experiment, numbered 1, 2, ... per experiment; optionally a training job's."""
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        UniqueConstraint("experiment_id", "number", name="uq_runs_experiment_number"),
+        Index("ix_runs_experiment_created", "experiment_id", "created_at", "id"),
+    )
+
+    id: str = Field(default_factory=lambda: new_id("run"), primary_key=True, max_length=64)
+    experiment_id: str = Field(foreign_key="experiments.id", max_length=64)
+    number: int
+    name: str | None = Field(default=None, max_length=256)
+    status: str = Field(default="running", max_length=16)
+    """running, completed or failed"""
+    job_id: str | None = Field(default=None, foreign_key="training_jobs.id", max_length=64, index=True)
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    final_metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    error_message: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_by: str = Field(max_length=256)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class MetricSeries(SQLModel, table=True):
+    """One named metric of one run. Points refer to it by a small integer, so a million points do not
+    repeat the run id and metric name a million times (in the rows or in the index)."""
+
+    __tablename__ = "metric_series"
+    __table_args__ = (UniqueConstraint("run_id", "name", name="uq_metric_series_run_name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(foreign_key="runs.id", max_length=64)
+    name: str = Field(max_length=256)
+
+
+class MetricPoint(SQLModel, table=True):
+    """(series, step) -> value at a time. The primary key is the (run, metric, step) index range queries
+    and downsampling scan; a step written twice (a resumed job re-running it) keeps the last value."""
+
+    __tablename__ = "metric_points"
+
+    series_id: int = Field(sa_column=Column(Integer, ForeignKey("metric_series.id"), primary_key=True,
+                                            autoincrement=False))
+    step: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    value: float
+    ts: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class MetricRollup(SQLModel, table=True):
+    """A block of ROLLUP_STEPS consecutive steps of one series, summarised (app.research.series): rewritten
+    for the blocks each write touches, so a whole-run downsampled query reads a thousand of these
+    instead of a million points."""
+
+    __tablename__ = "metric_rollups"
+
+    series_id: int = Field(sa_column=Column(Integer, ForeignKey("metric_series.id"), primary_key=True,
+                                            autoincrement=False))
+    block: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    """step // ROLLUP_STEPS"""
+    n: int
+    vmin: float
+    vmax: float
+    vsum: float
+    step_min: int = Field(sa_column=Column(BigInteger, nullable=False))
+    step_max: int = Field(sa_column=Column(BigInteger, nullable=False))
+    last_value: float
+    """the value at step_max"""
+    last_ts: datetime = Field(sa_type=UTCDateTime)
+
+
+class RegisteredModel(SQLModel, table=True):
+    """A model the team uses: a provider's model id and version, or a training job's checkpoint."""
+
+    __tablename__ = "registered_models"
+    __table_args__ = (Index("ix_registered_models_created", "created_at", "id"),)
+
+    id: str = Field(default_factory=lambda: new_id("mdl"), primary_key=True, max_length=64)
+    name: str = Field(max_length=256, index=True)
+    provider: str = Field(max_length=32)
+    model_identifier: str = Field(max_length=1000)
+    version: str = Field(max_length=64)
+    description: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    owner: str = Field(max_length=256, index=True)
+    collaborators: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default="registered", max_length=16)
+    job_id: str | None = Field(default=None, foreign_key="training_jobs.id", max_length=64)
+    checkpoint_id: str | None = Field(default=None, foreign_key="policy_checkpoints.id", max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    deleted_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class Dataset(SQLModel, table=True):
+    """A named dataset; its content lives in immutable versions."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (Index("ix_datasets_created", "created_at", "id"),)
+
+    id: str = Field(default_factory=lambda: new_id("ds"), primary_key=True, max_length=64)
+    name: str = Field(max_length=256, index=True)
+    description: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    owner: str = Field(max_length=256, index=True)
+    collaborators: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default="active", max_length=16)
+    latest_version: int = 0
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    deleted_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class DatasetVersion(SQLModel, table=True):
+    """An immutable file of a dataset: where it is stored and the SHA-256 that proves it unchanged."""
+
+    __tablename__ = "dataset_versions"
+
+    dataset_id: str = Field(foreign_key="datasets.id", primary_key=True, max_length=64)
+    version: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    content_hash: str = Field(max_length=64, index=True)
+    """hex SHA-256 of the file"""
+    size_bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
+    sample_count: int
+    row_schema: dict[str, Any] = Field(default_factory=dict, sa_column=Column("schema", JSON, nullable=False))
+    """field -> JSON type seen in the rows (`schema` on the wire)"""
+    change_description: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    storage_url: str = Field(sa_column=Column(Text, nullable=False))
+    created_by: str = Field(max_length=256)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class PromptTemplate(SQLModel, table=True):
+    """A named prompt template; its text lives in versions."""
+
+    __tablename__ = "prompt_templates"
+    __table_args__ = (Index("ix_prompt_templates_created", "created_at", "id"),)
+
+    id: str = Field(default_factory=lambda: new_id("tpl"), primary_key=True, max_length=64)
+    name: str = Field(max_length=256, index=True)
+    description: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    owner: str = Field(max_length=256, index=True)
+    collaborators: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default="active", max_length=16)
+    latest_version: int = 0
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    deleted_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class PromptTemplateVersion(SQLModel, table=True):
+    """An immutable template text with the variables it declares."""
+
+    __tablename__ = "prompt_template_versions"
+
+    template_id: str = Field(foreign_key="prompt_templates.id", primary_key=True, max_length=64)
+    version: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    template: str = Field(sa_column=Column(Text, nullable=False))
+    variables: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    change_description: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_by: str = Field(max_length=256)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class Evaluation(SQLModel, table=True):
+    """One evaluation result of an experiment (and optionally of one of its runs, and a model)."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = (Index("ix_evaluations_experiment_created", "experiment_id", "created_at", "id"),)
+
+    id: str = Field(default_factory=lambda: new_id("eval"), primary_key=True, max_length=64)
+    experiment_id: str = Field(foreign_key="experiments.id", max_length=64)
+    run_id: str | None = Field(default=None, foreign_key="runs.id", max_length=64, index=True)
+    model_id: str | None = Field(default=None, foreign_key="registered_models.id", max_length=64, index=True)
+    name: str = Field(max_length=256)
+    dataset_id: str | None = Field(default=None, max_length=64)
+    dataset_version: int | None = None
+    samples: int
+    avg_latency_ms: float | None = None
+    tokens: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    cost_usd: Decimal = Field(default=Decimal("0"), sa_column=Column(MONEY, nullable=False))
+    accuracy: float | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    """custom metrics, name -> number"""
+    created_by: str = Field(max_length=256)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

@@ -65,10 +65,13 @@ class DBReporter:
 
     def on_step(self, metrics: dict[str, float]) -> None:
         from app.db import record_progress, session_scope, set_status
+        from app.research.series import record_job_metrics
 
         cost = self._cost(metrics.get("cost_usd", 0.0))
         with session_scope(self.engine) as s:
             job = record_progress(s, job_id=self.job_id, step=int(metrics["step"]), metrics=metrics, cost_usd=cost)
+            # the runs linked to this job (runs.create with job_id) get the step as metric series
+            record_job_metrics(s, job_id=self.job_id, step=int(metrics["step"]), metrics=metrics)
             if self.budget:
                 used = int(100 * cost / self.budget)
                 for pct in (75, 90):
@@ -141,6 +144,12 @@ class DBReporter:
                 if job_status == "cancelled" and current is not None and current.stop_reason:
                     reason = current.stop_reason
                 finish_job(s, job_id=self.job_id, status=job_status, error_message=error, stop_reason=reason)
+            from app.models import TrainingJob
+            from app.research.series import record_job_end
+
+            ended = s.get(TrainingJob, self.job_id, populate_existing=True)
+            record_job_end(s, job_id=self.job_id, job_status=job_status, error=error,
+                           final_metrics=ended.metrics if ended is not None else {})
         with session_scope(self.engine) as s:
             final = get_job(s, job_id=self.job_id)
         if final is not None and final.status in ("completed", "failed", "cancelled"):

@@ -66,6 +66,10 @@ class Settings(BaseModel):
     """clock skew tolerated on exp/iat"""
     rate_limits: dict[str, int] = Field(default_factory=lambda: _rate_limits(os.environ.get("RAYGRPO_RATE_LIMITS", "")))
     """calls per minute per principal and method; RAYGRPO_RATE_LIMITS="training.start_grpo=10,default=600" """
+    dataset_storage_url: str | None = Field(
+        default_factory=lambda: os.environ.get("RAYGRPO_DATASET_STORAGE_URL") or None)
+    """where dataset files go: None means `home/datasets` (file://); `s3://bucket/prefix` (or any fsspec URL)
+    needs fsspec and the protocol's package (s3fs)"""
     log_format: str = Field(default_factory=lambda: os.environ.get("RAYGRPO_LOG_FORMAT", "json"))
     """json (one object a line, with request and job ids) or text"""
 

@@ -18,7 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy.engine import Engine
 
 from app import db
@@ -190,21 +190,38 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+class DatasetRef(BaseModel):
+    """A dataset version of the research registry (datasets.create_version)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    dataset_id: str = Field(min_length=1, max_length=64)
+    version: int | None = Field(None, ge=1, le=2**31 - 1)
+    """the latest version when left out"""
+
+
 class StartParams(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     agent_id: str = Field(min_length=1, max_length=256)
     """the agent this job trains"""
     config: TrainingConfig = Field(default_factory=TrainingConfig)
     """training settings"""
-    training_data: list[Row] = Field(min_length=1, max_length=1_000_000,
-                                     validation_alias=AliasChoices("training_data", "training_queries"))
+    training_data: list[Row] | None = Field(None, min_length=1, max_length=1_000_000,
+                                            validation_alias=AliasChoices("training_data", "training_queries"))
     """rows of {query, expected_outcome}; `training_queries` is accepted as an alias"""
+    dataset: DatasetRef | None = None
+    """a registry dataset version to train on, instead of training_data (its file is checked against its hash)"""
     evaluation_data: list[Row] | None = Field(None, max_length=100_000)
     """held-out rows scored greedily at evaluations"""
     priority: int = Field(0, ge=0, le=10)
     """higher runs first"""
     idempotency_key: str | None = Field(None, min_length=1, max_length=256)
     """the same key never creates two jobs"""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StartParams:
+        if (self.training_data is None) == (self.dataset is None):
+            raise ValueError("give exactly one of training_data and dataset")
+        return self
 
 
 class StartResult(BaseModel):
@@ -379,10 +396,16 @@ def status_of(job: TrainingJob, best: Any | None) -> dict[str, Any]:
 def start_grpo(p: StartParams, ctx: Context) -> StartResult:
     jobs_dir = ctx.settings.runs_dir
     jobs_dir.mkdir(parents=True, exist_ok=True)
+    rows, lineage = p.training_data, {}
+    if p.dataset is not None:
+        from app.research.datasets import training_rows
+
+        rows, source = training_rows(ctx, p.dataset.dataset_id, p.dataset.version, jobs_dir / "staging")
+        lineage = {"dataset": source}  # kept in the job's config: which file trained it
     # The data goes to a file first: the engine reads it as a JSONL dataset, and validating the
     # config needs it to exist. It moves into the job's folder once the job has an id.
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", dir=jobs_dir, delete=False) as f:
-        write_rows(f, p.training_data)
+        write_rows(f, rows)
     tmp, tmp_eval = Path(f.name), None
     try:
         if p.evaluation_data:
@@ -398,9 +421,10 @@ def start_grpo(p: StartParams, ctx: Context) -> StartResult:
                            {"field": "config.max_budget_usd"})
         with db.session_scope(ctx.engine) as s:
             job, created = db.create_job(
-                s, agent_id=p.agent_id, owner=current_principal().subject, config=p.config.model_dump(mode="json"),
+                s, agent_id=p.agent_id, owner=current_principal().subject,
+                config=p.config.model_dump(mode="json") | lineage,
                 engine_config={}, total_iterations=p.config.n_iterations, budget_usd=p.config.max_budget_usd,
-                priority=p.priority, idempotency_key=_owned_key(p.idempotency_key), training_rows=len(p.training_data),
+                priority=p.priority, idempotency_key=_owned_key(p.idempotency_key), training_rows=len(rows),
                 evaluation_rows=len(p.evaluation_data or []),
             )
             if created:

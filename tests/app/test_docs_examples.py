@@ -33,7 +33,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 DOC_MODEL = "/tmp/raygrpo/models/tiny-llama"  # the model directory the page's examples ran with
 MARK = re.compile(r"<!--\s*(request|reply|get)\b([^>]*?)-->[ \t]*\n(?:\s*```json\n(.*?)\n```)?", re.S)
 JOB_ID = re.compile(r"\bjob_[0-9a-f]{32}\b")
-OBJECT_ID = re.compile(r"[a-z]+_[0-9a-f]{32}")
+REGISTRY_ID = re.compile(r"(?:exp|run|mdl|ds|tpl|eval|key)_[0-9a-f]{32}")
 CURL = re.compile(r"curl -s (?:-i )?http://\S+/api/v1/jsonrpc(?: -H \"[^\"]*\")* -d '(.*)'")
 ROWS = [{"query": f"digit {d}:", "expected_outcome": str(d)} for d in range(10)]
 
@@ -145,6 +145,19 @@ class Runner:
         summary = {"checkpoint": ckpt, "best_checkpoints": [ckpt], "last_metrics": {"step": 1}, "cost_usd": 0.001}
         rep.on_end(state, error=None, summary=summary)
         assert self.status(job_id) == state
+
+    def learn_ids(self, documented: Any, actual: Any) -> None:
+        """Map the registry ids a documented reply shows (experiments, runs, ...) onto the ones this run got,
+        walking both replies in step, so later requests naming them reach the same objects."""
+        if isinstance(documented, str) and isinstance(actual, str):
+            if REGISTRY_ID.fullmatch(documented) and REGISTRY_ID.fullmatch(actual):
+                self.ids.setdefault(documented, actual)
+        elif isinstance(documented, dict) and isinstance(actual, dict):
+            for key in documented.keys() & actual.keys():
+                self.learn_ids(documented[key], actual[key])
+        elif isinstance(documented, list) and isinstance(actual, list):
+            for d, a in zip(documented, actual, strict=False):
+                self.learn_ids(d, a)
 
     def resolve(self, text: str, not_found: set[str]) -> str:
         """Give every documented job id a real job (except those the page shows as not found)."""
@@ -267,15 +280,7 @@ def test_every_documented_request_gets_the_documented_reply(runner):
             continue
         actual = r.json()
         problems += shape_problems(ex, actual, ex.reply)
-        # Any other object id a documented result shows (key_..., and those of the registry) maps onto
-        # the one this app made, so later examples can name it.
-        for doc_reply in members(ex.reply):
-            real = next((a for a in members(actual) if a.get("id") == doc_reply.get("id")), None)
-            if "result" in doc_reply and real is not None and isinstance(real.get("result"), dict):
-                for key, value in doc_reply["result"].items():
-                    if key.endswith("id") and isinstance(value, str) and OBJECT_ID.fullmatch(value) \
-                            and not JOB_ID.fullmatch(value) and isinstance(real["result"].get(key), str):
-                        runner.ids.setdefault(value, real["result"][key])
+        runner.learn_ids(ex.reply, actual)
         # A documented start maps the job id the page shows onto the job it created here.
         for req, doc_reply in zip(members(request), members(ex.reply), strict=False):
             if isinstance(req, dict) and req.get("method") == "training.start_grpo" and "result" in doc_reply:
