@@ -20,7 +20,7 @@ from sqlmodel import Session
 from app import db
 from app.auth import current_principal
 from app.jsonrpc import FORBIDDEN, NOT_FOUND, VALIDATION_FAILED, RPCError
-from app.models import PolicyCheckpoint, PromptTemplate, PromptTemplateVersion, RegisteredModel, utcnow
+from app.models import PolicyCheckpoint, PromptTemplate, PromptTemplateVersion, RegisteredModel
 from app.research.common import (
     IdParams,
     Labels,
@@ -31,6 +31,7 @@ from app.research.common import (
     page,
     require_owner,
     set_labels,
+    soft_delete,
     touch,
 )
 from app.training import registry
@@ -161,10 +162,7 @@ def update_model(p: UpdateModel, ctx: Any) -> dict[str, Any]:
 def delete_model(p: IdParams, ctx: Any) -> dict[str, Any]:
     with db.session_scope(ctx.engine) as s:
         m = get_visible(s, RegisteredModel, p.id, "model", lock=True)
-        require_owner(m, "delete it")
-        m.deleted_at = utcnow()
-        s.add(m)
-        return {"id": m.id, "deleted": True, "deleted_at": m.deleted_at}
+        return soft_delete(s, m)
 
 
 @registry.method("models.list", params=ListModels, permission="models:read",
@@ -317,10 +315,7 @@ def list_templates(p: ListParams, ctx: Any) -> dict[str, Any]:
 def delete_template(p: IdParams, ctx: Any) -> dict[str, Any]:
     with db.session_scope(ctx.engine) as s:
         t = get_visible(s, PromptTemplate, p.id, "prompt template", lock=True)
-        require_owner(t, "delete it")
-        t.deleted_at = utcnow()
-        s.add(t)
-        return {"id": t.id, "deleted": True, "deleted_at": t.deleted_at}
+        return soft_delete(s, t)
 
 
 @registry.method("prompts.render", params=RenderParams, permission=P_READ, errors=(NOT_FOUND, VALIDATION_FAILED),

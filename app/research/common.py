@@ -143,6 +143,14 @@ def require_owner(obj: Any, action: str) -> None:
                        {"id": obj.id, "owner": obj.owner})
 
 
+def soft_delete(session: Any, obj: Any) -> dict[str, Any]:
+    """Mark `obj` deleted (its owner or an admin only); what refers to it keeps working."""
+    require_owner(obj, "delete it")
+    obj.deleted_at = utcnow()
+    session.add(obj)
+    return {"id": obj.id, "deleted": True, "deleted_at": obj.deleted_at}
+
+
 def touch(obj: Any) -> None:
     obj.updated_at = utcnow()
 

@@ -39,7 +39,7 @@ from sqlmodel import Session, col
 from app import db
 from app.auth import authenticate, current_principal, hs256_secret, request_state
 from app.jsonrpc import FORBIDDEN, NOT_FOUND, UNAUTHENTICATED, VALIDATION_FAILED, RPCError
-from app.models import Dataset, DatasetVersion, utcnow
+from app.models import Dataset, DatasetVersion
 from app.research.common import (
     IdParams,
     Labels,
@@ -50,6 +50,7 @@ from app.research.common import (
     page,
     require_owner,
     set_labels,
+    soft_delete,
     touch,
 )
 from app.research.storage import Storage, StorageError
@@ -172,10 +173,7 @@ def update_dataset(p: UpdateDataset, ctx: Any) -> dict[str, Any]:
 def delete_dataset(p: IdParams, ctx: Any) -> dict[str, Any]:
     with db.session_scope(ctx.engine) as s:
         d = get_dataset(s, p.id, lock=True)
-        require_owner(d, "delete it")
-        d.deleted_at = utcnow()
-        s.add(d)
-        return {"id": d.id, "deleted": True, "deleted_at": d.deleted_at}
+        return soft_delete(s, d)
 
 
 @registry.method("datasets.list", params=ListParams, permission=READ,

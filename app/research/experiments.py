@@ -30,6 +30,7 @@ from app.research.common import (
     page,
     require_owner,
     set_labels,
+    soft_delete,
     touch,
 )
 from app.training import registry
@@ -142,10 +143,7 @@ def update_experiment(p: UpdateExperiment, ctx: Any) -> dict[str, Any]:
 def delete_experiment(p: IdParams, ctx: Any) -> dict[str, Any]:
     with db.session_scope(ctx.engine) as s:
         e = get_experiment(s, p.id, lock=True)
-        require_owner(e, "delete it")
-        e.deleted_at = utcnow()
-        s.add(e)
-        return {"id": e.id, "deleted": True, "deleted_at": e.deleted_at}
+        return soft_delete(s, e)
 
 
 @registry.method("experiments.list", params=ListParams, permission=READ,
