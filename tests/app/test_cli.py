@@ -37,6 +37,16 @@ def home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cli-home")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def embedded_defaults():
+    """The stack on its embedded defaults (SQLite under --home, no Redis), whatever DATABASE_URL and
+    REDIS_URL the test run has (CI sets them for the services tests); `up` passes its environment on."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("DATABASE_URL", "REDIS_URL", "RAYGRPO_HOME", "RAY_ADDRESS"):
+            mp.delenv(name, raising=False)
+        yield
+
+
 def run(home: Path, *args: str, code: int | None = 0):
     result = CliRunner().invoke(cli, ["--home", str(home), *args])
     if code is not None:

@@ -70,26 +70,28 @@ def token(claims: dict, key: str = SECRET, alg: str = "HS256") -> dict[str, str]
     return {"Authorization": f"Bearer {jwt.encode(payload, key, algorithm=alg)}"}
 
 
-BAD_CREDENTIALS = {
-    "missing": ({}, "credentials required"),
-    "not bearer": ({"Authorization": "Basic YWxpY2U6cHc="}, "Bearer"),
-    "malformed": ({"Authorization": "Bearer not.a.jwt"}, "malformed"),
-    "expired": (token({"exp": int(time.time()) - 3600, "iat": int(time.time()) - 7200}), "expired"),
-    "wrong audience": (token({"aud": "someone-else"}), "audience"),
-    "wrong issuer": (token({"iss": "evil"}), "issuer"),
-    "no exp": (token({"exp": None}), "exp"),
-    "wrong signature": (token({}, key="another-secret-of-enough-length-000"), "signature"),
-    "alg none": ({"Authorization": "Bearer " + jwt.encode({"sub": "alice", "role": "admin"}, None, algorithm="none")},
-                 "algorithm"),
-    "unknown role": (token({"role": "root"}), "role"),
-    "unknown api key": ({"X-API-Key": "rg_" + "a" * 43}, "unknown API key"),
-    "malformed api key": ({"X-API-Key": "hunter2"}, "malformed API key"),
-}
+def bad_credentials() -> dict[str, tuple[dict[str, str], str]]:
+    """Made when a test runs, not at import: a token valid for 10 minutes must still be valid then."""
+    return {
+        "missing": ({}, "credentials required"),
+        "not bearer": ({"Authorization": "Basic YWxpY2U6cHc="}, "Bearer"),
+        "malformed": ({"Authorization": "Bearer not.a.jwt"}, "malformed"),
+        "expired": (token({"exp": int(time.time()) - 3600, "iat": int(time.time()) - 7200}), "expired"),
+        "wrong audience": (token({"aud": "someone-else"}), "audience"),
+        "wrong issuer": (token({"iss": "evil"}), "issuer"),
+        "no exp": (token({"exp": None}), "exp"),
+        "wrong signature": (token({}, key="another-secret-of-enough-length-000"), "signature"),
+        "alg none": ({"Authorization": "Bearer " + jwt.encode({"sub": "alice", "role": "admin"}, None, algorithm="none")},
+                     "algorithm"),
+        "unknown role": (token({"role": "root"}), "role"),
+        "unknown api key": ({"X-API-Key": "rg_" + "a" * 43}, "unknown API key"),
+        "malformed api key": ({"X-API-Key": "hunter2"}, "malformed API key"),
+    }
 
 
 @pytest.mark.parametrize("method", permissioned_methods())
 def test_every_method_refuses_bad_credentials(api, method):
-    for name, (headers, reason) in BAD_CREDENTIALS.items():
+    for name, (headers, reason) in bad_credentials().items():
         r = call(api, method, {}, headers)
         assert r.status_code == 401, (name, r.text)
         assert r.headers["WWW-Authenticate"].startswith("Bearer")
