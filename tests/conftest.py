@@ -38,7 +38,8 @@ def ray_session():
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # address="local": a new cluster even when `ray start` left one running on this machine
     context = ray.init(address="local", num_cpus=8, log_to_driver=True)
-    # The dashboard takes another port when 8265 is busy (another local cluster): name the real one.
-    os.environ["RAY_DASHBOARD_URL"] = f"http://{context.dashboard_url}"
+    # The dashboard takes another port when 8265 is busy (another local cluster): tests that call the
+    # Jobs API read the real one here. Not RAY_DASHBOARD_URL: stacks the tests start must not inherit it.
+    os.environ["RAYGRPO_TEST_DASHBOARD_URL"] = f"http://{context.dashboard_url}"
     yield ray
     ray.shutdown()

@@ -50,7 +50,7 @@ def api(request, ray_session, tmp_path_factory, tiny_model_dir):
     home = tmp_path_factory.mktemp("api-home")
     env = {"RAYGRPO_HOME": str(home), "DATABASE_URL": f"sqlite:///{home / 'raygrpo.db'}", "REDIS_URL": "",
            "RAYGRPO_DEFAULT_MODEL": tiny_model_dir, "RAYGRPO_CANCEL_WAIT_S": "90", "RAYGRPO_MAX_RUNNING_JOBS": "2",
-           "RAYGRPO_JWT_SECRET": secrets.token_urlsafe(32), "RAY_DASHBOARD_URL": os.environ["RAY_DASHBOARD_URL"],
+           "RAYGRPO_JWT_SECRET": secrets.token_urlsafe(32),
            # the tests poll; one method keeps a small limit to show the buckets are shared by the replicas
            "RAYGRPO_RATE_LIMITS": ",".join(f"{m}=0" for m in DEFAULT_RATE_LIMITS) + f",auth.whoami={WHOAMI_LIMIT}"}
     with contextlib.ExitStack() as stack:
@@ -122,7 +122,7 @@ def test_a_job_runs_as_a_ray_job_to_completed_with_trajectories_and_checkpoints(
     assert out["total_count"] == 96 and len(out["trajectories"]) == 96
     assert {t["step"] for t in out["trajectories"]} == set(range(1, 7))
     # the run is an ordinary Ray Job with the job's id as its submission id
-    jobs = JobSubmissionClient(os.environ["RAY_DASHBOARD_URL"])
+    jobs = JobSubmissionClient(os.environ["RAYGRPO_TEST_DASHBOARD_URL"])
     deadline = time.time() + 60  # the reporter marks the job before the driver process exits
     while not jobs.get_job_status(job["job_id"]).is_terminal() and time.time() < deadline:
         time.sleep(0.5)
@@ -189,7 +189,7 @@ def test_killing_the_dispatcher_and_the_replica_loses_no_job_and_runs_none_twice
                 statuses[j] = s
         time.sleep(0.5)
     assert {j: s["status"] for j, s in statuses.items()} == dict.fromkeys(jobs, "completed")
-    submitted = [d.submission_id for d in JobSubmissionClient(os.environ["RAY_DASHBOARD_URL"]).list_jobs() if d.submission_id]
+    submitted = [d.submission_id for d in JobSubmissionClient(os.environ["RAYGRPO_TEST_DASHBOARD_URL"]).list_jobs() if d.submission_id]
     for j in jobs:
         assert submitted.count(j) == 1 and not any(s.startswith(f"{j}-a") for s in submitted)  # ran once
         out = rpc(api, "training.export_trajectories", job_id=j, limit=1000)

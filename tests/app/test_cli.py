@@ -42,7 +42,7 @@ def embedded_defaults():
     """The stack on its embedded defaults (SQLite under --home, no Redis), whatever DATABASE_URL and
     REDIS_URL the test run has (CI sets them for the services tests); `up` passes its environment on."""
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("DATABASE_URL", "REDIS_URL", "RAYGRPO_HOME", "RAY_ADDRESS"):
+        for name in ("DATABASE_URL", "REDIS_URL", "RAYGRPO_HOME", "RAY_ADDRESS", "RAY_DASHBOARD_URL"):
             mp.delenv(name, raising=False)
         yield
 
