@@ -1,7 +1,7 @@
 """What authentication, rate limiting, audit and request metrics cost per call of the job API.
 
-Baseline: the same app with `RAYGRPO_AUTH=off` and no rate limits (the request metrics and the
-request-id middleware stay: they cannot be turned off). Each configuration answers the same
+Baseline: the same app with `RAYGRPO_AUTH=off` and no rate limits (the request metrics, the audit
+row of a state change and the request-id middleware stay: they cannot be turned off). Each configuration answers the same
 `training.get_status` (a read: no audit row) and `training.cancel` of a missing job (a state change:
 one audit row) in process through FastAPI's TestClient, on SQLite, with and without Redis (buckets
 and counters in Redis cost one round trip each). Prints per-call latency (median, p95) and the ratio
@@ -66,7 +66,7 @@ def main() -> None:
             write = {"jsonrpc": "2.0", "method": "training.cancel", "params": {"job_id": "job_" + "0" * 32}, "id": 3}
             measure(client, read, 100)  # warm up
             results[name] = {"get_status": measure(client, read, args.calls),
-                             "cancel (audited)": measure(client, write, args.calls // 2)}
+                             "cancel": measure(client, write, args.calls // 2)}
     base = results["baseline (auth off, no limits)"]
     print(f"{'configuration':36s} {'call':18s} {'p50 ms':>8s} {'p95 ms':>8s} {'p50 / baseline':>15s}")
     for name, calls in results.items():
