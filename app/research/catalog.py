@@ -26,10 +26,10 @@ from app.research.common import (
     Labels,
     ListParams,
     Strict,
+    apply_update,
     get_visible,
     invalid,
     page,
-    require_owner,
     set_labels,
     soft_delete,
     touch,
@@ -145,14 +145,7 @@ def get_model(p: IdParams, ctx: Any) -> dict[str, Any]:
 def update_model(p: UpdateModel, ctx: Any) -> dict[str, Any]:
     with db.session_scope(ctx.engine) as s:
         m = get_visible(s, RegisteredModel, p.id, "model", lock=True)
-        if p.collaborators is not None:
-            require_owner(m, "change the collaborators")
-        for field in ("description", "config", "status"):
-            if getattr(p, field) is not None:
-                setattr(m, field, getattr(p, field))
-        set_labels(s, "model", m, tags=p.tags, collaborators=p.collaborators)
-        touch(m)
-        s.add(m)
+        apply_update(s, "model", m, p, ("description", "config", "status"))
         return model_view(m)
 
 

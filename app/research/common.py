@@ -143,6 +143,19 @@ def require_owner(obj: Any, action: str) -> None:
                        {"id": obj.id, "owner": obj.owner})
 
 
+def apply_update(session: Any, kind: str, obj: Any, p: Any, fields: tuple[str, ...]) -> None:
+    """Copy the `fields` of an update's params that were sent onto `obj`, with its tags and collaborators
+    (collaborators only by the owner or an admin), and mark it updated."""
+    if p.collaborators is not None:
+        require_owner(obj, "change the collaborators")
+    for field in fields:
+        if getattr(p, field) is not None:
+            setattr(obj, field, getattr(p, field))
+    set_labels(session, kind, obj, tags=p.tags, collaborators=p.collaborators)
+    touch(obj)
+    session.add(obj)
+
+
 def soft_delete(session: Any, obj: Any) -> dict[str, Any]:
     """Mark `obj` deleted (its owner or an admin only); what refers to it keeps working."""
     require_owner(obj, "delete it")

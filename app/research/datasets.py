@@ -45,10 +45,10 @@ from app.research.common import (
     Labels,
     ListParams,
     Strict,
+    apply_update,
     get_visible,
     invalid,
     page,
-    require_owner,
     set_labels,
     soft_delete,
     touch,
@@ -156,14 +156,7 @@ def get_dataset_method(p: IdParams, ctx: Any) -> dict[str, Any]:
 def update_dataset(p: UpdateDataset, ctx: Any) -> dict[str, Any]:
     with db.session_scope(ctx.engine) as s:
         d = get_dataset(s, p.id, lock=True)
-        if p.collaborators is not None:
-            require_owner(d, "change the collaborators")
-        for field in ("name", "description"):
-            if getattr(p, field) is not None:
-                setattr(d, field, getattr(p, field))
-        set_labels(s, KIND, d, tags=p.tags, collaborators=p.collaborators)
-        touch(d)
-        s.add(d)
+        apply_update(s, KIND, d, p, ("name", "description"))
         return dataset_view(d)
 
 

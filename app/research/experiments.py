@@ -24,11 +24,11 @@ from app.research.common import (
     Labels,
     ListParams,
     Strict,
+    apply_update,
     get_visible,
     invalid,
     not_found,
     page,
-    require_owner,
     set_labels,
     soft_delete,
     touch,
@@ -124,16 +124,9 @@ def update_experiment(p: UpdateExperiment, ctx: Any) -> dict[str, Any]:
         if e.status == ExperimentStatus.archived:
             raise RPCError(VALIDATION_FAILED, f"experiment {e.id} is archived and read-only",
                            {"id": e.id, "status": e.status})
-        if p.collaborators is not None:
-            require_owner(e, "change the collaborators")
-        for field in ("name", "description", "hypothesis", "config"):
-            if getattr(p, field) is not None:
-                setattr(e, field, getattr(p, field))
         if p.metadata is not None:
             e.meta = p.metadata
-        set_labels(s, KIND, e, tags=p.tags, collaborators=p.collaborators)
-        touch(e)
-        s.add(e)
+        apply_update(s, KIND, e, p, ("name", "description", "hypothesis", "config"))
         return experiment_view(e)
 
 
