@@ -90,7 +90,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             path = request.url.path if request.url.path in _ROUTES else "other"
             elapsed = time.perf_counter() - started
             try:
-                await asyncio.to_thread(ctx.counters.record_http, f"{request.method} {path}", status, elapsed)
+                if ctx.counters.shared:
+                    await asyncio.to_thread(ctx.counters.record_http, f"{request.method} {path}", status, elapsed)
+                else:  # an in-process increment: no thread hop
+                    ctx.counters.record_http(f"{request.method} {path}", status, elapsed)
             except Exception:  # metrics must never fail a request
                 log.warning("could not record request metrics", exc_info=True)
         response.headers["X-Request-ID"] = request_id

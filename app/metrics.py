@@ -48,6 +48,11 @@ class RequestCounters:
         self._local: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._lock = threading.Lock()
 
+    @property
+    def shared(self) -> bool:
+        """Whether recording is a Redis round trip (to keep off the event loop) or a local increment."""
+        return self._redis is not None
+
     def _incr(self, updates: Iterable[tuple[str, str, float]]) -> None:
         if self._redis is not None:
             pipe = self._redis.pipeline(transaction=False)
