@@ -77,6 +77,8 @@ class GRPOConfig(BaseModel):
     """AdamW learning rate"""
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     """AdamW weight decay"""
+    lr_warmup_steps: int = Field(0, ge=0, le=100_000)
+    """GRPO steps over which the learning rate ramps linearly up to learning_rate (0: none)"""
     max_grad_norm: float = Field(1.0, ge=0.0, le=1e6)
     """gradient clipping norm (0 disables)"""
     num_steps: int = Field(100, ge=1, le=10_000_000)

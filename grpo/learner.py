@@ -77,6 +77,16 @@ def score_agent_batch(rollout: AgentRollout, cfg: GRPOConfig) -> ScoredBatch:
     return ScoredBatch(rollout=rollout, rewards=rewards, advantages=advantages, keep=keep)
 
 
+def scheduled_lr(cfg: GRPOConfig, step: int) -> float:
+    """The learning rate of GRPO step `step` (1-based): a linear ramp over `lr_warmup_steps`, then
+    `learning_rate`. A fresh Adam moves every weight by about lr on its first steps whatever the
+    gradient's size (m / sqrt(v) starts at sign(g)); on a sharp, warmed-up policy a few such steps
+    on one noisy batch can undo what it knew, so the ramp lets the moments settle first."""
+    if cfg.lr_warmup_steps <= 0:
+        return cfg.learning_rate
+    return cfg.learning_rate * min(1.0, step / cfg.lr_warmup_steps)
+
+
 def training_tensors(rollout: Rollout, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
     """Prompt + completion laid out exactly as at sampling time: prompts left-padded to one width."""
     g = rollout.group_size
@@ -95,13 +105,22 @@ class Learner:
         self.ref_model = ref_model
         self.pad_id = pad_id
         self.device = next(model.parameters()).device
-        self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
-        )
+        self.optimizer = self.new_optimizer(cfg.learning_rate)
         if cfg.kl_coef > 0 and ref_model is None:
             raise ValueError("kl_coef > 0 needs a reference model")
         # FSDP's root wrapper must see every forward, so the prompt pass cannot bypass it there.
         self.share_prefix = cfg.share_prompt_prefix and cfg.strategy != "fsdp"
+
+    def new_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """A fresh AdamW (no moments). The warm-up ends with one: Adam's second-moment estimates of
+        the large supervised gradients decay over ~1/(1-beta2) = 1000 steps and would shrink every GRPO
+        step by |g_grpo| / |g_sft| meanwhile (measured: tool use did not move in 50 shaped GRPO steps
+        with the warm-up's optimizer, and rose 0.58 -> 0.76 with a fresh one)."""
+        return torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     @property
     def base_model(self) -> torch.nn.Module:

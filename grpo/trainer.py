@@ -28,7 +28,7 @@ import torch.distributed as dist
 from ray.util import ActorPool
 
 from grpo.config import GRPOConfig
-from grpo.learner import Learner, ScoredBatch, score_agent_batch, score_batch
+from grpo.learner import Learner, ScoredBatch, scheduled_lr, score_agent_batch, score_batch
 from grpo.rollout import Rollout, concat_rollouts
 from grpo.tasks import Dataset, Sample
 
@@ -166,9 +166,7 @@ def sft_warmup(cfg: GRPOConfig, dataset: Dataset, learner: Learner, tokenizer: A
     from grpo.multiturn import AgentSettings, demonstrations
 
     settings = AgentSettings.from_config(cfg)
-    lr = cfg.sft_learning_rate or cfg.learning_rate
-    for group in learner.optimizer.param_groups:
-        group["lr"] = lr
+    learner.optimizer = learner.new_optimizer(cfg.sft_learning_rate or cfg.learning_rate)
     # One demonstration per prompt (a demonstration is deterministic: G copies would teach nothing more).
     total = cfg.sft_batch_size or cfg.prompts_per_step
     n, loss = total // world, float("nan")
@@ -178,8 +176,7 @@ def sft_warmup(cfg: GRPOConfig, dataset: Dataset, learner: Learner, tokenizer: A
         ro = demonstrations(samples, settings, tokenizer, pad_id=pad_id, max_prompt_tokens=cfg.max_prompt_tokens)
         (num_tokens,) = _all_sum([float(ro.train_mask.sum())])
         loss = learner.sft_step(ro, num_tokens=num_tokens, world_size=world)
-    for group in learner.optimizer.param_groups:
-        group["lr"] = cfg.learning_rate
+    learner.optimizer = learner.new_optimizer(cfg.learning_rate)  # GRPO starts without the warm-up's moments
     return loss
 
 
@@ -310,6 +307,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
         # 4. policy update (DDP all-reduces the gradients)
         t_train = time.perf_counter()
+        learner.set_lr(scheduled_lr(cfg, step))
         stats = learner.step(batch, num_tokens=num_tokens, num_seqs=num_seqs, world_size=world)
         train_s = time.perf_counter() - t_train
 

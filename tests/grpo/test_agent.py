@@ -238,6 +238,36 @@ def test_learner_trains_on_policy_tokens_only(tiny_model_dir, worker, helpers):
     assert torch.allclose(base, noisy, atol=1e-6)
 
 
+def test_grpo_starts_after_the_warmup_with_a_fresh_optimizer(tiny_model_dir, worker):
+    """The warm-up trains at sft_learning_rate; GRPO then gets an AdamW with no moments at
+    learning_rate (the warm-up's large second moments would otherwise shrink GRPO's steps)."""
+    from transformers import AutoModelForCausalLM
+
+    from grpo.trainer import sft_warmup
+
+    cfg = GRPOConfig(model=tiny_model_dir, environment="calculator", tool_instructions=False,
+                     max_steps_per_trajectory=3, sft_warmup_steps=3, sft_batch_size=4, sft_learning_rate=1e-2,
+                     learning_rate=1e-4, eval_size=0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    learner = Learner(cfg, model, ref_model=None, pad_id=worker.pad_id)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen_lrs = []
+    step = learner.sft_step
+    learner.sft_step = lambda *a, **k: (seen_lrs.append(learner.optimizer.param_groups[0]["lr"]), step(*a, **k))[1]
+    loss = sft_warmup(cfg, cfg.load_dataset(), learner, worker.tokenizer, worker.pad_id, rank=0, world=1)
+    assert seen_lrs == [1e-2] * 3 and loss > 0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert learner.optimizer.state == {} and learner.optimizer.param_groups[0]["lr"] == 1e-4
+
+
+def test_learning_rate_ramps_over_lr_warmup_steps(tiny_model_dir):
+    from grpo.learner import scheduled_lr
+
+    cfg = GRPOConfig(model=tiny_model_dir, learning_rate=1e-3, lr_warmup_steps=4, eval_size=0)
+    assert [scheduled_lr(cfg, s) for s in (1, 2, 4, 5, 100)] == pytest.approx([2.5e-4, 5e-4, 1e-3, 1e-3, 1e-3])
+    assert scheduled_lr(cfg.model_copy(update={"lr_warmup_steps": 0}), 1) == 1e-3
+
+
 # ---- credit assignment ----------------------------------------------------------------------------
 
 
