@@ -127,7 +127,7 @@ async def _load(url: str, job_id: str, clients: int, args: argparse.Namespace, o
     # shared pool costs the load generator more CPU per request as N grows (encode/httpx#3215).
     n_pools, size = (1, clients) if args.pool == "shared" else (clients, 1)
     limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-    pools = [httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT_S) for _ in range(n_pools)]
+    pools = [httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT_S, headers=AUTH) for _ in range(n_pools)]
     try:
         stop = time.perf_counter() + args.warmup
         await asyncio.gather(*(_client_loop(pools[i % n_pools], url, body, stop, None) for i in range(clients)))
@@ -154,7 +154,8 @@ def measure(side: str, url: str, job_id: str, clients: int, args: argparse.Names
 
 
 def rpc(url: str, method: str, params: dict) -> dict:
-    r = httpx.post(url, json={"jsonrpc": "2.0", "method": method, "params": params, "id": 1}, timeout=120)
+    r = httpx.post(url, json={"jsonrpc": "2.0", "method": method, "params": params, "id": 1}, timeout=120,
+                   headers=AUTH)
     body = r.json()
     if "result" not in body:
         raise RuntimeError(f"{method} failed: {body}")
@@ -175,10 +176,17 @@ def wait_ready(base: str, timeout_s: float) -> None:
 
 # ---- sides ---------------------------------------------------------------------------------------
 
-def app_env(home: Path, model: Path) -> dict[str, str]:
-    """What both sides' app processes read their Settings from."""
-    return {"RAYGRPO_HOME": str(home), "DATABASE_URL": f"sqlite:///{home / 'raygrpo.db'}", "REDIS_URL": "",
-            "RAYGRPO_DEFAULT_MODEL": str(model), "RAYGRPO_MAX_RUNNING_JOBS": "0"}
+def app_env(home: Path, model: Path, redis_url: str = "") -> dict[str, str]:
+    """What both sides' app processes read their Settings from. Authentication stays on (every request
+    carries a JWT signed with the home's local secret) and get_status has a limit too high to trip,
+    so each request pays for verifying the token and taking from its bucket, as in production."""
+    return {"RAYGRPO_HOME": str(home), "DATABASE_URL": f"sqlite:///{home / 'raygrpo.db'}", "REDIS_URL": redis_url,
+            "RAYGRPO_DEFAULT_MODEL": str(model), "RAYGRPO_MAX_RUNNING_JOBS": "0",
+            "RAYGRPO_RATE_LIMITS": "training.get_status=1000000000"}
+
+
+AUTH: dict[str, str] = {}
+"""the Authorization header of every request (set in main, from the home's local secret)"""
 
 
 def run_uvicorn(env: dict[str, str], home: Path, clients: list[int], args: argparse.Namespace
@@ -355,6 +363,7 @@ def main() -> None:
     ap.add_argument("--pool", choices=["per-client", "shared"], default="per-client",
                     help="one httpx.AsyncClient per client (1 connection each) or one shared pool of N")
     ap.add_argument("--sides", default="uvicorn,serve", help="uvicorn, serve, or both")
+    ap.add_argument("--redis", default="", help="REDIS_URL of the app (buckets and request counters in Redis)")
     ap.add_argument("--serve-variants", default="replicas2",
                     help="extra Serve rows at the largest client count: replicas2, ongoing16 (empty: none)")
     ap.add_argument("--serve-env", default="",
@@ -375,7 +384,12 @@ def main() -> None:
         home, model = Path(tmp) / "home", Path(tmp) / "tiny"
         home.mkdir()
         save_tiny_model(model)
-        env = app_env(home, model)
+        env = app_env(home, model, args.redis)
+        from app.auth import mint_token
+        from app.settings import Settings
+
+        # Minted before any server starts: this creates the home's secret, which the servers then read.
+        AUTH["Authorization"] = "Bearer " + mint_token(Settings(home=home), "bench", "researcher", ttl_s=24 * 3600)
         # uvicorn goes first (before Ray's processes exist) and seeds the job both sides read.
         job_id, levels = run_uvicorn(env, home, args.clients if "uvicorn" in args.sides else [], args)
         if "serve" in args.sides:
