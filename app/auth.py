@@ -110,6 +110,8 @@ class RequestState:
     """response headers the hooks want sent (rate limit counters)"""
     services: Any = None
     """the app's Context (database, limiter) for hooks that need it"""
+    rpc_calls: list[tuple[str, int]] = field(default_factory=list)
+    """(method, code) of each JSON-RPC call answered, counted with the HTTP request in one round trip"""
 
 
 _request: contextvars.ContextVar[RequestState | None] = contextvars.ContextVar("raygrpo_request", default=None)

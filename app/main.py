@@ -55,10 +55,10 @@ def _rpc_observer(record: CallRecord) -> None:
     from app.auth import request_state
 
     state = request_state()
-    ctx = getattr(state, "services", None)
-    if ctx is not None and ctx.counters is not None:
+    if state is not None:
+        # Counted by the HTTP middleware with the request itself (one Redis round trip per request).
         # Unknown method names are client input: one label for all of them keeps the series bounded.
-        ctx.counters.record_rpc(record.name if record.method is not None else "unknown", record.code)
+        state.rpc_calls.append((record.name if record.method is not None else "unknown", record.code))
 
 
 registry.add_observer(_rpc_observer)
@@ -90,10 +90,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             path = request.url.path if request.url.path in _ROUTES else "other"
             elapsed = time.perf_counter() - started
             try:
+                args = (f"{request.method} {path}", status, elapsed, state.rpc_calls)
                 if ctx.counters.shared:
-                    await asyncio.to_thread(ctx.counters.record_http, f"{request.method} {path}", status, elapsed)
+                    await asyncio.to_thread(ctx.counters.record_http, *args)
                 else:  # an in-process increment: no thread hop
-                    ctx.counters.record_http(f"{request.method} {path}", status, elapsed)
+                    ctx.counters.record_http(*args)
             except Exception:  # metrics must never fail a request
                 log.warning("could not record request metrics", exc_info=True)
         response.headers["X-Request-ID"] = request_id

@@ -73,17 +73,18 @@ class RequestCounters:
         with self._lock:
             return dict(self._local[name])
 
-    def record_http(self, method: str, status: int, duration_s: float) -> None:
+    def record_http(self, method: str, status: int, duration_s: float,
+                    rpc_calls: Iterable[tuple[str, int]] = ()) -> None:
+        """One HTTP request and the JSON-RPC calls it answered (method, code), in one update (one
+        pipelined round trip when shared)."""
         bucket = next((str(b) for b in LATENCY_BUCKETS if duration_s <= b), "+Inf")
         self._incr([
             ("http_requests_total", f"{method}{_SEP}{status}", 1),
             ("http_request_duration_seconds_bucket", f"{method}{_SEP}{bucket}", 1),
             ("http_request_duration_seconds_count", method, 1),
             ("http_request_duration_seconds_sum", method, duration_s),
+            *(("jsonrpc_requests_total", f"{name}{_SEP}{code}", 1) for name, code in rpc_calls),
         ])
-
-    def record_rpc(self, method: str, code: int) -> None:
-        self._incr([("jsonrpc_requests_total", f"{method}{_SEP}{code}", 1)])
 
     def collect(self) -> Iterator[Any]:
         http = CounterMetricFamily("http_requests_total", "HTTP requests by method and status",

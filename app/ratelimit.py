@@ -8,6 +8,7 @@ Limits come from `Settings.rate_limits` (`RAYGRPO_RATE_LIMITS`); 0 turns a metho
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from dataclasses import dataclass
@@ -72,6 +73,11 @@ class RateLimiter:
         self._local: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
+    @property
+    def shared(self) -> bool:
+        """Whether a take is a Redis round trip (made off the event loop) or an in-process update."""
+        return self._script is not None
+
     def limit_for(self, method: str) -> int:
         return self.limits.get(method, self.limits.get("default", 0))
 
@@ -96,15 +102,19 @@ class RateLimiter:
             return _decision(allowed, tokens, limit, rate)
 
 
-def rate_limit(method: Method) -> None:
+async def rate_limit(method: Method) -> None:
     """The Registry's guard after `authorize`: takes a token for the caller (by principal, else client
-    address), records the X-RateLimit-* headers, refuses with -42900 and a retry-after when empty."""
+    address), records the X-RateLimit-* headers, refuses with -42900 and a retry-after when empty.
+    A Redis bucket is taken from a worker thread: its round trip must not stall the event loop."""
     state = request_state()
     limiter = getattr(getattr(state, "services", None), "limiter", None)
     if state is None or limiter is None:
         return
     who = state.principal.subject if state.principal else f"ip:{state.client_ip or 'unknown'}"
-    decision = limiter.take(who, method.name)
+    if limiter.shared:
+        decision = await asyncio.to_thread(limiter.take, who, method.name)
+    else:
+        decision = limiter.take(who, method.name)
     if decision is None:
         return
     # With several calls in a batch the headers describe the tightest bucket.
