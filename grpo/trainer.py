@@ -166,7 +166,7 @@ def sft_warmup(cfg: GRPOConfig, dataset: Dataset, learner: Learner, tokenizer: A
     from grpo.multiturn import AgentSettings, demonstrations
 
     settings = AgentSettings.from_config(cfg)
-    learner.optimizer = learner.new_optimizer(cfg.sft_learning_rate or cfg.learning_rate)
+    learner.set_lr(cfg.sft_learning_rate or cfg.learning_rate)  # a fresh run's optimizer: no moments yet
     # One demonstration per prompt (a demonstration is deterministic: G copies would teach nothing more).
     total = cfg.sft_batch_size or cfg.prompts_per_step
     n, loss = total // world, float("nan")
