@@ -3,7 +3,7 @@
 # The GPU base (CUDA) serves head, CPU and GPU pods alike; for CPU-only clusters build with
 #   --build-arg RAY_TAG=2.60.0-py311 --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # WORKDIR is the project: a RayJob's runtimeEnvYAML `working_dir: .` uploads it from the submitter pod,
-# and `alembic -c app/alembic.ini` (the migration Job) finds its config there.
+# and `alembic -c app/data/alembic.ini` (the migration Job) finds its config there.
 ARG RAY_TAG=2.60.0-py311-gpu
 FROM rayproject/ray:${RAY_TAG}
 
@@ -17,7 +17,7 @@ COPY --chown=ray:users kuberay/run-configs ./kuberay/run-configs
 # dependencies. A non-editable install: the copied sources stay as the job working_dir, site-packages serves imports.
 RUN if [ -n "$TORCH_INDEX" ]; then pip install --no-cache-dir --index-url "$TORCH_INDEX" torch; fi \
  && pip install --no-cache-dir . \
- && python -c "import ray, torch, transformers, app.serve, grpo.run; assert ray.__version__ == '2.60.0', ray.__version__"
+ && python -c "import ray, torch, transformers, app.api.serve, grpo.run; assert ray.__version__ == '2.60.0', ray.__version__"
 
 ENV RAYGRPO_HOME=/mnt/raygrpo \
     RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS=0

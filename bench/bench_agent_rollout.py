@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from grpo import agent
-from grpo.agent import Action, StepResult
-from grpo.multiturn import AgentSettings
+from grpo.agents import environments as agent
+from grpo.agents.environments import Action, StepResult
+from grpo.agents.episodes import AgentSettings
 from grpo.rollout import RolloutWorker
 from grpo.tasks import Sample
 from grpo.tiny import save_tiny_model

@@ -7,9 +7,9 @@
 One SQLite file in a temp folder is seeded with one queued job (`training.start_grpo` on the tiny model
 of grpo.tiny), then every side answers `training.get_status` for that job:
 
-  uvicorn  the FastAPI app of app.main.create_app in one `uvicorn app.main:create_app --factory` process
+  uvicorn  the FastAPI app of app.api.main.create_app in one `uvicorn app.api.main:create_app --factory` process
            (uvloop + httptools, access log on, into a file), the baseline of the ratios
-  serve    the same app as deployed by app.serve.start (deployment TrainingAPI as shipped: autoscaling
+  serve    the same app as deployed by app.api.serve.start (deployment TrainingAPI as shipped: autoscaling
            1..4 replicas, max_ongoing_requests 64) behind Serve's HTTP proxy on a local
            ray.init(num_cpus=4); RAYGRPO_MAX_RUNNING_JOBS=0, so the Dispatcher never launches the job
   serve:replicas2, serve:ongoing16   optional extra rows at the largest client count: the deployment
@@ -194,7 +194,7 @@ def run_uvicorn(env: dict[str, str], home: Path, clients: list[int], args: argpa
     """Start one uvicorn process, seed the job, measure each client count; returns the job id too."""
     port = free_port()
     log = open(home / "uvicorn.log", "w")  # noqa: SIM115 -- closed below, after the process ends
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.api.main:create_app", "--factory",
                              "--host", "127.0.0.1", "--port", str(port)],
                             env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
     levels = []
@@ -241,8 +241,8 @@ def run_serve(env: dict[str, str], job_id: str, args: argparse.Namespace) -> lis
     import ray
     from ray import serve
 
-    from app import serve as app_serve
-    from app.dispatcher import ACTOR_NAME, NAMESPACE
+    from app.api import serve as app_serve
+    from app.jobs.dispatcher import ACTOR_NAME, NAMESPACE
 
     os.environ.update(args.serve_env)  # the local Ray's processes (proxy, replicas) inherit this environment
     dash_port = free_port()
@@ -385,7 +385,7 @@ def main() -> None:
         home.mkdir()
         save_tiny_model(model)
         env = app_env(home, model, args.redis)
-        from app.auth import mint_token
+        from app.api.auth import mint_token
         from app.settings import Settings
 
         # Minted before any server starts: this creates the home's secret, which the servers then read.

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from app.auth import mint_token
-from app.main import create_app
+from app.api.auth import mint_token
+from app.api.main import create_app
 from app.settings import Settings
 from grpo.tiny import save_tiny_model
 

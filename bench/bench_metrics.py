@@ -68,8 +68,8 @@ def main() -> None:
     from raygrpo_test_services import bearer, fresh_postgres
     from sqlalchemy import text
 
-    from app import db
-    from app.models import Experiment, MetricPoint, Run
+    from app.data import db
+    from app.data.tables import Experiment, MetricPoint, Run
     from app.research import series
 
     print(f"python {platform.python_version()}, {os.cpu_count()} cpus, load {os.getloadavg()[0]:.2f}")
@@ -185,7 +185,7 @@ def main() -> None:
 
         from fastapi.testclient import TestClient
 
-        from app.main import create_app
+        from app.api.main import create_app
         from app.settings import Settings
 
         with tempfile.TemporaryDirectory() as home:

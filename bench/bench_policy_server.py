@@ -65,7 +65,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from app.policy import VariantSpec, build_policy_app
+    from app.serving.policy import VariantSpec, build_policy_app
     from grpo.tiny import save_tiny_model
 
     model = save_tiny_model(Path(tempfile.mkdtemp()) / "m", hidden_size=args.hidden, num_layers=args.layers)

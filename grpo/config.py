@@ -108,7 +108,7 @@ class GRPOConfig(BaseModel):
     overlong_penalty: float = Field(1.0, ge=0.0, le=100.0)
     """size of the soft overlong penalty at max_new_tokens"""
 
-    # ---- multi-turn agents (grpo.agent, grpo.multiturn) -----------------------------------------
+    # ---- multi-turn agents (grpo.agents.environments, grpo.agents.episodes) -----------------------------------------
     environment: str | None = Field(None, min_length=1)
     """agent environment: `calculator`, `python`, `search` or `module:Class`; set, trajectories are multi-turn"""
     tools: list[str] | None = None
@@ -237,7 +237,7 @@ class GRPOConfig(BaseModel):
                 if getattr(self, name):
                     raise ValueError(f"{name}: needs environment")
         else:
-            from grpo.agent import ToolEnvironment, environment_class
+            from grpo.agents.environments import ToolEnvironment, environment_class
 
             try:
                 env_cls = environment_class(self.environment)
@@ -281,7 +281,7 @@ class GRPOConfig(BaseModel):
         from grpo.tasks import load_dataset
 
         if self.environment is not None and self.dataset is None:
-            from grpo.agent import environment_class
+            from grpo.agents.environments import environment_class
 
             return environment_class(self.environment).load_dataset(self.eval_size, self.seed)
         return load_dataset(self.task, dataset_path=self.dataset, eval_size=self.eval_size, seed=self.seed,

@@ -42,8 +42,8 @@ def evaluate_model(model: str, samples: list[Sample], *, reward: str, max_new_to
     multi-turn episode instead, scored by its environment (the outcome, without shaping)."""
     worker = RolloutWorker(model, torch_threads=torch_threads)
     if agent is not None:
+        from grpo.agents.episodes import AgentSettings
         from grpo.config import GRPOConfig
-        from grpo.multiturn import AgentSettings
 
         settings = AgentSettings.from_config(GRPOConfig(model=model, **agent))
         ro = worker.generate_agent(samples, settings=settings, group_size=1, temperature=0.0)

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from grpo import loss as L
+from grpo.agents.episodes import AgentRollout
 from grpo.config import GRPOConfig
-from grpo.multiturn import AgentRollout
-from grpo.rollout import Rollout, left_pad, position_ids
+from grpo.sampling import Rollout, left_pad, position_ids
 
 
 @dataclass

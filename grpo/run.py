@@ -52,14 +52,14 @@ def preflight(cfg: GRPOConfig) -> None:
     except RewardError as e:
         raise ConfigError(f"reward: {e}") from None
     if cfg.environment is not None:
-        from grpo.multiturn import AgentSettings
+        from grpo.agents.episodes import AgentSettings
 
         try:
             AgentSettings.from_config(cfg).make_env()
         except Exception as e:  # a user environment that cannot be built: fail before any actor
             raise ConfigError(f"environment: {type(e).__name__}: {e}") from None
         if cfg.sft_warmup_steps:
-            from grpo.agent import environment_class
+            from grpo.agents.environments import environment_class
 
             try:
                 environment_class(cfg.environment).demonstration(dataset.train[0])
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = parser.parse_args(argv)
     if os.environ.get("RAYGRPO_LOG_FORMAT") in ("json", "text"):  # a run of the job API: its log format
-        from app.logs import configure, job_id
+        from grpo.logs import configure, job_id
 
         configure(os.environ["RAYGRPO_LOG_FORMAT"])
         job_id.set(args.job_id)

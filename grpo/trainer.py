@@ -29,7 +29,7 @@ from ray.util import ActorPool
 
 from grpo.config import GRPOConfig
 from grpo.learner import Learner, ScoredBatch, scheduled_lr, score_agent_batch, score_batch
-from grpo.rollout import Rollout, concat_rollouts
+from grpo.sampling import Rollout, concat_rollouts
 from grpo.tasks import Dataset, Sample
 
 STATE_FILE = "trainer_state.pt"
@@ -45,7 +45,7 @@ class Collected:
     reward_errors: int
     reward_timeouts: int
     seconds: float
-    agent: dict[str, float] | None = None  # multi-turn sums (grpo.multiturn.AGENT_STATS), None single-turn
+    agent: dict[str, float] | None = None  # multi-turn sums (grpo.agents.episodes.AGENT_STATS), None single-turn
 
 
 def _sample_seed(cfg: GRPOConfig, step: int, rank: int, part: int) -> int:
@@ -86,8 +86,7 @@ def collect(
     per = -(-len(samples) // len(mine))
     parts = [samples[i : i + per] for i in range(0, len(samples), per)]
     if cfg.environment is not None:  # multi-turn: the environments score, no reward pool
-        from grpo import multiturn as mt
-
+        from grpo.agents import episodes as mt
         settings = mt.AgentSettings.from_config(cfg)
         futures = [
             actor.generate_agent.remote(
@@ -122,7 +121,7 @@ def evaluate(cfg: GRPOConfig, dataset: Dataset, actors: list, reward_actors: lis
     per = -(-len(samples) // len(actors))
     parts = [samples[i : i + per] for i in range(0, len(samples), per)]
     if cfg.environment is not None:  # greedy episodes; the score is the environment's reward, no shaping
-        from grpo.multiturn import AgentSettings
+        from grpo.agents.episodes import AgentSettings
 
         settings = AgentSettings.from_config(cfg)
         rollouts = ray.get([a.generate_agent.remote(p, settings=settings, group_size=1, temperature=0.0,
@@ -163,7 +162,7 @@ def sft_warmup(cfg: GRPOConfig, dataset: Dataset, learner: Learner, tokenizer: A
                rank: int, world: int) -> float:
     """`sft_warmup_steps` supervised steps on demonstrations of this worker's shard of prompts,
     built here (no rollout actor needed); returns the last loss."""
-    from grpo.multiturn import AgentSettings, demonstrations
+    from grpo.agents.episodes import AgentSettings, demonstrations
 
     settings = AgentSettings.from_config(cfg)
     learner.set_lr(cfg.sft_learning_rate or cfg.learning_rate)  # a fresh run's optimizer: no moments yet

@@ -17,10 +17,11 @@ from pydantic import Field, field_validator
 from sqlalchemy import select
 from sqlmodel import Session
 
-from app import db
-from app.auth import current_principal
-from app.jsonrpc import FORBIDDEN, NOT_FOUND, VALIDATION_FAILED, RPCError
-from app.models import PolicyCheckpoint, PromptTemplate, PromptTemplateVersion, RegisteredModel
+from app.api.auth import current_principal
+from app.api.context import registry
+from app.api.jsonrpc import FORBIDDEN, NOT_FOUND, VALIDATION_FAILED, RPCError
+from app.data import db
+from app.data.tables import PolicyCheckpoint, PromptTemplate, PromptTemplateVersion, RegisteredModel
 from app.research.common import (
     IdParams,
     Labels,
@@ -34,7 +35,6 @@ from app.research.common import (
     soft_delete,
     touch,
 )
-from app.training import registry
 
 PROVIDERS: dict[str, str] = {
     "openai": "OpenAI API models (gpt-*)",

@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import and_, delete, or_, select
 from sqlmodel import Session, col
 
-from app.auth import current_principal
-from app.jsonrpc import FORBIDDEN, INVALID_PARAMS, NOT_FOUND, RPCError
-from app.models import RegistryMember, RegistryTag, utcnow
+from app.api.auth import current_principal
+from app.api.jsonrpc import FORBIDDEN, INVALID_PARAMS, NOT_FOUND, RPCError
+from app.data.tables import RegistryMember, RegistryTag, utcnow
 
 TAG_MAX = 64
 

@@ -32,14 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Request
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import select
 from sqlmodel import Session, col
 
-from app import db
-from app.auth import authenticate, current_principal, hs256_secret, request_state
-from app.jsonrpc import FORBIDDEN, NOT_FOUND, UNAUTHENTICATED, VALIDATION_FAILED, RPCError
-from app.models import Dataset, DatasetVersion
+from app.api.auth import authenticate, current_principal, hs256_secret, request_state
+from app.api.context import registry
+from app.api.jsonrpc import FORBIDDEN, NOT_FOUND, UNAUTHENTICATED, VALIDATION_FAILED, RPCError
+from app.data import db
+from app.data.tables import Dataset, DatasetVersion
 from app.research.common import (
     IdParams,
     Labels,
@@ -54,7 +55,18 @@ from app.research.common import (
     touch,
 )
 from app.research.storage import Storage, StorageError
-from app.training import registry
+
+
+class Row(BaseModel):
+    """One training or evaluation example."""
+
+    model_config = ConfigDict(extra="forbid")
+    query: str = Field(min_length=1, max_length=100_000, validation_alias=AliasChoices("query", "prompt"))
+    """the prompt"""
+    expected_outcome: str = Field(max_length=100_000, validation_alias=AliasChoices("expected_outcome", "answer"))
+    """what the reward function compares the completion with"""
+
+
 
 KIND = "dataset"
 READ, WRITE = "datasets:read", "datasets:write"
@@ -365,13 +377,11 @@ def download_url(p: DownloadLinkParams, ctx: Any) -> dict[str, Any]:
 
 # ---- training from a version (training.start_grpo's `dataset`) ---------------------------------
 
-def training_rows(ctx: Any, dataset_id: str, version: int | None, work_dir: Path) -> tuple[list[Any], dict[str, Any]]:
+def training_rows(ctx: Any, dataset_id: str, version: int | None, work_dir: Path) -> tuple[list[Row], dict[str, Any]]:
     """The rows of a dataset version as training rows, and its lineage {dataset_id, version, content_hash}.
     The caller needs datasets:read on it; the file must still match its hash; every row must be a
     {query|prompt, expected_outcome|answer} object (the first bad one is named)."""
     from pydantic import ValidationError
-
-    from app.training import Row
 
     me = current_principal()
     if not me.can(READ):
@@ -403,7 +413,7 @@ def training_rows(ctx: Any, dataset_id: str, version: int | None, work_dir: Path
     return rows, {"dataset_id": v.dataset_id, "version": v.version, "content_hash": v.content_hash}
 
 
-# ---- HTTP routes (installed by app.main) -------------------------------------------------------
+# ---- HTTP routes (installed by app.api.main) -------------------------------------------------------
 
 def _http_error(status: int, code: int, message: str) -> Any:
     from fastapi.responses import JSONResponse
@@ -414,7 +424,7 @@ def _http_error(status: int, code: int, message: str) -> Any:
 async def _caller(request: Any, ctx: Any, method: str, permission: str) -> tuple[Any, Any]:
     """(principal, None) for a valid signed link for exactly this method and path, or the usual
     credentials with `permission`; (None, the HTTP error reply) otherwise."""
-    from app.auth import Principal
+    from app.api.auth import Principal
 
     params, path = request.query_params, request.url.path
     if "signature" in params:

@@ -16,13 +16,13 @@ from pydantic import Field
 from sqlalchemy import case, func, or_, select
 from sqlmodel import Session, col
 
-from app import db
-from app.auth import current_principal
-from app.jsonrpc import NOT_FOUND, VALIDATION_FAILED, RPCError
-from app.models import Evaluation, Experiment, RegisteredModel, RegistryMember
+from app.api.auth import current_principal
+from app.api.context import money, registry
+from app.api.jsonrpc import NOT_FOUND, VALIDATION_FAILED, RPCError
+from app.data import db
+from app.data.tables import Evaluation, Experiment, RegisteredModel, RegistryMember
 from app.research.common import ListParams, Strict, get_visible, invalid, page
 from app.research.experiments import READ, WRITE, get_experiment, get_run
-from app.training import money, registry
 
 
 def evaluation_view(e: Evaluation) -> dict[str, Any]:

@@ -1,10 +1,10 @@
 """`experiments.*` and `runs.*`: experiments with their state machine, and numbered runs under them.
 
 An experiment moves draft -> active <-> paused -> completed | failed -> archived
-(app.models.EXPERIMENT_TRANSITIONS); any other move is refused with -40002 naming the allowed ones.
+(app.data.tables.EXPERIMENT_TRANSITIONS); any other move is refused with -40002 naming the allowed ones.
 Runs are created while the experiment is active, numbered 1, 2, ... per experiment, and end once:
 completed (with final metrics) or failed (with an error). A run linked to a training job is ended by
-the job's run itself (app.reporter -> app.research.series.record_job_end).
+the job's run itself (app.jobs.reporter -> app.research.series.record_job_end).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from pydantic import Field
 from sqlalchemy import select
 from sqlmodel import Session, col
 
-from app import db
-from app.auth import current_principal
-from app.jsonrpc import FORBIDDEN, NOT_FOUND, VALIDATION_FAILED, RPCError
-from app.models import EXPERIMENT_TRANSITIONS, Experiment, ExperimentStatus, Run, utcnow
+from app.api.auth import current_principal
+from app.api.context import registry
+from app.api.jsonrpc import FORBIDDEN, NOT_FOUND, VALIDATION_FAILED, RPCError
+from app.data import db
+from app.data.tables import EXPERIMENT_TRANSITIONS, Experiment, ExperimentStatus, Run, utcnow
 from app.research.common import (
     IdParams,
     Labels,
@@ -33,7 +34,6 @@ from app.research.common import (
     soft_delete,
     touch,
 )
-from app.training import registry
 
 KIND = "experiment"
 READ, WRITE = "experiments:read", "experiments:write"

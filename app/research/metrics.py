@@ -1,7 +1,7 @@
 """`metrics.*`: write, query (downsampled in the database) and aggregate a run's metric series.
 
 The storage and its SQL are in app.research.series; runs linked to a training job get its metrics
-from the job's run (app.reporter) without going through these methods.
+from the job's run (app.jobs.reporter) without going through these methods.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from pydantic import Field, field_validator
 from sqlalchemy import select
 from sqlmodel import Session, col
 
-from app import db
-from app.jsonrpc import NOT_FOUND, VALIDATION_FAILED, RPCError
-from app.models import MetricSeries, utcnow
+from app.api.context import registry
+from app.api.jsonrpc import NOT_FOUND, VALIDATION_FAILED, RPCError
+from app.data import db
+from app.data.tables import MetricSeries, utcnow
 from app.research.common import Strict, invalid
 from app.research.experiments import READ, WRITE, get_run
 from app.research.series import aggregate_series, query_series, write_metrics
-from app.training import registry
 
 MAX_STEP = 2**62
 

@@ -1,6 +1,6 @@
 """Storage of the metric time series of runs (the `metrics.*` methods are in app.research.metrics), and
 the hooks through which a training job's run writes its progress into the series of the runs linked to
-it (app.reporter). Nothing here imports the API, so a run's driver stays light.
+it (app.jobs.reporter). Nothing here imports the API, so a run's driver stays light.
 
 Storage: `metric_series` names (run, metric) once; `metric_points` holds (series_id, step) -> value,
 timestamp, with that pair as primary key, so a range of one metric is one index range scan. Writes
@@ -28,7 +28,7 @@ from sqlalchemy import bindparam, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col
 
-from app.models import MetricPoint, MetricSeries, Run, UTCDateTime, utcnow
+from app.data.tables import MetricPoint, MetricSeries, Run, UTCDateTime, utcnow
 
 SQLITE_CHUNK = 2000  # rows per multi-row INSERT: 4 params a row stays under SQLite's 32766 limit
 COPY_THRESHOLD = 200  # below this many points a multi-row INSERT beats creating/filling the temp table
@@ -292,7 +292,7 @@ def aggregate_series(s: Session, series_ids_: Sequence[int], **rng: Any) -> dict
             for sid, n, vmin, vmax, vmean, first, last_step, last in rows}
 
 
-# ---- the training job's side (app.reporter) ----------------------------------------------------
+# ---- the training job's side (app.jobs.reporter) ----------------------------------------------------
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()

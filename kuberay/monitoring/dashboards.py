@@ -5,7 +5,7 @@ tests/deploy/test_monitoring.py checks that the committed JSON is this script's 
 query parses and names only metrics the job API or Ray exports.
 
 API metrics are scraped from the API cluster's head pod (one target; every replica answers the same
-totals, see app/metrics.py); gauges are still taken with `max` so the brief second target during a
+totals, see app/api/metrics.py); gauges are still taken with `max` so the brief second target during a
 RayService upgrade does not double them. Training metrics come from the runs (`ray_raygrpo_train_*`,
 tagged job_id) and Ray's own node metrics (`ray_node_*`, `ray_cluster_*`) from every Ray pod.
 """

@@ -15,7 +15,7 @@ from raygrpo_test_services import DEFAULT_REDIS_URL, fresh_postgres, unavailable
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from app.db import dispose_engine, get_engine, init_db
+from app.data.db import dispose_engine, get_engine, init_db
 
 
 @pytest.fixture

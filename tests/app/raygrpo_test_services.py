@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from app.db import dispose_engine
+from app.data.db import dispose_engine
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -58,6 +58,6 @@ def fresh_postgres() -> Iterator[str]:
 
 def bearer(settings, subject: str = "alice", role: str = "admin", **kw) -> dict[str, str]:
     """Headers with a JWT the API built from `settings` accepts (signed with its secret)."""
-    from app.auth import mint_token
+    from app.api.auth import mint_token
 
     return {"Authorization": f"Bearer {mint_token(settings, subject, role, **kw)}"}

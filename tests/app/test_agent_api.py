@@ -1,7 +1,7 @@
 """Agent jobs through the job API: `config.agent` is validated and mapped onto the engine, and the
 steps of multi-turn trajectories (as the engine's rollout produced them) come back from
 `training.export_trajectories`. On SQLite and PostgreSQL; no Ray (the run's part is played with the
-engine's own classes in this process, as test_api.py does with app.db)."""
+engine's own classes in this process, as test_api.py does with app.data.db)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from raygrpo_test_services import bearer
 
-from app import db
+from app.data import db
 from app.settings import Settings
 
 ROWS = [{"query": f"{a}+{b}=", "expected_outcome": str(a + b)} for a, b in [(12, 7), (30, 45), (8, 9), (21, 21)]]
@@ -21,7 +21,7 @@ AGENT = {"environment": "calculator", "tools": ["calc"], "max_steps": 3, "credit
 
 @pytest.fixture
 def client(tmp_path, db_url, engine, tiny_model_dir):
-    from app.main import create_app
+    from app.api.main import create_app
 
     settings = Settings(home=tmp_path / "home", database_url=db_url, default_model=tiny_model_dir,
                         rate_limits={"default": 0})
@@ -78,11 +78,11 @@ def test_exported_trajectory_shows_every_step_as_the_model_and_tools_produced_it
     """A real rollout (the engine's RolloutWorker playing the calculator environment: sampled
     trajectories from the random model and demonstrated ones) goes through the run's DB reporter and
     comes back from export_trajectories step for step."""
-    from app.reporter import DBReporter
-    from grpo.agent import CalculatorEnv
+    from app.jobs.reporter import DBReporter
+    from grpo.agents.environments import CalculatorEnv
+    from grpo.agents.episodes import AgentSettings, concat_agent_rollouts
     from grpo.config import GRPOConfig
     from grpo.learner import score_agent_batch
-    from grpo.multiturn import AgentSettings, concat_agent_rollouts
     from grpo.rollout import RolloutWorker
     from grpo.tasks import Sample
     from grpo.trainer import Collected, trajectories

@@ -43,9 +43,9 @@ def api(request, ray_session, tmp_path_factory, tiny_model_dir):
     import ray
     from ray import serve
 
-    from app.db import upgrade
-    from app.dispatcher import ACTOR_NAME, NAMESPACE
-    from app.serve import start
+    from app.api.serve import start
+    from app.data.db import upgrade
+    from app.jobs.dispatcher import ACTOR_NAME, NAMESPACE
 
     home = tmp_path_factory.mktemp("api-home")
     env = {"RAYGRPO_HOME": str(home), "DATABASE_URL": f"sqlite:///{home / 'raygrpo.db'}", "REDIS_URL": "",
@@ -161,7 +161,7 @@ def test_killing_the_dispatcher_and_the_replica_loses_no_job_and_runs_none_twice
     import ray
     from ray.job_submission import JobSubmissionClient
 
-    from app.dispatcher import ACTOR_NAME, NAMESPACE
+    from app.jobs.dispatcher import ACTOR_NAME, NAMESPACE
 
     # three jobs, two run at once: one queued and two running when the kills land
     jobs = [rpc(api, "training.start_grpo", **job_params(n_iterations=12, checkpoint_interval=4))["job_id"]

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from app.cli import cli, read_state
+from app.client.cli import cli, read_state
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -91,7 +91,7 @@ def test_up_starts_a_stack_and_is_idempotent(stack, home):
 def test_token_and_db_upgrade(home, tmp_path):
     import jwt
 
-    from app.auth import verify_jwt
+    from app.api.auth import verify_jwt
     from app.settings import Settings
 
     out = json.loads(run(home, "--json", "token", "--sub", "ci", "--role", "viewer", "--ttl", "60").stdout)
@@ -183,7 +183,7 @@ def test_deploy_serves_the_trained_checkpoint_to_openai(job, home):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from app.policy import weights_digest
+    from app.serving.policy import weights_digest
 
     job_id, _, _ = job
     status = json.loads(run(home, "--json", "status", job_id).stdout)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from app import client as sdk
-from app import jsonrpc
+from app.api import jsonrpc
+from app.client import sdk
 
 
 @pytest.mark.parametrize("code", sorted(jsonrpc.ERROR_MESSAGES))

@@ -15,7 +15,7 @@ ROWS = [{"query": "digit 1:", "expected_outcome": "1"}]
 
 @pytest.mark.slow
 def test_500_concurrent_starts_create_exactly_the_jobs_asked_for(tmp_path, db_url, engine, tiny_model_dir):
-    from app.main import create_app
+    from app.api.main import create_app
 
     settings = Settings(home=tmp_path / "home", database_url=db_url, redis_url=None,
                         default_model=tiny_model_dir, rate_limits={"default": 0})
@@ -40,8 +40,7 @@ def test_500_concurrent_starts_create_exactly_the_jobs_asked_for(tmp_path, db_ur
     expected = n // 2 + len(keyed)  # one job per unkeyed call, one per distinct key
     assert len(set(ids)) == expected
 
-    from app import db
-
+    from app.data import db
     with db.session_scope(app.state.ctx.engine) as s:
         rows, cursor = [], None
         while True:

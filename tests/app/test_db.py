@@ -1,4 +1,4 @@
-"""app.db on SQLite and PostgreSQL: every data-access function, and the invariants concurrent writers
+"""app.data.db on SQLite and PostgreSQL: every data-access function, and the invariants concurrent writers
 rely on (one job per idempotency key, one claimer per job, the first final state wins)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from sqlmodel import Session
 
-from app import db
-from app.models import JobStatus, TrainingJob, utcnow
+from app.data import db
+from app.data.tables import JobStatus, TrainingJob, utcnow
 
 
 def new_job(session: Session, *, key: str | None = None, priority: int = 0, agent_id: str = "agent-a",
@@ -431,7 +431,7 @@ def test_checkpoints_and_the_best_flag(session):
 
 def test_model_output_with_nul_characters_is_stored(session):
     """A random-init model can emit byte 0; PostgreSQL text refuses NUL, so it is replaced, not lost."""
-    from app.db import add_trajectories, create_job, export_trajectories
+    from app.data.db import add_trajectories, create_job, export_trajectories
 
     job, _ = create_job(session, agent_id="a", owner=None, config={}, engine_config={}, total_iterations=1,
                         budget_usd=None, priority=0, idempotency_key=None, training_rows=1, evaluation_rows=0)

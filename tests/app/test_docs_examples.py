@@ -8,7 +8,7 @@ with a token of ROLE, or with none (`as=none`). Requests run in page order again
 (SQLite, no Redis, no Ray). Job ids the page shows are mapped onto the jobs this test creates: a
 documented `training.start_grpo` reply maps its id; any other documented job id gets a job of its
 own on first use. `state=running|paused|completed` puts the jobs a request names into that state
-first, playing the dispatcher and the run (app.db, app.reporter.DBReporter) as test_api.py does.
+first, playing the dispatcher and the run (app.data.db, app.jobs.reporter.DBReporter) as test_api.py does.
 "Same shape" means: the same error code, or the same result keys (and the same `status`, where the
 result has one); for batches, member by member.
 """
@@ -25,8 +25,8 @@ import pytest
 from fastapi.testclient import TestClient
 from raygrpo_test_services import bearer
 
-from app import db
-from app.models import JobStatus
+from app.data import db
+from app.data.tables import JobStatus
 from app.settings import Settings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"
@@ -107,7 +107,7 @@ class Runner:
             return db.get_job(s, job_id=job_id).status
 
     def reporter(self, job_id: str):
-        from app.reporter import DBReporter
+        from app.jobs.reporter import DBReporter
         from grpo.config import GRPOConfig
 
         return DBReporter(cfg=GRPOConfig(model=self.settings.default_model), job_id=job_id,
@@ -211,7 +211,7 @@ def shape_problems(ex: Example, actual: Any, documented: Any) -> list[str]:
 
 @pytest.fixture
 def runner(tmp_path, tiny_model_dir):
-    from app.main import create_app
+    from app.api.main import create_app
 
     settings = Settings(home=tmp_path / "home", database_url=None, redis_url=None, default_model=tiny_model_dir,
                         cancel_wait_s=0.5, rate_limits={"default": 0})
@@ -222,7 +222,7 @@ def runner(tmp_path, tiny_model_dir):
 
 
 def test_the_page_has_examples_of_every_method():
-    from app.training import registry
+    from app.api.context import registry
 
     requested = set()
     for ex in EXAMPLES:

@@ -40,7 +40,7 @@ content_types = st.sampled_from(["application/json", "application/x-www-form-url
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory, tiny_model_dir):
-    from app.main import create_app
+    from app.api.main import create_app
 
     home = tmp_path_factory.mktemp("fuzz")
     settings = Settings(home=home, database_url=None, redis_url=None, default_model=tiny_model_dir,

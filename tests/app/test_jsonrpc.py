@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.jsonrpc import (
+from app.api.jsonrpc import (
     BUDGET_EXCEEDED,
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -319,7 +319,7 @@ def test_handler_rpc_error_passes_through_with_data():
 
 
 def test_internal_error_does_not_leak_and_is_logged(caplog):
-    with caplog.at_level(logging.ERROR, logger="app.jsonrpc"):
+    with caplog.at_level(logging.ERROR, logger="app.api.jsonrpc"):
         answer = call(make_registry(), req("job.get", {"job_id": "boom"}, id=4))
     assert error_code(answer) == INTERNAL_ERROR
     assert answer["id"] == 4

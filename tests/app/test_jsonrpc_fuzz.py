@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
-from app.jsonrpc import NOT_FOUND, Registry, RPCError
+from app.api.jsonrpc import NOT_FOUND, Registry, RPCError
 
 FUZZ = settings(
     max_examples=60,

@@ -1,4 +1,4 @@
-"""Alembic: `upgrade head` on an empty database builds exactly what app/models.py declares (autogenerate
+"""Alembic: `upgrade head` on an empty database builds exactly what app/data/tables.py declares (autogenerate
 finds nothing to add), on SQLite and PostgreSQL; `downgrade base` removes it again."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, inspect
 from sqlalchemy.pool import NullPool
 from sqlmodel import SQLModel
 
-from app import db
+from app.data import db
 
 TABLES = {"training_jobs", "trajectories", "policy_checkpoints", "api_keys", "audit_log", "policy_deployments",
           "experiments", "runs", "metric_series", "metric_points", "metric_rollups", "registered_models", "datasets",
@@ -58,10 +58,10 @@ def test_upgrade_matches_models_and_downgrade_drops(db_url):
 
 
 def test_cli_upgrade_and_alembic_command_line(db_url):
-    """`python -m app.db upgrade --url` and `alembic -c app/alembic.ini -x url=` both reach head."""
-    run = [sys.executable, "-m", "app.db", "upgrade", "--url", db_url]
+    """`python -m app.data.db upgrade --url` and `alembic -c app/data/alembic.ini -x url=` both reach head."""
+    run = [sys.executable, "-m", "app.data.db", "upgrade", "--url", db_url]
     subprocess.run(run, cwd=ROOT, check=True, capture_output=True)
-    alembic = [sys.executable, "-m", "alembic", "-c", "app/alembic.ini", "-x", f"url={db_url}"]
+    alembic = [sys.executable, "-m", "alembic", "-c", "app/data/alembic.ini", "-x", f"url={db_url}"]
     current = subprocess.run([*alembic, "current"], cwd=ROOT, check=True, capture_output=True, text=True)
     from alembic.script import ScriptDirectory
 

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.policy import BadRequest, GenRequest, PolicyEngine, parse_request, sample_rows, weights_digest
+from app.serving.policy import (
+    BadRequest,
+    GenRequest,
+    PolicyEngine,
+    parse_request,
+    sample_rows,
+    weights_digest,
+)
 
 
 @pytest.fixture(scope="module")

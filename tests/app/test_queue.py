@@ -14,7 +14,7 @@ from uuid import uuid4
 import pytest
 import redis
 
-from app.queue import RedisQueue
+from app.data.queue import RedisQueue
 
 pytestmark = pytest.mark.services
 

@@ -1,7 +1,7 @@
 """The research registry over HTTP (FastAPI app in-process), on SQLite and PostgreSQL: experiments and
 their state machine, runs, metric series, models, datasets and their files, prompt templates,
 evaluations; ownership, pagination edges and bad input. No Ray: a job linked to a run is played
-through app.db and app.reporter.DBReporter, as test_api.py does.
+through app.data.db and app.jobs.reporter.DBReporter, as test_api.py does.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 from raygrpo_test_services import bearer
 
-from app import db
-from app.models import EXPERIMENT_TRANSITIONS
+from app.data import db
+from app.data.tables import EXPERIMENT_TRANSITIONS
 from app.settings import Settings
 
 ROWS = [{"query": f"digit {d}:", "expected_outcome": str(d)} for d in range(10)]
@@ -25,7 +25,7 @@ ROWS = [{"query": f"digit {d}:", "expected_outcome": str(d)} for d in range(10)]
 
 @pytest.fixture
 def client(tmp_path, db_url, engine, tiny_model_dir):  # engine: tables created
-    from app.main import create_app
+    from app.api.main import create_app
 
     settings = Settings(home=tmp_path / "home", database_url=db_url, redis_url=None, default_model=tiny_model_dir,
                         cancel_wait_s=0.5, rate_limits={"default": 0})
@@ -306,7 +306,7 @@ def start_job(client, **over):
 
 
 def test_a_linked_job_streams_metrics_into_its_run_and_ends_it(client):
-    from app.reporter import DBReporter
+    from app.jobs.reporter import DBReporter
     from grpo.config import GRPOConfig
 
     e = active_experiment(client)
@@ -421,7 +421,7 @@ def test_dataset_versions_files_links_and_a_job_trained_from_one(client):
     stored = client.settings.home / "datasets" / v1["content_hash"][:2] / v1["content_hash"]
     from sqlmodel import select
 
-    from app.models import AuditEntry
+    from app.data.tables import AuditEntry
 
     with db.session_scope(client.ctx.engine) as s:  # the audit row of the upload keeps no file content
         audit = s.exec(select(AuditEntry).where(AuditEntry.method == "datasets.create_version")).one()

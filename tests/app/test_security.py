@@ -18,8 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 from raygrpo_test_services import bearer
 
-from app.auth import PERMISSIONS, ROLES, mint_token
-from app.jsonrpc import FORBIDDEN, NOT_FOUND, RATE_LIMITED, UNAUTHENTICATED
+from app.api.auth import PERMISSIONS, ROLES, mint_token
+from app.api.jsonrpc import FORBIDDEN, NOT_FOUND, RATE_LIMITED, UNAUTHENTICATED
 from app.settings import Settings
 
 ROWS = [{"query": f"digit {d}:", "expected_outcome": str(d)} for d in range(4)]
@@ -27,7 +27,7 @@ SECRET = "s3cret-for-tests-only-" + "x" * 20
 
 
 def make_app(tmp_path, tiny_model_dir, **over):
-    from app.main import create_app
+    from app.api.main import create_app
 
     kw = dict(home=tmp_path / "home", database_url=None, redis_url=None, default_model=tiny_model_dir,
               jwt_secret=SECRET, rate_limits={"default": 0}, cancel_wait_s=0.2)
@@ -57,8 +57,8 @@ def start_job(client, headers, **over):
 
 
 def permissioned_methods():
-    import app.main  # noqa: F401  every module that registers methods
-    from app.training import registry
+    import app.api.main  # noqa: F401  every module that registers methods
+    from app.api.context import registry
 
     return sorted(m.name for m in registry.methods() if m.permission is not None)
 
@@ -121,8 +121,8 @@ def test_revoked_and_expired_api_keys_are_refused(api):
         assert r.status_code == 401 and "revoked" in r.json()["error"]["message"], method
     assert call(api, "auth.list_api_keys", {"owner": "carol"}, admin).json()["result"]["keys"] == []
 
-    from app import db
-    from app.models import ApiKey, utcnow
+    from app.data import db
+    from app.data.tables import ApiKey, utcnow
 
     short = call(api, "auth.create_api_key", {"owner": "dave", "expires_in_days": 1}, admin).json()["result"]
     with db.session_scope(api.app.state.ctx.engine) as s:
@@ -135,7 +135,7 @@ def test_revoked_and_expired_api_keys_are_refused(api):
 
 @pytest.mark.parametrize("role", sorted(ROLES))
 def test_each_permission_is_enforced_for_each_role(api, role):
-    from app.training import registry
+    from app.api.context import registry
 
     headers = bearer(api.settings, f"user-{role}", role)
     for method in registry.methods():
@@ -244,7 +244,7 @@ def test_batches_count_each_call(tmp_path, tiny_model_dir, backend):
 
 @pytest.mark.parametrize("backend", ["memory", pytest.param("redis", marks=pytest.mark.services)])
 def test_a_bucket_refills_at_the_configured_rate(backend):
-    from app.ratelimit import RateLimiter
+    from app.api.ratelimit import RateLimiter
 
     redis_url = _redis() if backend == "redis" else None
     limiter = RateLimiter({"m": 600}, redis_url)  # 10 tokens a second
@@ -339,12 +339,12 @@ def test_request_ids_are_echoed_and_on_log_lines(api, caplog):
     generated = call(api, "rpc.discover", None, {"X-Request-ID": "bad id with spaces"}).headers["X-Request-ID"]
     assert re.fullmatch(r"[0-9a-f]{32}", generated)
 
-    from app.logs import JsonFormatter, principal, request_id
+    from grpo.logs import JsonFormatter, principal, request_id
 
     tokens = request_id.set("req-1"), principal.set("alice")
     try:
         record = logging.LogRecord("app.x", logging.INFO, __file__, 1, "job %s done", ("job_1",), None)
-        from app.logs import ContextFilter
+        from grpo.logs import ContextFilter
 
         ContextFilter().filter(record)
         line = json.loads(JsonFormatter().format(record))
@@ -396,8 +396,7 @@ def test_auth_off_makes_every_caller_a_local_admin(tmp_path, tiny_model_dir):
 
 
 def test_the_local_secret_is_created_once_private_and_used_by_the_token_command(tmp_path, capsys, monkeypatch):
-    from app import auth
-
+    from app.api import auth
     settings = Settings(home=tmp_path / "h", jwt_secret=None)
     tok = mint_token(settings, "me", "viewer")
     secret_file = tmp_path / "h" / "jwt_secret"

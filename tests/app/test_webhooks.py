@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from app.webhooks import Webhooks, sign, verify
+from app.jobs.webhooks import Webhooks, sign, verify
 
 
 @pytest.fixture
@@ -66,8 +66,8 @@ def test_gives_up_after_the_attempts_and_unreachable_urls_do_not_raise(receiver)
 
 
 def test_the_reporter_sends_progress_budget_warning_and_the_final_event(receiver, tmp_path, tiny_model_dir):
-    from app import db
-    from app.reporter import DBReporter
+    from app.data import db
+    from app.jobs.reporter import DBReporter
     from app.settings import Settings
     from grpo.config import GRPOConfig
 

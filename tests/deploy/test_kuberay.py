@@ -209,9 +209,9 @@ def test_autoscaling_min_above_max_is_caught_by_autoscaling_config_not_only_the_
 
 
 def test_serve_config_is_what_serve_build_makes_of_the_app(tmp_path):
-    """serveConfigV2's application is `serve build app.serve:app` (renamed raygrpo-api); regenerate on change."""
+    """serveConfigV2's application is `serve build app.api.serve:app` (renamed raygrpo-api); regenerate on change."""
     out = tmp_path / "built.yaml"
-    proc = subprocess.run([str(Path(sys.executable).parent / "serve"), "build", "app.serve:app", "-o", str(out)],
+    proc = subprocess.run([str(Path(sys.executable).parent / "serve"), "build", "app.api.serve:app", "-o", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
@@ -219,7 +219,7 @@ def test_serve_config_is_what_serve_build_makes_of_the_app(tmp_path):
     shipped = yaml.safe_load(manifest("rayservice.yaml")["spec"]["serveConfigV2"])
     [built_app], [shipped_app] = built["applications"], shipped["applications"]
     assert shipped_app == {**built_app, "name": "raygrpo-api"}, (
-        "serveConfigV2 differs from `serve build app.serve:app`: paste the new application into kuberay/rayservice.yaml")
+        "serveConfigV2 differs from `serve build app.api.serve:app`: paste the new application into kuberay/rayservice.yaml")
     assert shipped["http_options"]["port"] == 8000  # the port KubeRay's serve Service targets
     assert shipped["http_options"]["request_timeout_s"] > 0
     assert set(shipped) <= set(built) | {"logging_config"}

@@ -2,7 +2,7 @@
 
 Every PromQL expression (dashboard targets, alert rules) is parsed with promql-parser (Prometheus's
 grammar) and the metric names it reads are checked against what the job API exports on /metrics
-(app/metrics.py), what the runs export through ray.util.metrics (Prometheus adds Ray's `ray_` prefix)
+(app/api/metrics.py), what the runs export through ray.util.metrics (Prometheus adds Ray's `ray_` prefix)
 and Ray's own node metrics. Runbook links must land on an anchor of docs/operations.md.
 """
 
@@ -215,7 +215,7 @@ def test_the_names_dashboards_and_alerts_use_are_the_ones_exported(tmp_path):
     from fastapi.testclient import TestClient
     from prometheus_client.parser import text_string_to_metric_families
 
-    from app.main import create_app
+    from app.api.main import create_app
     from app.settings import Settings
     from grpo.report import RAY_COUNTERS, RAY_GAUGES
 

@@ -55,7 +55,7 @@ def test_commands_install_the_project_start_the_api_and_keep_token_auth_on():
     start = next(c for c in head if "ray start --head" in c)
     assert "--dashboard-host=0.0.0.0" in start and "--metrics-export-port=8080" in start
     assert not any("6379" in c for c in head)  # Redis's port
-    assert any("serve deploy" in c and "app.serve:app" in c for c in head)  # the job API on the head
+    assert any("serve deploy" in c and "app.api.serve:app" in c for c in head)  # the job API on the head
     assert any("alembic" in c and "upgrade head" in c for c in head)
     for c in head + config["worker_start_ray_commands"]:
         if "ray start" in c:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from grpo.agent import Action, StepResult, Tool, ToolEnvironment
+from grpo.agents.environments import Action, StepResult, Tool, ToolEnvironment
 from grpo.tasks import Sample
 
 

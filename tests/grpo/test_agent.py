@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from grpo import loss as L
-from grpo.agent import (
+from grpo.agents.environments import (
     PythonEnv,
     SearchEnv,
     ToolCallError,
@@ -20,9 +20,7 @@ from grpo.agent import (
     make_environment,
     parse_tool_call,
 )
-from grpo.config import ConfigError, GRPOConfig, load_config
-from grpo.learner import Learner, score_agent_batch, training_tensors
-from grpo.multiturn import (
+from grpo.agents.episodes import (
     AgentSettings,
     Shaping,
     TurnFormat,
@@ -32,6 +30,8 @@ from grpo.multiturn import (
     run_episodes,
     to_rollout,
 )
+from grpo.config import ConfigError, GRPOConfig, load_config
+from grpo.learner import Learner, score_agent_batch, training_tensors
 from grpo.rollout import RolloutWorker
 from grpo.tasks import Sample
 from grpo.tiny import build_tokenizer

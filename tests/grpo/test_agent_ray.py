@@ -28,7 +28,7 @@ def test_learns_the_calculator_task_with_the_tool_after_a_short_warmup(ray_sessi
     trajectories and solves about a third of the problems (its copies of the tool's four-digit result
     are often wrong); GRPO makes it call the tool more often and copy more reliably. Measured, first 10
     against last 20 GRPO steps: outcome 0.36 -> 0.49-0.51, tool use 0.79 -> 0.88 (docs/engine.md)."""
-    from grpo.multiturn import AgentSettings, agent_stats
+    from grpo.agents.episodes import AgentSettings, agent_stats
     from grpo.rollout import RolloutWorker
 
     model = save_tiny_model(tmp_path / "tiny", hidden_size=64, num_layers=2, seed=0)
@@ -80,8 +80,8 @@ def test_learns_the_calculator_task_with_the_tool_after_a_short_warmup(ray_sessi
 def test_heavy_environments_run_in_their_own_ray_actors(ray_session, tiny_model_dir):
     """env_actor_cpus: each trajectory's environment lives in its own Ray actor, and the episodes
     are the same as in-process ones (demonstrations through the rollout worker, plus sampling)."""
-    from grpo.agent import CalculatorEnv
-    from grpo.multiturn import AgentSettings
+    from grpo.agents.environments import CalculatorEnv
+    from grpo.agents.episodes import AgentSettings
     from grpo.rollout import RolloutWorker
     from grpo.tasks import Sample
 

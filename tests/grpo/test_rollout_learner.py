@@ -7,7 +7,8 @@ import torch
 
 from grpo.config import GRPOConfig
 from grpo.learner import Learner, score_batch, training_tensors
-from grpo.rollout import RolloutWorker, concat_rollouts, left_pad, position_ids, sample_token
+from grpo.rollout import RolloutWorker
+from grpo.sampling import concat_rollouts, left_pad, position_ids, sample_token
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +180,7 @@ def test_prompt_shared_once_per_group_gives_the_same_logits_and_update(tiny_mode
 
 def _take_groups(r, groups: list[int]):
     """The rollout of some groups only: what one policy worker sees of a step."""
-    from grpo.rollout import Rollout
+    from grpo.sampling import Rollout
 
     g = r.group_size
     rows = torch.tensor([p * g + j for p in groups for j in range(g)])

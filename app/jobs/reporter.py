@@ -1,6 +1,6 @@
 """The DB-backed reporter a run launched by the job API records itself through.
 
-`python -m grpo.run --job-id ID --reporter app.reporter:DBReporter` builds it in the run's driver
+`python -m grpo.run --job-id ID --reporter app.jobs.reporter:DBReporter` builds it in the run's driver
 (the Ray Job's entrypoint). It writes progress, metrics, cost, trajectories and checkpoints to the
 database, asks the run to stop when the job's cancel flag is set, and marks the final status.
 It is the only place where grpo (the engine) meets app (the control plane), and grpo never imports it.
@@ -15,7 +15,7 @@ from typing import Any
 
 from grpo.config import GRPOConfig
 
-log = logging.getLogger("app.reporter")
+log = logging.getLogger("app.jobs.reporter")
 
 # How the engine's end states map onto the job's (status, stop_reason).
 FINAL = {
@@ -32,7 +32,7 @@ class DBReporter:
 
     def __init__(self, *, cfg: GRPOConfig, job_id: str | None, db_url: str | None = None,
                  check_interval_s: float = 1.0, webhooks: Any = None):
-        from app.db import get_engine
+        from app.data.db import get_engine
         from app.settings import get_settings
 
         if not job_id:
@@ -43,14 +43,14 @@ class DBReporter:
         self._last_check = 0.0
         self._stop: str | None = None
         self.base_cost, self.budget, self.warned = Decimal("0"), None, 0
-        from app.webhooks import Webhooks
+        from app.jobs.webhooks import Webhooks
 
         self.webhooks = webhooks or Webhooks.from_settings(get_settings())
         self.total_steps = cfg.num_steps
         self._decile = 0
 
     def on_start(self, cfg: GRPOConfig, *, job_id: str | None) -> None:
-        from app.db import get_job, session_scope
+        from app.data.db import get_job, session_scope
 
         with session_scope(self.engine) as s:
             job = get_job(s, job_id=self.job_id)
@@ -64,7 +64,7 @@ class DBReporter:
         return self.base_cost + Decimal(str(round(run_cost, 6)))
 
     def on_step(self, metrics: dict[str, float]) -> None:
-        from app.db import record_progress, session_scope, set_status
+        from app.data.db import record_progress, session_scope, set_status
         from app.research.series import record_job_metrics
 
         cost = self._cost(metrics.get("cost_usd", 0.0))
@@ -91,7 +91,7 @@ class DBReporter:
                 "avg_reward": metrics.get("reward_mean"), "cost_usd": str(cost)})
 
     def on_trajectories(self, rows: list[dict[str, Any]]) -> None:
-        from app.db import add_trajectories, session_scope
+        from app.data.db import add_trajectories, session_scope
 
         # Multi-turn rows carry their steps (observation, action, tool result, reward, timestamp,
         # duration) as the engine recorded them; model text may hold NULs, which PostgreSQL refuses.
@@ -102,7 +102,7 @@ class DBReporter:
     def should_stop(self) -> str | None:
         """The job's cancel flag, read at most once per check interval (one small query)."""
         if self._stop is None and time.monotonic() - self._last_check >= self.check_interval_s:
-            from app.db import get_job, session_scope
+            from app.data.db import get_job, session_scope
 
             self._last_check = time.monotonic()
             with session_scope(self.engine) as s:
@@ -112,7 +112,7 @@ class DBReporter:
         return self._stop
 
     def on_end(self, status: str, *, error: str | None, summary: dict[str, Any]) -> None:
-        from app.db import (
+        from app.data.db import (
             add_checkpoint,
             finish_job,
             get_job,
@@ -144,7 +144,7 @@ class DBReporter:
                 if job_status == "cancelled" and current is not None and current.stop_reason:
                     reason = current.stop_reason
                 finish_job(s, job_id=self.job_id, status=job_status, error_message=error, stop_reason=reason)
-            from app.models import TrainingJob
+            from app.data.tables import TrainingJob
             from app.research.series import record_job_end
 
             ended = s.get(TrainingJob, self.job_id, populate_existing=True)

@@ -1,9 +1,9 @@
-"""The `training.*` JSON-RPC methods: thin handlers over the data functions in app.db.
+"""The `training.*` JSON-RPC methods: thin handlers over the data functions in app.data.db.
 
 Each method has a pydantic params model (which also feeds `rpc.discover`) and a result model.
 Starting a job validates everything, stores the job as `queued` and enqueues it: the run itself
-is the Dispatcher's business (app.dispatcher), so no request ever waits on training.
-Not here: HTTP (app.main), auth and rate limits (the security issue), the registry endpoints.
+is the Dispatcher's business (app.jobs.dispatcher), so no request ever waits on training.
+Not here: HTTP (app.api.main), auth and rate limits (the security issue), the registry endpoints.
 """
 
 from __future__ import annotations
@@ -12,76 +12,34 @@ import asyncio
 import hashlib
 import json
 import tempfile
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
-from sqlalchemy.engine import Engine
 
-from app import db
-from app.auth import authorize, current_principal
-from app.jsonrpc import (
+from app.api.auth import current_principal
+from app.api.context import Context, money, registry
+from app.api.jsonrpc import (
     BUDGET_EXCEEDED,
     CANNOT_CANCEL,
     EVALUATION_FAILED,
     EXPORT_LIMIT_EXCEEDED,
     NOT_FOUND,
     VALIDATION_FAILED,
-    Registry,
     RPCError,
 )
-from app.metrics import RequestCounters
-from app.models import JobStatus, TrainingJob
-from app.queue import JobQueue, RedisQueue
-from app.ratelimit import RateLimiter, rate_limit
+from app.data import db
+from app.data.tables import JobStatus, TrainingJob
+from app.research.datasets import Row, training_rows
 from app.settings import Settings
 from grpo.config import ConfigError, GRPOConfig, load_config
-
-registry = Registry(sync_in_thread=True)  # handlers open their own sessions
-registry.add_guard(authorize)
-registry.add_guard(rate_limit)
 
 EXPORT_LIMIT = 10_000
 
 
-@dataclass
-class Context:
-    """What every handler gets besides its params."""
-
-    settings: Settings
-    engine: Engine
-    queue: JobQueue | None  # Redis fast path; None: the database is the queue
-    limiter: RateLimiter | None = None
-    counters: RequestCounters | None = None
-
-    @classmethod
-    def open(cls, settings: Settings) -> Context:
-        """The database (tables created for the embedded SQLite; PostgreSQL runs Alembic), the queue, and
-        the rate limiter and request counters (in Redis when there is one, shared by every replica)."""
-        engine = db.get_engine(settings.db_url)
-        if settings.db_url.startswith("sqlite"):
-            settings.home.mkdir(parents=True, exist_ok=True)
-            db.init_db(engine)
-        return cls(settings=settings, engine=engine,
-                   queue=RedisQueue(settings.redis_url) if settings.redis_url else None,
-                   limiter=RateLimiter(settings.rate_limits, settings.redis_url),
-                   counters=RequestCounters(settings.redis_url))
-
-
 # ---- params and results ------------------------------------------------------------------------
-
-class Row(BaseModel):
-    """One training or evaluation example."""
-
-    model_config = ConfigDict(extra="forbid")
-    query: str = Field(min_length=1, max_length=100_000, validation_alias=AliasChoices("query", "prompt"))
-    """the prompt"""
-    expected_outcome: str = Field(max_length=100_000, validation_alias=AliasChoices("expected_outcome", "answer"))
-    """what the reward function compares the completion with"""
-
 
 class AgentConfig(BaseModel):
     """A multi-turn agent job: the environment the model acts in, its tools, and how steps are scored."""
@@ -343,11 +301,6 @@ def step_cost_usd(cfg: GRPOConfig, settings: Settings) -> Decimal:
     return Decimal(str(cost_usd(cfg, settings.min_step_seconds)))
 
 
-def money(value: Decimal | None) -> str | None:
-    """Money on the wire: a decimal string with 6 places (never a float)."""
-    return None if value is None else f"{Decimal(value).quantize(Decimal('0.000001'))}"
-
-
 def _owned_key(key: str | None) -> str | None:
     """Idempotency keys are per caller: two users sending the same key get two jobs, never each other's."""
     if key is None:
@@ -398,7 +351,6 @@ def start_grpo(p: StartParams, ctx: Context) -> StartResult:
     jobs_dir.mkdir(parents=True, exist_ok=True)
     rows, lineage = p.training_data, {}
     if p.dataset is not None:
-        from app.research.datasets import training_rows
 
         rows, source = training_rows(ctx, p.dataset.dataset_id, p.dataset.version, jobs_dir / "staging")
         lineage = {"dataset": source}  # kept in the job's config: which file trained it

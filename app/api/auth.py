@@ -8,13 +8,13 @@ Every JSON-RPC method that declares a `permission` needs an authenticated princi
   checked; `sub` is the user, `role` one of ROLES, optional `scopes` narrow the role; or
 - `X-API-Key: rg_...`: looked up by its SHA-256 in `api_keys`; revoked and expired keys are refused.
 
-The HTTP layer (app.main) authenticates the headers once per request and puts the outcome in a
+The HTTP layer (app.api.main) authenticates the headers once per request and puts the outcome in a
 context variable; `authorize` (the Registry's guard) checks it against the called method, so a batch
 is checked call by call. A user's jobs are theirs: `Principal.owns` is what handlers test, and they
 answer "not found" for another user's object, so its existence does not leak.
 
 Without any configured key, a local secret is created under RAYGRPO_HOME (mode 0600) the first time it
-is needed: one machine works out of the box, `raygrpo token` / `python -m app.auth token` mints a token
+is needed: one machine works out of the box, `raygrpo token` / `python -m app.api.auth token` mints a token
 with it. A cluster must set `RAYGRPO_JWT_SECRET` (or a public key) so every replica agrees.
 """
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.jsonrpc import FORBIDDEN, UNAUTHENTICATED, Method, RPCError
+from app.api.jsonrpc import FORBIDDEN, UNAUTHENTICATED, Method, RPCError
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -248,7 +248,7 @@ def verify_api_key(engine: Any, key: str) -> Principal:
     """The principal of an API key, or ValueError when it is unknown, revoked or expired."""
     from sqlmodel import Session, select
 
-    from app.models import ApiKey, utcnow
+    from app.data.tables import ApiKey, utcnow
 
     if not key.startswith(API_KEY_PREFIX) or len(key) > 200:
         raise ValueError("malformed API key")
@@ -291,12 +291,12 @@ LOCAL_ADMIN = Principal.of("local", "admin", auth_method="local")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m app.auth token [--sub S] [--role R] [--ttl SECONDS]`: print a JWT for local use."""
+    """`python -m app.api.auth token [--sub S] [--role R] [--ttl SECONDS]`: print a JWT for local use."""
     import argparse
 
     from app.settings import get_settings
 
-    parser = argparse.ArgumentParser(prog="python -m app.auth")
+    parser = argparse.ArgumentParser(prog="python -m app.api.auth")
     sub = parser.add_subparsers(dest="command", required=True)
     tok = sub.add_parser("token", help="mint a JWT signed with the configured or local secret")
     tok.add_argument("--sub", default=os.environ.get("USER") or "local")

@@ -6,7 +6,7 @@ An environment is one episode of an agent task, isolated per trajectory (a fresh
     first = await env.reset(sample)           # the first observation: the prompt text
     result = await env.step(Action(text, token_ids))   # -> StepResult(observation, reward, done, info)
 
-Token-in/token-out: the rollout worker (grpo.multiturn) hands the environment the action as the
+Token-in/token-out: the rollout worker (grpo.agents.episodes) hands the environment the action as the
 decoded text *and* the exact token ids it sampled, and appends the observation's tokens (the env's
 `observation_ids` if it gives them, else the observation text tokenised once) to the trajectory. The
 trainer trains on those very ids; nothing is re-tokenised from decoded text.
@@ -23,7 +23,7 @@ Built-ins, each bringing its own samples and a demonstration (for the engine's s
   calculator  two-digit arithmetic; tool `calc` {"expr": "12*7"}
   python      the code task's problems; tools `python` {"code"} and `test` {"code"} in grpo.sandbox
   search      questions about a small invented corpus shipped in grpo/data/corpus.jsonl; tool `search`
-Not here: generation, batching and masks (grpo.multiturn), reward shaping and credit (grpo.loss).
+Not here: generation, batching and masks (grpo.agents.episodes), reward shaping and credit (grpo.loss).
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ class Method:
     errors: list[int]
     mutates: bool
     permission: str | None = None
-    """what the caller must hold (app.auth); None: anyone, unauthenticated included"""
+    """what the caller must hold (app.api.auth); None: anyone, unauthenticated included"""
 
     def param_names(self) -> list[str]:
         """Names as the client sends them (the alias when a field has one), in declaration order."""

@@ -13,8 +13,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from app.auth import request_state
-from app.jsonrpc import RATE_LIMITED, Method, RPCError
+from app.api.auth import request_state
+from app.api.jsonrpc import RATE_LIMITED, Method, RPCError
 
 # KEYS[1]: the bucket hash; ARGV: capacity, refill per second. Redis' own clock, so replicas agree.
 _TAKE = """

@@ -7,7 +7,7 @@ is atomicity where concurrent writers meet: one job per idempotency key, one cla
 the first final state wins. Those are conditional UPDATEs or row locks, never read-then-write in Python.
 
 Not covered: the Redis queue (app's queue module) and schema changes in production (Alembic,
-`python -m app.db upgrade`).
+`python -m app.data.db upgrade`).
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, create_engine, event, func, insert, or_, update
+from sqlalchemy import Connection, Engine, and_, case, create_engine, event, func, insert, or_, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel, col, select
 
-from app.models import JobStatus, PolicyCheckpoint, TrainingJob, Trajectory, utcnow
+from app.data.tables import JobStatus, PolicyCheckpoint, TrainingJob, Trajectory, utcnow
 
 FINAL_STATES = [s.value for s in JobStatus if s.is_final]
 SUCCESS_REWARD = 1.0 - 1e-9
@@ -114,9 +114,10 @@ def _sqlite_begin_before_savepoint(conn: Any, name: str) -> None:
         dbapi_connection.execute("BEGIN IMMEDIATE")
 
 
-def init_db(engine: Engine) -> None:
-    """Create missing tables (the embedded SQLite default and tests); production runs Alembic."""
-    import app.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+def init_db(engine: Engine | Connection) -> None:
+    """Create missing tables (tests, and a new embedded SQLite file: `prepare_embedded`); production runs
+    Alembic."""
+    import app.data.tables  # noqa: F401  (registers the tables on SQLModel.metadata)
 
     SQLModel.metadata.create_all(engine)
 
@@ -516,7 +517,7 @@ def get_checkpoint(session: Session, *, checkpoint_id: str) -> PolicyCheckpoint 
 
 
 def alembic_config(url: str | None = None) -> Any:
-    """The Alembic config of app/alembic.ini, pointed at `url` (else env.py uses the settings)."""
+    """The Alembic config of app/data/alembic.ini, pointed at `url` (else env.py uses the settings)."""
     from alembic.config import Config
 
     config = Config(str(Path(__file__).with_name("alembic.ini")))
@@ -532,10 +533,39 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
+# The last revision whose schema the embedded SQLite database was created at without an Alembic stamp
+# (`create_all` alone): such a file is stamped with it, then upgraded like any other.
+UNSTAMPED_SCHEMA = "0004"
+
+
+def prepare_embedded(engine: Engine) -> str:
+    """Bring the embedded SQLite database to the newest schema through Alembic, so `raygrpo db upgrade` and
+    `alembic upgrade head` keep working on it: a new file gets the tables and the head stamp, a file with a
+    stamp is upgraded, a file from before stamps existed is stamped at its schema and upgraded.
+    Returns what was done: "created", "upgraded" or "stamped-and-upgraded"."""
+    from alembic import command
+    from sqlalchemy import inspect
+
+    config = alembic_config()
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        tables = set(inspect(conn).get_table_names())
+        if not tables - {"alembic_version"}:
+            init_db(conn)
+            command.stamp(config, "head")
+            return "created"
+        done = "upgraded"
+        if "alembic_version" not in tables:
+            command.stamp(config, UNSTAMPED_SCHEMA)
+            done = "stamped-and-upgraded"
+        command.upgrade(config, "head")
+        return done
+
+
 def main(argv: list[str] | None = None) -> None:
     from app.settings import Settings
 
-    parser = argparse.ArgumentParser(prog="python -m app.db", description="database schema of the job API")
+    parser = argparse.ArgumentParser(prog="python -m app.data.db", description="database schema of the job API")
     parser.add_argument("command", choices=["upgrade"], help="upgrade: alembic upgrade head")
     parser.add_argument("--url", help="SQLAlchemy URL (default: DATABASE_URL or the SQLite file)")
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
-"""The job API as a Ray Serve application: `serve build app.serve:app` / `serve run app.serve:app`.
+"""The job API as a Ray Serve application: `serve build app.api.serve:app` / `serve run app.api.serve:app`.
 
-The deployment wraps the FastAPI app of app.main (autoscaled replicas; each checks its database in
-`check_health`) and makes sure the single Dispatcher actor is running. `python -m app.serve` starts
+The deployment wraps the FastAPI app of app.api.main (autoscaled replicas; each checks its database in
+`check_health`) and makes sure the single Dispatcher actor is running. `python -m app.api.serve` starts
 a local Ray (or joins RAY_ADDRESS) and serves on 127.0.0.1:8001 until interrupted.
 """
 
@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from ray import serve
 from sqlalchemy import text
 
-from app.main import create_app
+from app.api.main import create_app
 from app.settings import get_settings
 
 
@@ -33,8 +33,8 @@ def build_app() -> FastAPI:
 @serve.ingress(build_app)
 class TrainingAPI:
     def __init__(self) -> None:
-        from app.db import get_engine
-        from app.dispatcher import ensure_dispatcher
+        from app.data.db import get_engine
+        from app.jobs.dispatcher import ensure_dispatcher
 
         self.dispatcher = ensure_dispatcher(get_settings())
         self.engine = get_engine(get_settings().db_url)  # the same cached engine the app uses

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-log = logging.getLogger("app.webhooks")
+log = logging.getLogger("app.jobs.webhooks")
 
 EVENTS = ("training.job.started", "training.job.progress", "training.job.completed", "training.job.failed",
           "training.job.cancelled", "training.budget.warning")

@@ -2,7 +2,7 @@
 
 One instance runs as a named, detached Ray actor (`raygrpo-dispatcher` in namespace `raygrpo`).
 Each job becomes `python -m grpo.run --config <job>/config.yaml --job-id ID --reporter
-app.reporter:DBReporter` submitted to the Ray Jobs API with `submission_id` = the job id (a later
+app.jobs.reporter:DBReporter` submitted to the Ray Jobs API with `submission_id` = the job id (a later
 attempt after pause/resume gets `ID-a2`, ...), so every run shows in the Ray dashboard and `ray job
 logs/stop` work. The run records its own progress through the reporter; the Dispatcher only
 watches the Ray Job's state to finalise runs that died without reporting.
@@ -23,11 +23,11 @@ from typing import Any
 
 import yaml
 
-from app import db
-from app.models import JobStatus, TrainingJob
+from app.data import db
+from app.data.tables import JobStatus, TrainingJob
 from app.settings import Settings
 
-log = logging.getLogger("app.dispatcher")
+log = logging.getLogger("app.jobs.dispatcher")
 
 ACTOR_NAME = "raygrpo-dispatcher"
 NAMESPACE = "raygrpo"
@@ -39,7 +39,7 @@ def submission_id(job: TrainingJob) -> str:
 
 class Dispatcher:
     def __init__(self, settings: Settings, *, jobs_client: Any = None, poll_s: float = 1.0, autostart: bool = False):
-        from app.training import Context
+        from app.api.context import Context
 
         ctx = Context.open(settings)
         self.settings, self.engine, self.queue = settings, ctx.engine, ctx.queue
@@ -51,7 +51,7 @@ class Dispatcher:
 
             jobs_client = JobSubmissionClient(settings.ray_dashboard_url or ray.get_runtime_context().gcs_address)
         self.client = jobs_client
-        from app.webhooks import Webhooks
+        from app.jobs.webhooks import Webhooks
 
         self.webhooks = Webhooks.from_settings(settings)
         self.poll_s = poll_s
@@ -207,7 +207,7 @@ class Dispatcher:
             engine_config["max_budget_usd"] = max(float(job.budget_usd - job.cost_usd), 1e-6)
         config_path.write_text(yaml.safe_dump(engine_config, sort_keys=True))
         entrypoint = (f"{sys.executable} -m grpo.run --config {config_path} --job-id {job.id} "
-                      f"--reporter app.reporter:DBReporter")
+                      f"--reporter app.jobs.reporter:DBReporter")
         # The job-level runtime env reaches every process of the run, the Train controller included:
         # its health-check poll is the floor under each ray.train.report (2 s by default).
         # Webhook URLs go along; the signing secret does not (runtime envs show in the dashboard):

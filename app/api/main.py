@@ -7,7 +7,7 @@ a JSON-RPC internal error with a reference that is logged.
 
 Each request gets a request id (the client's `X-Request-ID` when it sends a sane one), echoed in the
 reply's `X-Request-ID` and on every log line written while it is handled. Credentials are checked
-once per request (app.auth); the permission of each call, and its rate limit, are checked by the
+once per request (app.api.auth); the permission of each call, and its rate limit, are checked by the
 registry's guards. A single call refused as unauthenticated, forbidden or rate-limited is also answered
 with HTTP 401, 403 or 429 (and `WWW-Authenticate` / `Retry-After`) so proxies and clients that only look at
 the status see it; batches always answer 200.
@@ -26,21 +26,29 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
-import app.admin  # noqa: F401  registers the auth.* and audit.* methods
-import app.deploy_api  # noqa: F401  registers models.deploy, models.undeploy, models.deployments
+import app.api.admin  # noqa: F401  registers the auth.* and audit.* methods
+import app.jobs.training  # noqa: F401  training.*
 import app.research.catalog  # noqa: F401  the research registry: models.*, prompts.*
 import app.research.datasets  # noqa: F401  datasets.* (and the dataset file routes)
 import app.research.evaluations  # noqa: F401  evaluations.*
 import app.research.experiments  # noqa: F401  experiments.*, runs.*
 import app.research.metrics  # noqa: F401  metrics.*
-from app import logs
-from app.auth import RequestState, authenticate, reset_request_state, set_request_state
-from app.jsonrpc import FORBIDDEN, INTERNAL_ERROR, INVALID_REQUEST, RATE_LIMITED, UNAUTHENTICATED, CallRecord
-from app.metrics import render
+import app.serving.deployments  # noqa: F401  registers models.deploy, models.undeploy, models.deployments
+from app.api.auth import RequestState, authenticate, reset_request_state, set_request_state
+from app.api.context import Context, registry
+from app.api.jsonrpc import (
+    FORBIDDEN,
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    RATE_LIMITED,
+    UNAUTHENTICATED,
+    CallRecord,
+)
+from app.api.metrics import render
 from app.settings import Settings, get_settings
-from app.training import Context, registry
+from grpo import logs
 
-log = logging.getLogger("app.main")
+log = logging.getLogger("app.api.main")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _HTTP_STATUS = {UNAUTHENTICATED: 401, FORBIDDEN: 403, RATE_LIMITED: 429}
 _ROUTES = {"/api/v1/jsonrpc", "/api/v1/jsonrpc/methods", "/metrics", "/health", "/health/live", "/health/ready"}
@@ -52,7 +60,7 @@ def _error(code: int, message: str, data: dict | None = None) -> JSONResponse:
 
 
 def _rpc_observer(record: CallRecord) -> None:
-    from app.auth import request_state
+    from app.api.auth import request_state
 
     state = request_state()
     if state is not None:
@@ -110,7 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             body += chunk
             if len(body) > limit:
                 return _error(INVALID_REQUEST, f"request too large: more than {limit} bytes")
-        from app.auth import request_state
+        from app.api.auth import request_state
 
         state = request_state()
         authorization, api_key = request.headers.get("authorization"), request.headers.get("x-api-key")

@@ -222,7 +222,7 @@ class PolicyDeployment(SQLModel, table=True):
     """also the Serve application (`policy-<name>`) and the route prefix (`/policies/<name>`)"""
     owner: str | None = Field(default=None, index=True, max_length=256)
     variants: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
-    """[{name, path, weight, checkpoint_id}] as app.policy.VariantSpec"""
+    """[{name, path, weight, checkpoint_id}] as app.serving.policy.VariantSpec"""
     spec: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     """replicas, autoscaling, gpus_per_replica, cpus_per_replica, batching, max_batch_size"""
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

@@ -17,12 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
-from app import db
-from app.auth import AUTHENTICATED, PERMISSIONS, Principal, current_principal, hash_api_key, new_api_key
-from app.auth import request_state as _request_state
-from app.jsonrpc import INVALID_PARAMS, NOT_FOUND, CallRecord, RPCError
-from app.models import ApiKey, AuditEntry, utcnow
-from app.training import registry
+from app.api.auth import AUTHENTICATED, PERMISSIONS, Principal, current_principal, hash_api_key, new_api_key
+from app.api.auth import request_state as _request_state
+from app.api.context import registry
+from app.api.jsonrpc import INVALID_PARAMS, NOT_FOUND, CallRecord, RPCError
+from app.data import db
+from app.data.tables import ApiKey, AuditEntry, utcnow
 
 log = logging.getLogger("app.audit")
 

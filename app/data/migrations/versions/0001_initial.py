@@ -1,10 +1,10 @@
-"""initial: training_jobs, trajectories, policy_checkpoints, as app/models.py declares them
+"""initial: training_jobs, trajectories, policy_checkpoints, as app/data/tables.py declares them
 
 Revision ID: 0001
 Revises:
 Create Date: 2026-11-22
 
-Plain SQLAlchemy types only, so this file never changes when app/models.py does: `UTCDateTime` is a
+Plain SQLAlchemy types only, so this file never changes when app/data/tables.py does: `UTCDateTime` is a
 naive UTC `DateTime` in the database, sqlmodel's `AutoString(n)` a `VARCHAR(n)`. Money is NUMERIC(14, 6).
 """
 

@@ -1,6 +1,6 @@
 """Alembic environment of the job API: the URL and the metadata the migrations run against.
 
-URL, first found: `-x url=...`, the config's sqlalchemy.url (set by `app.db.upgrade` or a test), then
+URL, first found: `-x url=...`, the config's sqlalchemy.url (set by `app.data.db.upgrade` or a test), then
 `app.settings.get_settings().db_url`. A caller may also hand over an open connection in
 `config.attributes["connection"]`.
 """
@@ -16,8 +16,8 @@ from sqlalchemy.pool import NullPool
 from sqlmodel import SQLModel
 from sqlmodel.sql.sqltypes import AutoString
 
-from app.db import _sqlite_on_connect
-from app.models import UTCDateTime  # importing app.models registers the tables on SQLModel.metadata
+from app.data.db import _sqlite_on_connect
+from app.data.tables import UTCDateTime  # importing app.data.tables registers the tables on SQLModel.metadata
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

@@ -9,7 +9,7 @@ the benchmark), and `PolicyRouter` is the HTTP ingress of one deployed applicati
 each request to one of its variants by weight (an A/B comparison of two checkpoints) or by the
 variant named in `model`.
 
-`build_policy_app` assembles the application; `app.deploy_api` starts and stops it (models.deploy).
+`build_policy_app` assembles the application; `app.serving.deployments` starts and stops it (models.deploy).
 Not covered: logprobs, penalties, tools/function calling, seeds.
 """
 
@@ -187,7 +187,7 @@ class PolicyEngine:
         """Decode every row of every request together; a row stops at EOS, a stop string, or its limit."""
         from transformers import DynamicCache
 
-        from grpo.rollout import left_pad, position_ids
+        from grpo.sampling import left_pad, position_ids
 
         rows = [(r, j) for r in reqs for j in range(r.n)]  # N rows
         n = len(rows)

@@ -1,7 +1,7 @@
 """`models.deploy`, `models.undeploy`, `models.deployments`: serve checkpoints on Ray Serve.
 
 A deployment is a name: its own Serve application (`policy-<name>`) next to the job API, answering
-the OpenAI routes under `/policies/<name>/v1` (app.policy). What was asked is a `PolicyDeployment` row
+the OpenAI routes under `/policies/<name>/v1` (app.serving.policy). What was asked is a `PolicyDeployment` row
 (the database stays the source of truth); how it is doing (deploying, running, failed, replicas) is
 read from Serve on every `models.deployments` call, never stored. `models.deploy` replies as soon as
 Serve has accepted the application: loading a large model takes minutes, and the caller polls.
@@ -16,11 +16,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app import db
-from app.auth import current_principal
-from app.jsonrpc import DEPLOYMENT_FAILED, NOT_FOUND, VALIDATION_FAILED, RPCError
-from app.models import PolicyDeployment
-from app.training import Context, registry
+from app.api.auth import current_principal
+from app.api.context import Context, registry
+from app.api.jsonrpc import DEPLOYMENT_FAILED, NOT_FOUND, VALIDATION_FAILED, RPCError
+from app.data import db
+from app.data.tables import PolicyDeployment
 
 NAME = r"^[a-z0-9][a-z0-9-]{0,47}$"
 APP_PREFIX = "policy-"
@@ -136,7 +136,7 @@ def _ray() -> Any:
 
     if not ray.is_initialized():
         raise RPCError(DEPLOYMENT_FAILED, "deployment failed: this API is not running on a Ray cluster "
-                       "(start it with `raygrpo up` or `python -m app.serve`)")
+                       "(start it with `raygrpo up` or `python -m app.api.serve`)")
     return ray
 
 
@@ -182,7 +182,7 @@ def _serve_apps() -> dict[str, Any] | None:
 def deploy(p: DeployParams, ctx: Context) -> dict[str, Any]:
     from ray import serve
 
-    from app.policy import VariantSpec, build_policy_app
+    from app.serving.policy import VariantSpec, build_policy_app
 
     with db.session_scope(ctx.engine) as s:
         if p.variants:

@@ -14,6 +14,7 @@ Shell completion: `raygrpo --install-completion`.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from app import client as sdk
+from app.client import sdk
 
 EXIT_JOB_FAILED, EXIT_API_ERROR, EXIT_UNREACHABLE = 1, 3, 4
 
@@ -41,6 +42,16 @@ cli = typer.Typer(name="raygrpo", help="Train LLM agents with GRPO on Ray, and s
 db_cli = typer.Typer(help="Database schema.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
 err = Console(stderr=True, soft_wrap=True)  # messages stay one line, whatever the width
+
+
+def needs(extra: str, *modules: str) -> None:
+    """A command that runs part of the server side checks for it first: with only `raygrpo[client]`
+    installed it says which extra to add (exit 2) instead of failing on an ImportError."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        err.print(f"[red]this command needs raygrpo\\[{extra}][/red] ({', '.join(missing)} not installed): "
+                  f"pip install 'raygrpo\\[{extra}]'")
+        raise typer.Exit(2)
 
 
 class Opts:
@@ -53,7 +64,8 @@ class Opts:
         self.token, self.api_key = token, api_key
         if not (token or api_key) and self.state is not None and self.url == self.state["api_url"]:
             # the stack this machine started: sign a token with its local secret (never for another URL)
-            from app.auth import mint_token
+            needs("api", "jwt", "pydantic_settings")
+            from app.api.auth import mint_token
             from app.settings import Settings
 
             self.token = mint_token(Settings(home=home), os.environ.get("USER") or "local", "admin", ttl_s=3600)
@@ -157,6 +169,7 @@ def up(
 ) -> None:
     """Start a local Ray and the job API on it in the background (SQLite under --home, no Redis)."""
     o: Opts = ctx.obj
+    needs("api", "ray", "fastapi", "sqlmodel", "torch")
     if o.state is not None:
         err.print(f"already up: {o.state['api_url']} (pid {o.state['pid']})")
         o.out(o.state, o.state["api_url"])
@@ -164,7 +177,7 @@ def up(
     o.home.mkdir(parents=True, exist_ok=True)
     state_path(o.home).unlink(missing_ok=True)
     log = o.home / "stack.log"
-    cmd = [sys.executable, "-m", "app.cli", "--home", str(o.home), "serve-stack", "--port", str(port or _free_port()),
+    cmd = [sys.executable, "-m", "app.client.cli", "--home", str(o.home), "serve-stack", "--port", str(port or _free_port()),
            "--num-cpus", str(num_cpus or max(os.cpu_count() or 1, 8))]
     with open(log, "ab") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -208,7 +221,7 @@ def serve_stack(ctx: typer.Context, port: int = 8001, num_cpus: int = 8) -> None
         os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
-    from app.serve import start
+    from app.api.serve import start
 
     ports = {name: _free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
                                              "dashboard-agent-grpc-port", "metrics-export-port",
@@ -466,6 +479,7 @@ def logs(ctx: typer.Context, job_id: str,
          follow_: Annotated[bool, typer.Option("--follow", "-f", help="stream until the run ends")] = False) -> None:
     """The log of the job's run: its Ray Job's driver output (from the Ray Jobs API)."""
     o: Opts = ctx.obj
+    needs("engine", "ray")
     _ray_token_auth()
     from ray.job_submission import JobSubmissionClient
 
@@ -534,6 +548,7 @@ def export(
     if fmt == "jsonl":
         out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
+        needs("plot", "pyarrow")
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -549,6 +564,7 @@ def plot(ctx: typer.Context, job_id: str,
          out: Annotated[Path | None, typer.Option("--output", "-o", help="PNG (default: <job>.png)")] = None) -> None:
     """Reward (train, eval), loss and KL curves of a job to a PNG, from the run's metrics.jsonl."""
     o: Opts = ctx.obj
+    needs("plot", "matplotlib")
     from grpo.report import plot_curves, read_metrics
 
     with o.client() as c:
@@ -668,7 +684,8 @@ def token(
 ) -> None:
     """Mint a JWT signed with RAYGRPO_JWT_SECRET or the local secret under --home."""
     o: Opts = ctx.obj
-    from app.auth import mint_token
+    needs("api", "jwt", "pydantic_settings")
+    from app.api.auth import mint_token
     from app.settings import Settings
 
     try:
@@ -684,10 +701,11 @@ def db_upgrade(ctx: typer.Context,
                                                              "the SQLite file under --home)")] = None) -> None:
     """Migrate the database to the newest schema (alembic upgrade head)."""
     o: Opts = ctx.obj
+    needs("api", "sqlalchemy", "alembic", "pydantic_settings")
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import OperationalError, ProgrammingError
 
-    from app.db import upgrade
+    from app.data.db import upgrade
     from app.settings import Settings
 
     target = url or Settings(home=o.home).db_url
@@ -696,8 +714,8 @@ def db_upgrade(ctx: typer.Context,
     try:
         upgrade(target)
     except (OperationalError, ProgrammingError) as e:
-        err.print(f"[red]cannot upgrade {shown}:[/red] {str(e.orig)[:300]}\n(a database the API created itself, the "
-                  "embedded SQLite default, has no Alembic history: its tables are created at start)")
+        err.print(f"[red]cannot upgrade {shown}:[/red] {str(e.orig)[:300]}\n(is the database reachable, and "
+                  "is it one this API created?)")
         raise typer.Exit(EXIT_API_ERROR) from None
     err.print(f"upgraded {shown} to head")
     o.out({"url": shown, "revision": "head"}, shown)

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, text
 from sqlmodel import Session, select
 
-from app.models import JobStatus, TrainingJob, utcnow
+from app.data.tables import JobStatus, TrainingJob, utcnow
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 DURATION_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 259200)

@@ -1,6 +1,6 @@
 """Multi-turn rollouts: many environments per rollout actor, one batched generation across them.
 
-`run_episodes` plays P prompts x G trajectories against fresh environments (grpo.agent), at most
+`run_episodes` plays P prompts x G trajectories against fresh environments (grpo.agents.environments), at most
 `concurrency` live at once. A small asyncio scheduler keeps three kinds of work in flight: resets,
 environment steps (each under `step_timeout_s`) and ONE batched generation turn for every live
 trajectory that is waiting for the model (run in a thread, so slow tools keep running meanwhile).
@@ -13,7 +13,7 @@ policy's own tokens (the loss), `logprobs` the sampling log-probs on those, `tok
 action each policy token belongs to (-1 elsewhere) so step-level advantages can be spread onto tokens.
 
 Each turn re-reads its whole context (one batched prefill, then KV-cached decoding); the KV cache
-is not carried across turns. Not here: the tool format and environments (grpo.agent), advantages
+is not carried across turns. Not here: the tool format and environments (grpo.agents.environments), advantages
 (grpo.learner.score_agent_batch and grpo.loss).
 """
 
@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grpo.agent import RESULT_CLOSE, RESULT_OPEN, TOOL_CLOSE, Action, StepResult, maybe_await
-from grpo.rollout import Rollout, left_pad, position_ids, sample_token
+from grpo.agents.environments import RESULT_CLOSE, RESULT_OPEN, TOOL_CLOSE, Action, StepResult, maybe_await
+from grpo.sampling import Rollout, left_pad, position_ids, sample_token
 from grpo.tasks import Sample
 
 BATCH_GRACE_S = 0.005
@@ -90,7 +90,7 @@ class AgentSettings:
                                    verification=cfg.reward_verification, step=cfg.reward_step))
 
     def make_env(self) -> Any:
-        from grpo.agent import make_environment
+        from grpo.agents.environments import make_environment
 
         return make_environment(self.environment, tools=self.tools, instructions=self.instructions,
                                 tool_timeout_s=self.tool_timeout_s, actor_cpus=self.actor_cpus)
@@ -217,7 +217,7 @@ async def _env_step(env: Any, action: Action, timeout_s: float) -> StepResult:
     call = env.step(action) if inspect.iscoroutinefunction(env.step) else asyncio.to_thread(env.step, action)
     result = await asyncio.wait_for(maybe_await(call), timeout=timeout_s)
     if not isinstance(result, StepResult):
-        raise TypeError(f"step() returned {type(result).__name__}, expected grpo.agent.StepResult")
+        raise TypeError(f"step() returned {type(result).__name__}, expected grpo.agents.environments.StepResult")
     return result
 
 
@@ -444,7 +444,7 @@ def demonstrations(samples: list[Sample], settings: AgentSettings, tokenizer: An
     observations are real) and laid out exactly as sampled trajectories: the warm-up's batch."""
     import asyncio
 
-    from grpo.agent import environment_class
+    from grpo.agents.environments import environment_class
 
     cls = environment_class(settings.environment)
     forced = [cls.demonstration(s) for s in samples]

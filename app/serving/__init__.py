@@ -1,0 +1,6 @@
+"""Trained policies as OpenAI-compatible Serve applications: the `PolicyServer` with request batching
+and weighted A/B routing (`policy`), and the `models.deploy`/`undeploy`/`deployments` methods that
+start and stop them (`deployments`).
+
+Does not own: training or checkpoints (app.jobs writes those), the job API's own Serve app (app.api.serve).
+"""

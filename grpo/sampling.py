@@ -1,0 +1,109 @@
+"""What sampling produces and the token-level pieces every sampler shares.
+
+`Rollout` is the batch of P prompts x G completions that rollout workers hand the learner;
+`left_pad`, `position_ids` and `sample_token` are the steps of a KV-cached decode that the single-turn
+sampler (grpo.rollout), the multi-turn episodes (grpo.agents.episodes) and the policy server
+(app.serving.policy) all take, so a fix to one lands in all. Not here: models, tokenizers, Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Rollout:
+    """What sampling produced for P prompts x G completions; rows are grouped by prompt."""
+
+    prompt_ids: list[list[int]]  # P prompts, unpadded token ids
+    completion_ids: Tensor  # (P*G, L) int64, pad after the end
+    completion_mask: Tensor  # (P*G, L) bool, True on sampled tokens (the EOS included)
+    logprobs: Tensor  # (P*G, L) float32, log-prob of each sampled token under the sampling policy
+    finish_reasons: list[str]  # P*G of "stop" (EOS sampled) or "length"
+    texts: list[str]  # P*G decoded completions, special tokens removed
+    group_size: int
+    version: int  # policy version that sampled these
+    gen_seconds: float = 0.0
+    meta: dict[str, float] = field(default_factory=dict)
+    loss_mask: Tensor | None = None
+    """(P*G, L) bool, the tokens the loss trains on when they differ from completion_mask (multi-turn:
+    the policy's own tokens, not observations); None means completion_mask"""
+
+    @property
+    def train_mask(self) -> Tensor:
+        return self.completion_mask if self.loss_mask is None else self.loss_mask  # (P*G, L)
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.completion_mask.sum(dim=1)  # (P*G,)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+
+
+def concat_rollouts(parts: list[Rollout]) -> Rollout:
+    """Join rollouts of the same step (e.g. from several rollout actors), keeping group order."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.completion_ids.shape[1] for p in parts)
+
+    def pad(t: Tensor, value: float | int | bool) -> Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)  # (N, width)
+
+    pad_id = int(parts[0].meta.get("pad_id", 0))
+    return Rollout(
+        prompt_ids=[p for r in parts for p in r.prompt_ids],
+        completion_ids=torch.cat([pad(r.completion_ids, pad_id) for r in parts]),
+        completion_mask=torch.cat([pad(r.completion_mask, False) for r in parts]),
+        logprobs=torch.cat([pad(r.logprobs, 0.0) for r in parts]),
+        finish_reasons=[f for r in parts for f in r.finish_reasons],
+        texts=[t for r in parts for t in r.texts],
+        group_size=parts[0].group_size,
+        version=min(r.version for r in parts),
+        gen_seconds=max(r.gen_seconds for r in parts),
+        meta=dict(parts[0].meta),
+        loss_mask=None if parts[0].loss_mask is None else torch.cat([pad(r.train_mask, False) for r in parts]),
+    )
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad token lists so every prompt ends at the same column (generation appends on the right)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (N, Lp)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)  # (N, Lp)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = True
+    return ids, mask
+
+
+def position_ids(mask: Tensor) -> Tensor:
+    """Positions that skip left padding, so a padded prompt sees the same positions as an unpadded one."""
+    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (N, T)
+
+
+def sample_token(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Sample one token per row; return it and its log-prob under the tempered full distribution.
+
+    The log-prob is taken before top-p truncation (as vLLM and verl report it), so it matches what
+    the trainer recomputes from the same tempered logits.
+    """
+    # Greedy (temperature 0) reports log-probs of the untempered distribution.
+    logp = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)  # (N, V)
+    if temperature <= 0.0:
+        token = logp.argmax(dim=-1)  # (N,)
+    else:
+        probs = logp.exp()
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)  # (N, V)
+            outside = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # mass before this token already > p
+            sorted_p = sorted_p.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        token = torch.multinomial(probs, 1, generator=gen).squeeze(-1)  # (N,)
+    return token, logp.gather(-1, token[:, None]).squeeze(-1)  # (N,), (N,)
