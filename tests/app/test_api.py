@@ -1,6 +1,6 @@
 """The job API over HTTP (FastAPI app driven in-process), on SQLite and PostgreSQL, with and without Redis.
 
-Runs no training: jobs stay queued unless a test plays the run's part through app.db. The Ray
+Runs no training: jobs stay queued unless a test plays the run's part through app.data.db. The Ray
 Serve + Ray Jobs path is tested in test_api_ray.py.
 """
 
@@ -11,10 +11,11 @@ import os
 from decimal import Decimal
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app import db
+from app.data import db
 from app.settings import Settings
 
 ROWS = [{"query": f"digit {d}:", "expected_outcome": str(d)} for d in range(10)]
@@ -42,8 +43,8 @@ def client(tmp_path, db_url, engine, queue_url, tiny_model_dir):  # engine: tabl
     redis_url = queue_url
     settings = Settings(home=tmp_path / "home", database_url=db_url, redis_url=redis_url,
                         default_model=tiny_model_dir, cancel_wait_s=0.5, rate_limits={"default": 0})
-    from app.auth import mint_token
-    from app.main import create_app
+    from app.api.auth import mint_token
+    from app.api.main import create_app
 
     app = create_app(settings)
     if app.state.ctx.queue is not None:
@@ -100,6 +101,31 @@ def test_training_queries_alias_and_idempotency(client):
     assert a["result"]["job_id"] == b["result"]["job_id"] and b["result"]["created"] is False
     listed = call(client, "training.list_jobs", {})["result"]
     assert [j["job_id"] for j in listed["jobs"]] == [a["result"]["job_id"]]
+
+
+def test_the_sdk_retries_a_start_whose_reply_was_lost_and_one_job_exists(client):
+    """The reply of the first start_grpo is lost after the server stored the job (a read timeout); the
+    SDK retries under the key it set itself, and the user gets the one job, not two."""
+    from app.client import sdk
+
+    class LosesFirstReply:
+        def __init__(self) -> None:
+            self.sent: list[dict] = []
+
+        def post(self, url: str, json: dict) -> httpx.Response:
+            reply = client.post(url, json=json)  # the server ran it
+            self.sent.append(json)
+            if len(self.sent) == 1:
+                raise httpx.ReadTimeout("the reply was lost", request=reply.request)
+            return reply
+
+    c = sdk.Client("http://testserver", retries=2, backoff_s=0.0)
+    c.http = LosesFirstReply()
+    job = c.start_grpo("agent-1", ROWS, config={"n_iterations": 5, "batch_size": 4, "reward": "digit",
+                                                "max_budget_usd": "1"})
+    assert len(c.http.sent) == 2 and job.created is False  # the retry found the first attempt's job
+    listed = call(client, "training.list_jobs", {})["result"]
+    assert [j["job_id"] for j in listed["jobs"]] == [job.job_id]
 
 
 def test_form_content_type_is_still_json(client):
@@ -176,7 +202,7 @@ def test_cancel_a_queued_job_then_cannot_cancel_again(client):
 
 
 def test_progress_trajectories_and_checkpoints_recorded_by_a_run_show_through_the_api(client, tmp_path):
-    from app.reporter import DBReporter
+    from app.jobs.reporter import DBReporter
     from grpo.config import GRPOConfig
 
     job = start(client)["result"]["job_id"]
@@ -251,7 +277,7 @@ def test_evaluate_compares_a_checkpoint_with_its_base_model(client, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from app.reporter import DBReporter
+    from app.jobs.reporter import DBReporter
     from grpo.config import GRPOConfig
 
     job = start(client, evaluation_data=ROWS[:4])["result"]["job_id"]

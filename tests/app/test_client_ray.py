@@ -9,13 +9,15 @@ checkpoint is covered end to end by tests/app/test_cli.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 
 import httpx
+import pydantic
 import pytest
 
-from app import client as sdk
+from app.client import sdk
 
 pytestmark = [pytest.mark.ray]
 
@@ -33,9 +35,9 @@ def stack(ray_session, tmp_path_factory, tiny_model_dir):
     import ray
     from ray import serve
 
-    from app.auth import mint_token
-    from app.dispatcher import ACTOR_NAME, NAMESPACE
-    from app.serve import start
+    from app.api.auth import mint_token
+    from app.api.serve import start
+    from app.jobs.dispatcher import ACTOR_NAME, NAMESPACE
     from app.settings import Settings
 
     home = tmp_path_factory.mktemp("sdk-home")
@@ -167,13 +169,12 @@ def test_connection_errors_are_retried_and_reported(monkeypatch):
         c.list_jobs()
     assert len(sleeps) == 2 and sleeps[1] > sleeps[0] * 0.9  # two retries, backing off
 
-    # A read error may mean the server ran the call: a method that changes nothing is retried,
-    # one that changes something (a second job) is not.
-    calls: list[str] = []
+    # A read error may mean the server ran the call: a method that changes nothing is retried, so is
+    # start_grpo (under the idempotency key the SDK set, the same on every attempt), a cancel is not.
+    calls: list[dict] = []
 
     def flaky(request: httpx.Request) -> httpx.Response:
-        method = request.read().decode()
-        calls.append(method)
+        calls.append(json.loads(request.read()))
         if len(calls) == 1:
             raise httpx.ReadError("connection reset", request=request)
         return httpx.Response(200, json={"jsonrpc": "2.0", "result": {"jobs": [], "has_more": False}, "id": 1})
@@ -182,8 +183,13 @@ def test_connection_errors_are_retried_and_reported(monkeypatch):
     assert c.list_jobs().jobs == [] and len(calls) == 2
     calls.clear()
     with pytest.raises(sdk.TransportError, match="ReadError"):
-        c.start_grpo("a", ROWS)
+        c.cancel("job_x")
     assert len(calls) == 1
+    calls.clear()
+    with pytest.raises(pydantic.ValidationError):  # the canned reply is no StartResult; both attempts went out
+        c.start_grpo("a", ROWS)
+    keys = [call["params"]["idempotency_key"] for call in calls]
+    assert len(keys) == 2 and keys[0] == keys[1] and keys[0].startswith("sdk-")
 
 
 def _wait_running(c: sdk.Client, name: str, timeout: float = 120) -> sdk.Deployment:
@@ -202,7 +208,7 @@ def test_deploy_models_serves_the_openai_api_and_undeploy_frees_it(admin, tiny_m
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from app.policy import weights_digest
+    from app.serving.policy import weights_digest
     from grpo.tiny import save_tiny_model
 
     with pytest.raises(sdk.NotFound, match="checkpoint not found"):
