@@ -1,7 +1,12 @@
-"""Settings of the control plane, read once from the environment (never from request data).
+"""Settings of the control plane: typed, read once from the environment (never from request data).
 
+Each field's variable is `RAYGRPO_<FIELD>` unless its alias says otherwise (`DATABASE_URL`, `REDIS_URL`,
+`RAY_DASHBOARD_URL`); any of them may instead name a file in `<VARIABLE>_FILE` (Kubernetes Secrets mount as
+files), which is how secrets should arrive. A bad value fails at start-up naming the variable, e.g.
+`invalid setting RAYGRPO_API_PORT: Input should be a valid integer`.
 `DATABASE_URL` selects PostgreSQL (SQLite file under `RAYGRPO_HOME` by default), `REDIS_URL` turns on
-the Redis fast path (queue, status keys); without it the database serves as the queue.
+the Redis fast path (queue, status keys, rate-limit buckets); without it the database serves as the queue.
+Read by every app package; it imports nothing of the project.
 """
 
 from __future__ import annotations
@@ -10,68 +15,132 @@ import os
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+import pydantic_settings
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+PREFIX = "RAYGRPO_"
 
 
-def _secret(name: str) -> str | None:
-    """A secret from NAME, or from the file NAME_FILE points at (Kubernetes Secrets mount as files)."""
-    if os.environ.get(name):
-        return os.environ[name]
-    path = os.environ.get(f"{name}_FILE")
-    return Path(path).read_text().strip() if path else None
+class SettingsError(ValueError):
+    """A setting from the environment that does not parse; the message names the variable."""
 
 
-class Settings(BaseModel):
-    home: Path = Field(default_factory=lambda: Path(os.environ.get("RAYGRPO_HOME", "runs")).resolve())
-    """root folder: the SQLite file, uploaded training data, run outputs"""
-    database_url: str | None = Field(default_factory=lambda: os.environ.get("DATABASE_URL"))
-    """SQLAlchemy URL; None means the SQLite file `home/raygrpo.db`"""
-    redis_url: str | None = Field(default_factory=lambda: os.environ.get("REDIS_URL") or None)
-    """Redis for the queue and status keys; None: the database alone"""
-    api_port: int = Field(default_factory=lambda: int(os.environ.get("RAYGRPO_API_PORT", "8001")))
+def _alias(name: str) -> AliasChoices:
+    """A field read from a variable without the RAYGRPO_ prefix (and by its own name in code)."""
+    return AliasChoices(name, name.lower())
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", populate_by_name=True,
+                                      use_attribute_docstrings=True, validate_default=True)
+
+    home: Path = Path("runs")
+    """root folder: the SQLite file, uploaded training data, run outputs (RAYGRPO_HOME)"""
+    database_url: str | None = Field(None, validation_alias=_alias("DATABASE_URL"), repr=False)
+    """SQLAlchemy URL (DATABASE_URL); None means the SQLite file `home/raygrpo.db`. Holds a password in
+    production, so it is kept out of repr and logs"""
+    redis_url: str | None = Field(None, validation_alias=_alias("REDIS_URL"), repr=False)
+    """Redis for the queue and status keys (REDIS_URL); None: the database alone"""
+    api_port: int = Field(8001, ge=1, le=65535)
     """port of the Serve HTTP proxy for the job API"""
-    gpu_hour_usd: Decimal = Field(default_factory=lambda: Decimal(os.environ.get("RAYGRPO_GPU_HOUR_USD", "2.50")))
+    gpu_hour_usd: Decimal = Field(Decimal("2.50"), ge=0)
     """price of one GPU for one hour"""
-    cpu_hour_usd: Decimal = Field(default_factory=lambda: Decimal(os.environ.get("RAYGRPO_CPU_HOUR_USD", "0.05")))
+    cpu_hour_usd: Decimal = Field(Decimal("0.05"), ge=0)
     """price of one logical CPU for one hour"""
 
-    default_model: str | None = Field(default_factory=lambda: os.environ.get("RAYGRPO_DEFAULT_MODEL") or None)
+    default_model: str | None = None
     """model a job trains when its config names none"""
-    min_step_seconds: float = Field(default_factory=lambda: float(os.environ.get("RAYGRPO_MIN_STEP_SECONDS", "1.0")))
+    min_step_seconds: float = Field(1.0, gt=0)
     """the shortest a step is assumed to take when checking that a budget covers one step"""
-    cancel_wait_s: float = Field(default_factory=lambda: float(os.environ.get("RAYGRPO_CANCEL_WAIT_S", "60")))
+    cancel_wait_s: float = Field(60.0, ge=0)
     """how long training.cancel waits for a running job to checkpoint and stop"""
-    max_running_jobs: int = Field(default_factory=lambda: int(os.environ.get("RAYGRPO_MAX_RUNNING_JOBS", "2")))
+    max_running_jobs: int = Field(2, ge=1)
     """jobs the dispatcher runs at once; the rest wait in the queue"""
-    ray_dashboard_url: str | None = Field(default_factory=lambda: os.environ.get("RAY_DASHBOARD_URL") or None)
-    """the Ray Jobs API the dispatcher submits runs to; None: the dashboard of the cluster it runs on"""
+    ray_dashboard_url: str | None = Field(None, validation_alias=_alias("RAY_DASHBOARD_URL"))
+    """the Ray Jobs API the dispatcher submits runs to (RAY_DASHBOARD_URL); None: the dashboard of the
+    cluster it runs on"""
 
-    webhook_urls: list[str] = Field(
-        default_factory=lambda: [u.strip() for u in os.environ.get("RAYGRPO_WEBHOOK_URLS", "").split(",") if u.strip()])
-    """where job events are POSTed (comma-separated in the environment)"""
-    webhook_secret: str | None = Field(default_factory=lambda: _secret("RAYGRPO_WEBHOOK_SECRET"), repr=False)
-    """HMAC key of the webhook signatures (from the variable, or a file named by RAYGRPO_WEBHOOK_SECRET_FILE)"""
+    webhook_urls: Annotated[list[str], NoDecode] = []
+    """where job events are POSTed (comma-separated in RAYGRPO_WEBHOOK_URLS)"""
+    webhook_secret: str | None = Field(None, repr=False)
+    """HMAC key of the webhook signatures (RAYGRPO_WEBHOOK_SECRET or the file RAYGRPO_WEBHOOK_SECRET_FILE)"""
 
-    auth: str = Field(default_factory=lambda: os.environ.get("RAYGRPO_AUTH", "on"), pattern="^(on|off)$")
+    auth: Literal["on", "off"] = "on"
     """`on`: every method but rpc.discover needs a JWT or API key; `off` (RAYGRPO_AUTH=off): every caller is
     a local admin, for a developer's own machine only"""
-    jwt_secret: str | None = Field(default_factory=lambda: _secret("RAYGRPO_JWT_SECRET"), repr=False)
+    jwt_secret: str | None = Field(None, repr=False)
     """HS256 key (RAYGRPO_JWT_SECRET or the file RAYGRPO_JWT_SECRET_FILE); a local one under `home` when unset"""
-    jwt_public_key: str | None = Field(default_factory=lambda: _secret("RAYGRPO_JWT_PUBLIC_KEY"), repr=False)
+    jwt_public_key: str | None = Field(None, repr=False)
     """PEM public key: tokens are then RS256 only (RAYGRPO_JWT_PUBLIC_KEY or RAYGRPO_JWT_PUBLIC_KEY_FILE)"""
-    jwt_audience: str = Field(default_factory=lambda: os.environ.get("RAYGRPO_JWT_AUDIENCE", "raygrpo"))
-    jwt_issuer: str = Field(default_factory=lambda: os.environ.get("RAYGRPO_JWT_ISSUER", "raygrpo"))
-    jwt_leeway_s: int = Field(default_factory=lambda: int(os.environ.get("RAYGRPO_JWT_LEEWAY_S", "30")))
+    jwt_audience: str = "raygrpo"
+    jwt_issuer: str = "raygrpo"
+    jwt_leeway_s: int = Field(30, ge=0, le=3600)
     """clock skew tolerated on exp/iat"""
-    rate_limits: dict[str, int] = Field(default_factory=lambda: _rate_limits(os.environ.get("RAYGRPO_RATE_LIMITS", "")))
-    """calls per minute per principal and method; RAYGRPO_RATE_LIMITS="training.start_grpo=10,default=600" """
-    dataset_storage_url: str | None = Field(
-        default_factory=lambda: os.environ.get("RAYGRPO_DATASET_STORAGE_URL") or None)
+    rate_limits: Annotated[dict[str, int], NoDecode] = {}
+    """calls per minute per principal and method over the defaults; RAYGRPO_RATE_LIMITS="training.start_grpo=10,default=600" """
+    dataset_storage_url: str | None = None
     """where dataset files go: None means `home/datasets` (file://); `s3://bucket/prefix` (or any fsspec URL)
     needs fsspec and the protocol's package (s3fs)"""
-    log_format: str = Field(default_factory=lambda: os.environ.get("RAYGRPO_LOG_FORMAT", "json"))
+    log_format: Literal["json", "text"] = "json"
     """json (one object a line, with request and job ids) or text"""
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = str(first["loc"][0]) if first["loc"] else "?"
+            raise SettingsError(f"invalid setting {env_name(field)}: {first['msg']}") from None
+        except pydantic_settings.SettingsError as e:  # a source failed: ours carries the message
+            cause = e.__cause__ or e.__context__
+            raise (cause if isinstance(cause, SettingsError) else SettingsError(str(e))) from None
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @field_validator("database_url", "redis_url", "ray_dashboard_url", "default_model", "dataset_storage_url",
+                     "webhook_secret", "jwt_secret", "jwt_public_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("webhook_urls", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        return [u.strip() for u in v.split(",") if u.strip()] if isinstance(v, str) else v
+
+    @field_validator("rate_limits", mode="before")
+    @classmethod
+    def _limits(cls, v: Any) -> Any:
+        """`method=N,...` over the defaults; `default=N` applies to every method not named; 0 disables a
+        limit. A dict given in code replaces the defaults."""
+        if not isinstance(v, str):
+            return v if v else dict(DEFAULT_RATE_LIMITS)
+        limits = dict(DEFAULT_RATE_LIMITS)
+        for part in filter(None, (p.strip() for p in v.split(","))):
+            name, sep, value = part.partition("=")
+            if not sep or not value.strip().isdigit():
+                raise ValueError(f"{part!r} is not method=N")
+            limits[name.strip()] = int(value)
+        return limits
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource):
+        return init_settings, env_settings, FileVariableSource(settings_cls)
 
     @property
     def db_url(self) -> str:
@@ -88,15 +157,27 @@ DEFAULT_RATE_LIMITS = {
 }
 
 
-def _rate_limits(spec: str) -> dict[str, int]:
-    """`method=N,...` over the defaults; `default=N` applies to every method not named; 0 disables a limit."""
-    limits = dict(DEFAULT_RATE_LIMITS)
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, sep, value = part.partition("=")
-        if not sep or not value.strip().isdigit():
-            raise ValueError(f"RAYGRPO_RATE_LIMITS: {part!r} is not method=N")
-        limits[name.strip()] = int(value)
-    return limits
+def env_name(field: str) -> str:
+    """The variable a field is read from."""
+    info = Settings.model_fields.get(field)
+    if info is not None and isinstance(info.validation_alias, AliasChoices):
+        return str(info.validation_alias.choices[0])
+    return f"{PREFIX}{field.upper()}"
+
+
+class FileVariableSource(EnvSettingsSource):
+    """`<VARIABLE>_FILE`: the value is the content of that file (trailing newline stripped). Consulted after
+    the variables themselves, so a value set directly wins."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        path = os.environ.get(env_name(field_name) + "_FILE")
+        if not path:
+            return None, field_name, False
+        try:
+            return Path(path).read_text().strip(), field_name, False
+        except OSError as e:
+            raise SettingsError(f"invalid setting {env_name(field_name)}_FILE: cannot read {path}: "
+                                f"{e.strerror}") from None
 
 
 @lru_cache(maxsize=1)
