@@ -13,10 +13,10 @@ COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users app ./app
 COPY --chown=ray:users grpo ./grpo
 COPY --chown=ray:users kuberay/run-configs ./kuberay/run-configs
-# Ray itself is already in the base image at the pinned version; this adds torch, transformers and the API's
+# Ray itself is already in the base image at the pinned version; the `all` extra adds torch, transformers and the API's
 # dependencies. A non-editable install: the copied sources stay as the job working_dir, site-packages serves imports.
 RUN if [ -n "$TORCH_INDEX" ]; then pip install --no-cache-dir --index-url "$TORCH_INDEX" torch; fi \
- && pip install --no-cache-dir . \
+ && pip install --no-cache-dir ".[all]" \
  && python -c "import ray, torch, transformers, app.api.serve, grpo.run; assert ray.__version__ == '2.60.0', ray.__version__"
 
 ENV RAYGRPO_HOME=/mnt/raygrpo \

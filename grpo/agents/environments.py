@@ -22,7 +22,7 @@ the episode continues. The tool's answer comes back as the observation turn `\\n
 Built-ins, each bringing its own samples and a demonstration (for the engine's supervised warm-up):
   calculator  two-digit arithmetic; tool `calc` {"expr": "12*7"}
   python      the code task's problems; tools `python` {"code"} and `test` {"code"} in grpo.sandbox
-  search      questions about a small invented corpus shipped in grpo/data/corpus.jsonl; tool `search`
+  search      questions about a small invented corpus shipped in grpo/agents/data/corpus.jsonl; tool `search`
 Not here: generation, batching and masks (grpo.agents.episodes), reward shaping and credit (grpo.loss).
 """
 

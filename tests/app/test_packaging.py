@@ -67,6 +67,24 @@ def test_the_client_extra_installs_no_ray_or_torch_and_the_sdk_imports(wheel, tm
     assert up.returncode == 2 and "pip install 'raygrpo[api]'" in up.stderr, up.stderr
 
 
+def test_the_client_runs_on_its_dependency_floors(wheel, tmp_path):
+    """pyproject's floors of the bare install, installed exactly (`>=` read as `==`): the SDK's unit tests
+    pass and the CLI starts. A floor below what the code calls fails here."""
+    import tomllib
+
+    floors = [d.split(";")[0].split("#")[0].strip().replace(">=", "==")
+              for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    assert all("==" in f for f in floors), floors
+    bin_ = venv(tmp_path / "floors")
+    run(bin_ / "pip", "install", "-q", *floors, "pytest", cwd=tmp_path)
+    run(bin_ / "pip", "install", "-q", "--no-deps", wheel, cwd=tmp_path)
+    (tmp_path / "t").mkdir()
+    test = tmp_path / "t" / "test_client.py"
+    test.write_text((ROOT / "tests" / "app" / "test_client.py").read_text())
+    assert " passed" in run(bin_ / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", test, cwd=tmp_path / "t")
+    assert "submit" in run(bin_ / "raygrpo", "--help", cwd=tmp_path)
+
+
 def test_db_upgrade_from_the_wheel_on_fresh_sqlite_and_postgresql(wheel, tmp_path):
     from raygrpo_test_services import fresh_postgres
     from sqlalchemy import create_engine, inspect, text
