@@ -2,8 +2,9 @@
 
 Covers pure tensor functions only, each with its shapes: group-normalised advantages (GRPO and
 Dr. GRPO), per-token log-probs and entropy from logits, the k1/k2/k3 KL estimators, the PPO clipped
-surrogate with separate low/high clip ranges (DAPO clip-higher), the three loss aggregations, and
-DAPO's dynamic-sampling filter and soft overlong penalty.
+surrogate with separate low/high clip ranges (DAPO clip-higher), truncated importance weights for
+stale (async) samples, the three loss aggregations, and DAPO's dynamic-sampling filter and soft
+overlong penalty.
 
 It does not cover config objects, Ray, I/O, sampling, or the optimiser step: the trainer picks a
 variant from its config once and passes plain values here. Shape letters: P prompts, G completions
@@ -12,6 +13,7 @@ per prompt, B sequences (rows), T completion tokens, V vocabulary.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,7 @@ __all__ = [
     "overlong_penalty",
     "policy_loss",
     "token_logprobs",
+    "truncated_is_weights",
 ]
 
 # exp() of a log-ratio beyond this overflows float32 gradients long before it means anything;
@@ -170,6 +173,20 @@ def aggregate(
     )
 
 
+def truncated_is_weights(logp: Tensor, behaviour_logp: Tensor, cap: float) -> Tensor:
+    """Per-token importance weights pi_now / pi_sampler, truncated at `cap` (verl's TIS).
+
+    logp (B, T), the current policy's log-probs; behaviour_logp (B, T), the sampler's -> (B, T),
+    detached, values in [0, cap]. A stale sampler can have given a token far less probability than
+    the policy now does; the raw ratio is then unbounded, so it is truncated: a little bias for a
+    bounded loss and gradient. Truncated weights equal `cap` exactly (clamp), so `>= cap` finds them.
+    """
+    if cap <= 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    # exp may overflow to inf for a huge log-ratio; clamp still maps it to cap, never NaN.
+    return torch.exp(logp.detach() - behaviour_logp).clamp(max=cap)  # (B, T)
+
+
 @dataclass
 class LossOutput:
     """What one loss evaluation hands the trainer: the loss to backprop and its parts for logging."""
@@ -182,6 +199,10 @@ class LossOutput:
     """scalar, detached: aggregated KL estimate (0 when there is no reference)"""
     clip_frac: Tensor
     """scalar, detached: aggregated fraction of clipped tokens (same aggregation and counts)"""
+    is_weight_mean: Tensor
+    """scalar, detached: token-mean of the importance weights (1 over the whole batch without weights)"""
+    is_clip_frac: Tensor
+    """scalar, detached: token-mean fraction of weights truncated at is_cap (0 without weights)"""
 
 
 def policy_loss(
@@ -199,12 +220,20 @@ def policy_loss(
     num_tokens: float | None = None,
     num_seqs: float | None = None,
     norm_len: int | None = None,
+    is_weights: Tensor | None = None,
+    is_cap: float = math.inf,
 ) -> LossOutput:
     """The GRPO loss: clipped surrogate + kl_coef * KL(pi || ref), aggregated with `agg`.
 
-    logp, old_logp, mask, ref_logp (B, T), advantages (B,) or (B, T) -> LossOutput of scalars. The KL is added
-    per token before aggregation (as a loss term, not folded into the reward), so it shares the
-    surrogate's weighting; with the global counts the shards' losses sum to the whole-batch loss.
+    logp, old_logp, mask, ref_logp, is_weights (B, T), advantages (B,) or (B, T) -> LossOutput of scalars.
+    The KL is added per token before aggregation (as a loss term, not folded into the reward), so it
+    shares the surrogate's weighting; with the global counts the shards' losses sum to the whole-batch loss.
+
+    `is_weights` (detached, from `truncated_is_weights`) multiplies each token's surrogate, not its KL:
+    for stale samples pass old_logp = logp.detach() (ratio 1, the on-policy gradient) and let the
+    truncated weight correct for the sampler, so one unlikely stale token cannot blow the loss up.
+    `is_cap` is only read to report is_clip_frac. Both diagnostics are token-means over the mask (a
+    mean weight is per token whatever `agg` is), and with the global num_tokens they sum over shards.
     """
     if kl_coef > 0 and ref_logp is None:
         raise ValueError("kl_coef > 0 needs ref_logp (the reference policy's log-probs)")
@@ -216,15 +245,24 @@ def policy_loss(
     else:
         kl_tok = torch.zeros_like(pg_tok)  # (B, T)
 
+    # No weights is weight 1 everywhere: the same loss, and diagnostics that read "on-policy".
+    weights = torch.ones_like(pg_tok) if is_weights is None else is_weights.detach().to(pg_tok.dtype)  # (B, T)
+    if is_weights is not None:
+        pg_tok = pg_tok * weights  # (B, T)
+
     pg = aggregate(pg_tok, mask, agg, **counts)
     kl = aggregate(kl_tok, mask, agg, **counts)
     clip_frac = aggregate(clipped.to(pg_tok.dtype), mask, agg, **counts)
+    is_weight_mean = aggregate(weights, mask, "token-mean", num_tokens=num_tokens)
+    is_clip_frac = aggregate((weights >= is_cap).to(pg_tok.dtype), mask, "token-mean", num_tokens=num_tokens)
     # aggregate is linear, so aggregating the parts and summing equals aggregating the sum.
     return LossOutput(
         loss=pg + kl_coef * kl,
         pg_loss=pg.detach(),
         kl=kl.detach(),
         clip_frac=clip_frac.detach(),
+        is_weight_mean=is_weight_mean.detach(),
+        is_clip_frac=is_clip_frac.detach(),
     )
 
 

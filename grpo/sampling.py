@@ -3,7 +3,8 @@
 `Rollout` is the batch of P prompts x G completions that rollout workers hand the learner;
 `left_pad`, `position_ids` and `sample_token` are the steps of a KV-cached decode that the single-turn
 sampler (grpo.rollout), the multi-turn episodes (grpo.agents.episodes) and the policy server
-(app.serving.policy) all take, so a fix to one lands in all. Not here: models, tokenizers, Ray.
+(app.serving.policy) all take, so a fix to one lands in all; `sampling_generator` builds the seeded
+generator on the logits' device. Not here: models, tokenizers, Ray.
 """
 
 from __future__ import annotations
@@ -88,22 +89,35 @@ def position_ids(mask: Tensor) -> Tensor:
     return (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (N, T)
 
 
-def sample_token(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """Sample one token per row; return it and its log-prob under the tempered full distribution.
+def sampling_generator(device: torch.device | str, seed: int | None) -> torch.Generator | None:
+    """A seeded generator on `device` (None without a seed): the device the logits it samples live on.
 
-    The log-prob is taken before top-p truncation (as vLLM and verl report it), so it matches what
-    the trainer recomputes from the same tempered logits.
+    torch.multinomial refuses a generator on another device, so a default (CPU) generator breaks seeded
+    sampling from CUDA logits. One helper keeps that choice in one place, checkable without a GPU.
     """
-    # Greedy (temperature 0) reports log-probs of the untempered distribution.
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+def sample_token(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Sample one token per row; return it and its log-prob under the distribution it was drawn from.
+
+    logits (N, V) -> token (N,), log-prob (N,) float32. That distribution is softmax(logits / temperature)
+    cut to the top-p nucleus and renormalised: async training weights each token by pi_now / pi_sampler,
+    so it needs the sampler's own probability, which the full tempered one understates by the nucleus
+    mass. top_p == 1 gives the full tempered value; greedy (temperature 0) the argmax's untempered one.
+    """
     logp = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)  # (N, V)
     if temperature <= 0.0:
         token = logp.argmax(dim=-1)  # (N,)
     else:
-        probs = logp.exp()
+        probs = logp.exp()  # (N, V)
         if top_p < 1.0:
             sorted_p, order = probs.sort(dim=-1, descending=True)  # (N, V)
             outside = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # mass before this token already > p
             sorted_p = sorted_p.masked_fill(outside, 0.0)
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)  # (N, V)
+            # Renormalise over the nucleus; only nucleus tokens are drawn, so the others' values never
+            # leave this function. The top token is always kept, so the mass is > 0.
+            logp = logp - sorted_p.sum(dim=-1, keepdim=True).log()  # (N, V)
         token = torch.multinomial(probs, 1, generator=gen).squeeze(-1)  # (N,)
     return token, logp.gather(-1, token[:, None]).squeeze(-1)  # (N,), (N,)

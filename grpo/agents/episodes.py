@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from grpo.agents.environments import RESULT_CLOSE, RESULT_OPEN, TOOL_CLOSE, Action, StepResult, maybe_await
-from grpo.sampling import Rollout, left_pad, position_ids, sample_token
+from grpo.sampling import Rollout, left_pad, position_ids, sample_token, sampling_generator
 from grpo.tasks import Sample
 
 BATCH_GRACE_S = 0.005
@@ -234,7 +234,9 @@ async def run_episodes(
     """
     g = group_size
     trajs = [_Traj(i, samples[i // g]) for i in range(len(samples) * g)]
-    gen = torch.Generator().manual_seed(seed) if seed is not None and temperature > 0 else None
+    # The generator must live where the model's logits do (CUDA on a GPU worker); forced play never samples.
+    device = generate.device if generate is not None else "cpu"
+    gen = sampling_generator(device, seed) if temperature > 0 else None
     queue: deque[_Traj] = deque(trajs)
     live = 0
     ready: list[_Traj] = []

@@ -33,6 +33,7 @@ from grpo.agents.episodes import (
 from grpo.config import ConfigError, GRPOConfig, load_config
 from grpo.learner import Learner, score_agent_batch, training_tensors
 from grpo.rollout import RolloutWorker
+from grpo.sampling import sampling_generator
 from grpo.tasks import Sample
 from grpo.tiny import build_tokenizer
 
@@ -206,6 +207,52 @@ def test_batched_turns_match_one_trajectory_at_a_time(worker, helpers):
     a, b = out
     assert a.texts == b.texts and torch.equal(a.completion_ids, b.completion_ids)
     assert torch.allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def test_sampling_generator_is_built_on_the_device_it_is_given(monkeypatch):
+    """torch.multinomial needs the generator on the logits' device, so the helper must pass the device
+    through (a CPU-only machine cannot make a CUDA generator: record what torch.Generator is given)."""
+    assert sampling_generator(torch.device("cpu"), None) is None
+    real = torch.Generator
+    gen = sampling_generator(torch.device("cpu"), 3)
+    assert torch.equal(torch.rand(4, generator=gen), torch.rand(4, generator=real().manual_seed(3)))
+    given = []
+
+    class Recorder:
+        def __init__(self, device=None):
+            given.append(device)
+
+        def manual_seed(self, seed):
+            given.append(seed)
+            return self
+
+    monkeypatch.setattr(torch, "Generator", Recorder)
+    assert isinstance(sampling_generator(torch.device("cuda", 1), 7), Recorder)
+    assert given == [torch.device("cuda", 1), 7]
+
+
+def test_seeded_turns_sample_with_a_generator_on_the_models_device(worker, helpers, monkeypatch):
+    """run_episodes makes the seeded generator on the turn generator's (the model's) device, not the
+    default CPU one that makes seeded multi-turn sampling fail on CUDA."""
+    import grpo.agents.episodes as episodes
+
+    real_generator, real_sample = torch.Generator, episodes.sample_token
+    made, seen = [], []
+
+    def generator(device=None):  # records the device each generator is made for
+        made.append(device)
+        return real_generator(device=device or "cpu")
+
+    def sample(logits, temperature, top_p, gen):
+        seen.append((gen.device, logits.device))
+        return real_sample(logits, temperature, top_p, gen)
+
+    monkeypatch.setattr(torch, "Generator", generator)
+    monkeypatch.setattr(episodes, "sample_token", sample)
+    settings = AgentSettings(environment="agent_helpers:EchoEnv", max_steps=2, max_new_tokens=3, max_total_tokens=20)
+    worker.generate_agent([Sample("digit 1:", "1")], settings=settings, group_size=2, seed=4)
+    assert made == [worker.device]  # one generator per call, on the model's device object
+    assert seen and all(g == d == worker.device for g, d in seen)
 
 
 def test_learner_trains_on_policy_tokens_only(tiny_model_dir, worker, helpers):

@@ -17,6 +17,7 @@ from grpo.loss import (
     overlong_penalty,
     policy_loss,
     token_logprobs,
+    truncated_is_weights,
 )
 
 AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
@@ -234,6 +235,96 @@ def test_policy_loss_unknown_agg():
     logp, old, adv = _two_tokens()
     with pytest.raises(ValueError):
         policy_loss(logp, old, adv, torch.ones(2, 2), eps_low=0.2, eps_high=0.2, agg="sum")
+
+
+# ---- truncated importance sampling (async rollouts) -------------------------------------------
+
+
+def test_truncated_is_weights_by_hand():
+    logp = torch.tensor([[-1.0, -0.5], [-2.0, -0.1]], requires_grad=True)
+    behaviour = torch.tensor([[-1.0, -1.0], [-1.5, -3.0]])
+    w = truncated_is_weights(logp, behaviour, cap=2.0)
+    # raw exp(logp - behaviour) = [1, e^0.5 = 1.6487, e^-0.5 = 0.6065, e^2.9 = 18.17 -> capped at 2]
+    close(w, [[1.0, math.exp(0.5)], [math.exp(-0.5), 2.0]])
+    assert not w.requires_grad
+    # a log-ratio whose exp overflows float32 is still exactly the cap, never inf or NaN
+    close(truncated_is_weights(torch.zeros(1, 1), torch.full((1, 1), -200.0), cap=3.0), [[3.0]])
+
+
+def test_policy_loss_with_unit_is_weights_is_todays_loss_exactly():
+    logp, old, adv = _two_tokens()
+    mask = torch.tensor([[1, 1], [1, 0]])
+    kw = dict(eps_low=0.2, eps_high=0.28, agg="seq-mean-token-mean", kl_coef=0.1,
+              ref_logp=torch.tensor([[0.1, -0.2], [0.3, 0.0]]))
+    outs, grads = [], []
+    for weights in (None, torch.ones(2, 2)):
+        x = logp.clone().requires_grad_(True)
+        out = policy_loss(x, old, adv, mask, is_weights=weights, is_cap=2.0, **kw)
+        out.loss.backward()
+        outs.append(out)
+        grads.append(x.grad)
+    assert torch.equal(outs[0].loss, outs[1].loss) and torch.equal(grads[0], grads[1])
+    for out in outs:
+        close(out.is_weight_mean, 1.0)
+        close(out.is_clip_frac, 0.0)
+
+
+def test_is_weights_scale_the_surrogate_not_the_kl():
+    logp, old, adv = _two_tokens()
+    ref = torch.tensor([[0.1, -0.2], [0.3, 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    kw = dict(eps_low=0.2, eps_high=0.28, agg="token-mean", kl_coef=0.1, ref_logp=ref)
+    plain = policy_loss(logp, old, adv, mask, **kw)
+    w = torch.tensor([[2.0, 0.5], [1.0, 0.25]])
+    out = policy_loss(logp, old, adv, mask, is_weights=w, is_cap=2.0, **kw)
+    # surrogate tokens [-1.28, -0.5, 1.5] (4th masked) times weights [2, 0.5, 1], token-mean over 3
+    close(out.pg_loss, (-2.56 - 0.25 + 1.5) / 3)
+    close(out.kl, plain.kl)
+    close(out.loss, out.pg_loss + 0.1 * plain.kl)
+    close(out.is_weight_mean, (2.0 + 0.5 + 1.0) / 3)
+    close(out.is_clip_frac, 1 / 3)  # the weight of 2 sits at the cap
+    assert not out.is_weight_mean.requires_grad and not out.is_clip_frac.requires_grad
+
+
+def test_a_very_stale_token_gives_a_bounded_loss_with_tis():
+    """The sampler gave the token log-prob -30, the policy now gives -0.1, and A = -1. Today's
+    formula (old = the sampler's log-probs) has ratio e^29.9 ~ 1e13 and the A<0 branch never clips
+    it; TIS takes the ratio against the policy's own detached log-probs (1) and weights by min(e^29.9, 2)."""
+    behaviour, adv, mask = torch.tensor([[-30.0]]), torch.tensor([-1.0]), torch.ones(1, 1)
+    kw = dict(eps_low=0.2, eps_high=0.28, agg="token-mean")
+    cap = 2.0
+    bound = cap * 1.0  # |loss| <= cap * |A| (ratio 1, weight <= cap); the gradient likewise
+
+    logp = torch.tensor([[-0.1]], requires_grad=True)
+    w = truncated_is_weights(logp, behaviour, cap)
+    tis = policy_loss(logp, logp.detach(), adv, mask, is_weights=w, is_cap=cap, **kw)
+    tis.loss.backward()
+    close(tis.loss.detach(), 2.0)  # -min(1 * -1, clip(1) * -1) * 2
+    close(logp.grad, [[2.0]])  # d/dlogp of -w * A * exp(logp - logp.detach())
+    assert abs(tis.loss.item()) <= bound and abs(logp.grad.item()) <= bound
+    close(tis.is_weight_mean, 2.0)
+    close(tis.is_clip_frac, 1.0)
+
+    stale = torch.tensor([[-0.1]], requires_grad=True)
+    today = policy_loss(stale, behaviour, adv, mask, **kw)
+    today.loss.backward()
+    assert today.loss.item() == pytest.approx(math.exp(29.9), rel=1e-4)
+    assert today.loss.item() > 1e12 * bound and stale.grad.item() > 1e12 * bound
+
+
+def test_tis_on_policy_is_the_sync_loss():
+    """Sampled by the current policy, every weight is exp(0) = 1: the sync loss and gradient exactly."""
+    torch.manual_seed(0)
+    logp0 = -torch.rand(3, 4) * 3
+    adv, mask = torch.tensor([1.0, -0.5, 2.0]), torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    kw = dict(eps_low=0.2, eps_high=0.28, agg="token-mean")
+    grads = []
+    for tis in (False, True):
+        logp = logp0.clone().requires_grad_(True)
+        w = truncated_is_weights(logp, logp0, 2.0) if tis else None
+        policy_loss(logp, logp.detach(), adv, mask, is_weights=w, **kw).loss.backward()
+        grads.append(logp.grad)
+    assert torch.equal(grads[0], grads[1])
 
 
 # ---- invariance: one worker == sum of two shards with global counts ---------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -35,16 +37,24 @@ def test_same_seed_same_samples_and_retries_are_deterministic(worker):
     assert not torch.equal(a.completion_ids, c.completion_ids)
 
 
-def test_sampling_logprobs_match_a_full_forward_with_padding(worker):
+def _nucleus_mass(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Probability mass of the top-p nucleus of each position: (..., V) log-probs -> (...)."""
+    p = logp.exp().sort(dim=-1, descending=True).values  # (..., V)
+    return (p * (p.cumsum(dim=-1) - p <= top_p)).sum(dim=-1)  # (...)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_sampling_logprobs_match_a_full_forward_with_padding(worker, top_p):
     # Prompts of different lengths are left-padded; the KV-cached log-probs must equal what the
-    # trainer recomputes on the padded layout (the trainer's ratio relies on it).
+    # trainer recomputes on the padded layout (the trainer's ratio relies on it). Under top-p the
+    # sampler reports the renormalised nucleus: the full value minus log(nucleus mass).
     r = worker.generate(["digit 1:", "a much longer prompt 9:"], group_size=2, max_new_tokens=6,
-                        temperature=0.7, seed=3)
+                        temperature=0.7, top_p=top_p, seed=3)
     ids, mask, pos = training_tensors(r, worker.pad_id)
     with torch.no_grad():
         logits = worker.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    lp = torch.log_softmax(logits[:, -r.completion_ids.shape[1] - 1 : -1].float() / 0.7, dim=-1)
-    lp = lp.gather(-1, r.completion_ids[..., None]).squeeze(-1)
+    full = torch.log_softmax(logits[:, -r.completion_ids.shape[1] - 1 : -1].float() / 0.7, dim=-1)  # (N, L, V)
+    lp = full.gather(-1, r.completion_ids[..., None]).squeeze(-1) - _nucleus_mass(full, top_p).log()  # (N, L)
     torch.testing.assert_close(lp[r.completion_mask], r.logprobs[r.completion_mask], atol=1e-4, rtol=1e-4)
 
 
@@ -54,8 +64,33 @@ def test_greedy_and_top_p():
     assert tok.tolist() == [1, 0]
     torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1))
     gen = torch.Generator().manual_seed(0)
-    picks = {int(sample_token(logits[:1], 1.0, 0.5, gen)[0]) for _ in range(50)}
-    assert picks == {1}  # top-p 0.5 keeps only the dominant token
+    draws = [sample_token(logits[:1], 1.0, 0.5, gen) for _ in range(50)]
+    assert {int(t) for t, _ in draws} == {1}  # top-p 0.5 keeps only the dominant token...
+    assert max(abs(float(lp)) for _, lp in draws) < 1e-6  # ...which the sampler then draws with probability 1
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.7, 1.0])
+def test_top_p_1_keeps_the_full_tempered_logprob(temperature):
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.3, -0.2, 1.5, 0.0]])
+    tok, lp = sample_token(logits, temperature, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(lp, torch.log_softmax(logits / temperature, -1).gather(-1, tok[:, None]).squeeze(-1))
+
+
+@pytest.mark.parametrize(("temperature", "top_p", "scaled"), [(1.0, 0.85, 1.0), (0.5, 0.9, 2.0)])
+def test_top_p_logprobs_are_the_renormalised_nucleus(temperature, top_p, scaled):
+    """logits [2, 1, 0, -1]. At T=1: p = [.644, .237, .087, .032]; the mass before token 2 is .881 >
+    0.85, so the nucleus is {0, 1}. At T=0.5 the logits are [4, 2, 0, -2]: p = [.865, .117, .016,
+    .002], mass before token 2 .982 > 0.9: nucleus {0, 1} again. Renormalised over the nucleus, with
+    d = the tempered logit gap (1 or 2): log p0 = -log(1 + e^-d), log p1 = -d - log(1 + e^-d)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(400, 1)  # (400, V): one draw per row
+    tok, lp = sample_token(logits, temperature, top_p, torch.Generator().manual_seed(0))
+    want = {0: -math.log1p(math.exp(-scaled)), 1: -scaled - math.log1p(math.exp(-scaled))}
+    assert set(tok.tolist()) == {0, 1}  # both nucleus tokens drawn, nothing outside it
+    for t, expected in want.items():
+        torch.testing.assert_close(lp[tok == t], torch.full_like(lp[tok == t], expected))
+    # what the sampler used is a distribution: the nucleus's probabilities sum to 1
+    assert sum(math.exp(v) for v in want.values()) == pytest.approx(1.0)
+    assert float(lp[tok == 0][0].exp() + lp[tok == 1][0].exp()) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_padding_helpers():
