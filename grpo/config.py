@@ -42,7 +42,8 @@ class GRPOConfig(BaseModel):
     tokenizer: str | None = None
     """tokenizer id or directory; defaults to `model`"""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """parameter dtype for policy, reference and rollout copies"""
+    """compute dtype. bfloat16 is mixed precision: the policy keeps fp32 master weights and AdamW state and
+    computes in bf16 (FSDP2's policy or autocast); the reference and the rollout copies are bf16"""
 
     # ---- data ----------------------------------------------------------------------------------
     task: str = Field("digit", min_length=1)
@@ -103,6 +104,9 @@ class GRPOConfig(BaseModel):
     """divide group advantages by the group std (GRPO); False is Dr. GRPO's mean-only"""
     dynamic_sampling: bool = False
     """drop groups whose rewards are all equal (DAPO): they carry no gradient signal"""
+    max_sampling_rounds: int = Field(3, ge=0, le=64)
+    """dynamic sampling: extra rounds of prompts sampled to refill the dropped groups up to a full batch;
+    a batch still short after them trains on what it has (`sampling_rounds` in the metrics)"""
     overlong_buffer: int = Field(0, ge=0, le=32_768)
     """soft overlong penalty over the last N tokens before max_new_tokens (0 disables)"""
     overlong_penalty: float = Field(1.0, ge=0.0, le=100.0)
@@ -152,7 +156,8 @@ class GRPOConfig(BaseModel):
     num_policy_workers: int = Field(1, ge=1, le=1024)
     """Ray Train workers updating the policy (DDP/FSDP)"""
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    """parallel strategy of the policy workers; fsdp needs GPUs"""
+    """parallel strategy of the policy workers: ddp (a full copy each) or fsdp (FSDP2: each decoder layer
+    sharded across the workers, sharded checkpoints); both run on GPUs (NCCL) and CPUs (gloo)"""
     num_rollout_workers: int = Field(1, ge=1, le=1024)
     """rollout actors sampling completions"""
     num_reward_workers: int = Field(1, ge=1, le=1024)
@@ -185,6 +190,8 @@ class GRPOConfig(BaseModel):
     """sample step k+1 while step k trains; the loss importance-weights against sampling log-probs"""
     max_staleness: int = Field(1, ge=1, le=16)
     """how many policy versions a rollout may lag the policy it trains (async only)"""
+    tis_cap: float = Field(2.0, gt=1.0, le=100.0)
+    """async only: per-token importance weights pi_now/pi_sampler are truncated at this (verl's TIS); bounds the loss of stale samples"""
 
     # ---- accounting ----------------------------------------------------------------------------
     max_budget_usd: float | None = Field(None, gt=0.0, le=1e7)
@@ -228,8 +235,6 @@ class GRPOConfig(BaseModel):
                 f"prompts_per_step: {self.prompts_per_step} must be a multiple of "
                 f"num_policy_workers ({self.num_policy_workers}) so that whole groups land on each worker"
             )
-        if self.strategy == "fsdp" and self.gpus_per_worker == 0:
-            raise ValueError("strategy: fsdp needs gpus_per_worker > 0")
         if self.sft_batch_size is not None and self.sft_batch_size % self.num_policy_workers:
             raise ValueError("sft_batch_size: must be a multiple of num_policy_workers")
         if self.environment is None:

@@ -1,24 +1,27 @@
 """The policy update: one GRPO optimizer step on a scored batch, on one policy worker.
 
 `Learner` is an ordinary class: the Ray Train loop (grpo.trainer) builds one per worker and hands
-it a model already wrapped by `ray.train.torch.prepare_model` (DDP/FSDP); benchmarks and unit
-tests build it on a bare model. The loss math lives in grpo.loss; this module only lays the
-batch out as tensors, runs forward/backward per micro-batch and steps the optimizer.
+it a model already wrapped by `grpo.parallel.wrap_policy` (DDP or FSDP2, fp32 master weights);
+benchmarks and unit tests build it on a bare model. The loss math lives in grpo.loss; this module
+only lays the batch out as tensors, runs forward/backward per micro-batch (bf16 compute when the
+config asks for it) and steps the optimizer.
 
 Counts are global: the caller passes the number of completion tokens and sequences of the whole
 step across all workers, so each worker's loss is its share of the global loss and DDP's gradient
-average (times world size) equals the one-worker gradient.
+average (times world size) equals the one-worker gradient. Every rank runs the same number of
+micro-batches (zero-weight passes where dynamic sampling left it fewer groups): FSDP2 gathers weights
+in every forward, and a rank that stops early would leave the others waiting forever.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from grpo import loss as L
+from grpo import parallel
 from grpo.agents.episodes import AgentRollout
 from grpo.config import GRPOConfig
 from grpo.sampling import Rollout, left_pad, position_ids
@@ -105,11 +108,17 @@ class Learner:
         self.ref_model = ref_model
         self.pad_id = pad_id
         self.device = next(model.parameters()).device
+        self.collectives = parallel.Collectives(self.device)
         self.optimizer = self.new_optimizer(cfg.learning_rate)
         if cfg.kl_coef > 0 and ref_model is None:
             raise ValueError("kl_coef > 0 needs a reference model")
-        # FSDP's root wrapper must see every forward, so the prompt pass cannot bypass it there.
-        self.share_prefix = cfg.share_prompt_prefix and cfg.strategy != "fsdp"
+        # FSDP2's root must see every forward (it gathers the embeddings), so the prompt pass cannot
+        # bypass it there.
+        self.share_prefix = cfg.share_prompt_prefix and not parallel.is_fsdp(model)
+
+    def compute(self):
+        """bf16 autocast for a DDP policy in mixed precision (FSDP2 casts by its own policy)."""
+        return parallel.compute_context(self.model, dtype=self.cfg.dtype, device=self.device)
 
     def new_optimizer(self, lr: float) -> torch.optim.Optimizer:
         """A fresh AdamW (no moments). The warm-up ends with one: Adam's second-moment estimates of
@@ -124,8 +133,8 @@ class Learner:
 
     @property
     def base_model(self) -> torch.nn.Module:
-        """The HF model under any DDP/FSDP wrapper (what gets saved and published)."""
-        return getattr(self.model, "module", self.model)
+        """The HF model under a DDP wrapper (FSDP2 has none); its state dict may be sharded."""
+        return parallel.unwrap(self.model)
 
     def _logits(self, model: torch.nn.Module, ids: Tensor, mask: Tensor, pos: Tensor, n_completion: int) -> Tensor:
         # Only the last L+1 positions matter: position Lp-1+t predicts completion token t.
@@ -164,13 +173,13 @@ class Learner:
         ids, mask, pos = (t.to(self.device) for t in training_tensors(rollout, self.pad_id))
         n_comp = rollout.completion_ids.shape[1]
         self.model.train()
-        logits = self._logits(self.model, ids, mask, pos, n_comp)  # (N, L, V)
-        logp = L.token_logprobs(logits, rollout.completion_ids.to(self.device))  # (N, L)
+        with self.compute():
+            logits = self._logits(self.model, ids, mask, pos, n_comp)  # (N, L, V)
+        logp = L.token_logprobs(logits.float(), rollout.completion_ids.to(self.device))  # (N, L)
         m = rollout.train_mask.to(self.device)  # (N, L)
         loss = -(logp * m).sum() / max(num_tokens, 1.0)
         (loss * world_size).backward()
-        if self.cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        parallel.clip_grad_norm(self.model, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
@@ -183,58 +192,62 @@ class Learner:
         # Micro-batches are whole groups (dynamic sampling keeps or drops whole groups too).
         groups = batch.keep.view(-1, g).all(dim=1).nonzero().squeeze(-1)  # (n_groups_kept,)
         sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
+        if cfg.async_rollouts:  # how far the samplers were from the policy, and how often TIS truncated
+            sums |= {"is_weight_mean": 0.0, "is_clip_frac": 0.0}
         if num_seqs == 0:  # every group on every worker was flat: nothing to learn, keep the optimizer still
             return {k: 0.0 for k in (*sums, "grad_norm")}
-        # Every worker does at least one backward so DDP's all-reduce always has all ranks,
-        # even when dynamic sampling left this worker nothing (a zero-weight pass then).
-        empty = groups.numel() == 0
+        # Every rank runs as many micro-batches as the busiest one (zero-weight passes make up the
+        # difference), so the gradient reductions of DDP and the weight gathers of FSDP2 always meet.
         per = max(1, cfg.micro_batch_size // g)
-        chunks = [torch.zeros(1, dtype=torch.long)] if empty else list(groups.split(per))
+        chunks = list(groups.split(per)) if groups.numel() else []
+        (most,) = self.collectives.max([float(len(chunks))])
+        padding = max(int(most), 1) - len(chunks)
+        plan = [(grp, True) for grp in chunks] + [(torch.zeros(1, dtype=torch.long), False)] * padding
         full = None if self.share_prefix else training_tensors(ro, self.pad_id)
         n_comp = ro.completion_ids.shape[1]
 
         def logits_of(model: torch.nn.Module, grp: Tensor, idx: Tensor) -> Tensor:
-            if full is None:
-                return self._shared_prefix_logits(model, ro, grp)
-            return self._logits(model, *(t[idx].to(self.device) for t in full), n_comp)
+            with self.compute():
+                if full is None:
+                    out = self._shared_prefix_logits(model, ro, grp)
+                else:
+                    out = self._logits(model, *(t[idx].to(self.device) for t in full), n_comp)
+            return out.float()  # (B, L, V): the loss in fp32 whatever the compute dtype
 
         self.model.train()
-        for i, grp in enumerate(chunks):
+        for i, (grp, real) in enumerate(plan):
             idx = (grp[:, None] * g + torch.arange(g)).reshape(-1)  # (B,) rows of these groups
-            last = i == len(chunks) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
-            with sync:
+            with parallel.no_grad_sync(self.model, enabled=i < len(plan) - 1):
                 c_ids = ro.completion_ids[idx].to(self.device)  # (B, L)
-                c_mask = ro.train_mask[idx].to(self.device) & (not empty)  # (B, L): the policy's own tokens
+                c_mask = ro.train_mask[idx].to(self.device) & real  # (B, L): the policy's own tokens
                 logits = logits_of(self.model, grp, idx)  # (B, L, V)
                 logp = L.token_logprobs(logits, c_ids, cfg.temperature)  # (B, L)
-                # On-policy (sync) the ratio is 1 with the right gradient; async corrects with the
-                # importance ratio against the log-probs the stale sampler actually used.
-                old = ro.logprobs[idx].to(self.device) if cfg.async_rollouts else logp.detach()
+                # The clipped ratio is taken against the policy's own detached log-probs (1, with the
+                # right gradient). Async samples come from a policy up to max_staleness versions old: each
+                # token is weighted by pi_now / pi_sampler truncated at tis_cap (verl's TIS), which keeps
+                # the loss bounded where the plain ratio against the sampler's log-probs is not.
+                weights = (L.truncated_is_weights(logp, ro.logprobs[idx].to(self.device), cfg.tis_cap)
+                           if cfg.async_rollouts else None)
                 ref = None
                 if self.ref_model is not None:
                     with torch.no_grad():
                         ref = L.token_logprobs(logits_of(self.ref_model, grp, idx), c_ids, cfg.temperature)
                 out = L.policy_loss(
-                    logp, old, batch.advantages[idx].to(self.device), c_mask,
+                    logp, logp.detach(), batch.advantages[idx].to(self.device), c_mask,
                     eps_low=cfg.clip_eps_low, eps_high=cfg.clip_eps_high, agg=cfg.loss_agg,
                     kl_coef=cfg.kl_coef, ref_logp=ref, kl_estimator=cfg.kl_estimator,
                     num_tokens=max(num_tokens, 1.0), num_seqs=max(num_seqs, 1.0), norm_len=cfg.max_new_tokens,
+                    is_weights=weights, is_cap=cfg.tis_cap,
                 )
                 (out.loss * world_size).backward()
             with torch.no_grad():
                 ent = L.entropy(logits.detach(), cfg.temperature)  # (B, L)
                 sums["entropy"] += float((ent * c_mask).sum()) / max(num_tokens, 1.0)
-            for k in ("loss", "pg_loss", "kl", "clip_frac"):
+            for k in sums.keys() - {"entropy"}:
                 sums[k] += float(getattr(out, k).detach())
-        if cfg.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        else:
-            grad_norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])
-            )
+        grad_norm = parallel.clip_grad_norm(self.model, cfg.max_grad_norm)  # global across ranks
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # grad_norm is already global after DDP's all-reduce; divide so the cross-worker sum is right.
-        sums["grad_norm"] = float(grad_norm) / world_size
+        # grad_norm is already global; divide so the cross-worker sum the trainer takes is right.
+        sums["grad_norm"] = grad_norm / world_size
         return sums

@@ -40,18 +40,20 @@ class Dataset:
     reward: str
     """name of this task's default reward function in grpo.rewards"""
 
-    def batch(self, step: int, n: int, seed: int) -> list[Sample]:
-        """The `n` training prompts of optimizer step `step`: a pure function of (seed, step).
+    def batch(self, step: int, n: int, seed: int, round: int = 0) -> list[Sample]:
+        """The `n` training prompts of optimizer step `step`: a pure function of (seed, step, round).
 
         Without replacement when the train set is large enough, so a step sees n distinct prompts;
         with replacement otherwise. Being a function of the step (not a stateful iterator) is what
-        makes resuming from a checkpoint replay exactly the prompts the run would have seen.
+        makes resuming from a checkpoint replay exactly the prompts the run would have seen. `round` > 0
+        draws the extra prompts dynamic sampling asks for when it dropped flat groups.
         """
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         if not self.train:
             raise ValueError(f"dataset {self.name!r} has no training samples")
-        rng = random.Random(f"batch:{seed}:{step}")  # str seeds hash stably across processes
+        key = f"batch:{seed}:{step}" + (f":{round}" if round else "")
+        rng = random.Random(key)  # str seeds hash stably across processes
         if n > len(self.train):
             return rng.choices(self.train, k=n)
         return rng.sample(self.train, n)

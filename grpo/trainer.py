@@ -1,22 +1,24 @@
 """The GRPO loop that runs on every Ray Train policy worker (Train V2 API).
 
-One step, top to bottom: take this worker's shard of prompts → rollout actors sample G completions
-each → the reward ActorPool scores them → group advantages → clipped policy loss (+ KL) → DDP/FSDP
-step → rank 0 publishes the new weights once (object store) → every rank reports; checkpoints are
-HF directories plus optimizer/RNG/step state. With `async_rollouts` the next step's rollouts are
-collected in a background thread while this step trains.
+`train_loop` reads top to bottom: `setup` (model, reference, optimizer, resume, warm-up, first publish),
+then per step `train_step` (sample → score → advantages → update → publish) and `report_step` (metrics
+to the driver, evaluation, checkpoint, stop). With `async_rollouts` the next step's rollouts are
+collected in a background thread while this step trains. Checkpoints hold a Hugging Face directory of
+the full model (for serving and `from_pretrained`) and the sharded model and optimizer state
+(`torch.distributed.checkpoint`, one shard per worker), so a resumed run continues exactly.
 
-Not here: building the actors and the trainer (grpo.run), the loss math (grpo.loss), the update
-itself (grpo.learner).
+Not here: building the actors and the trainer (grpo.run), the loss math (grpo.loss), the update itself
+(grpo.learner), how the model is distributed (grpo.parallel).
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +26,16 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 from ray.util import ActorPool
 
+from grpo import parallel
 from grpo.config import GRPOConfig
 from grpo.learner import Learner, ScoredBatch, scheduled_lr, score_agent_batch, score_batch
 from grpo.sampling import Rollout, concat_rollouts
 from grpo.tasks import Dataset, Sample
 
 STATE_FILE = "trainer_state.pt"
+REFERENCE_DIR = "reference"  # the KL reference, when a warm-up made it differ from the base model
 
 
 @dataclass
@@ -46,11 +49,14 @@ class Collected:
     reward_timeouts: int
     seconds: float
     agent: dict[str, float] | None = None  # multi-turn sums (grpo.agents.episodes.AGENT_STATS), None single-turn
+    raw_rewards: list[float] | None = None  # single-turn rewards before shaping (to re-score a refilled batch)
+    sampling_rounds: int = 0  # extra rounds dynamic sampling took to refill dropped groups
 
 
-def _sample_seed(cfg: GRPOConfig, step: int, rank: int, part: int) -> int:
-    # Deterministic per (run seed, step, worker, chunk): a retried generate call re-samples the same.
-    return (cfg.seed * 1_000_003 + step * 10_007 + rank * 101 + part) % (2**63 - 1)
+def _sample_seed(cfg: GRPOConfig, step: int, offset: int, round: int = 0) -> int:
+    # Deterministic per (run seed, step, first prompt of the chunk in the step's batch, refill round): a
+    # retried generate re-samples the same, and so does any split of the batch across workers.
+    return (cfg.seed * 1_000_003 + step * 10_007 + offset * 101 + round * 7919) % (2**63 - 1)
 
 
 def my_rollout_actors(actors: list, rank: int, world: int) -> list:
@@ -74,26 +80,23 @@ def score(pool_actors: list, items: list[tuple[str, str, str]]) -> tuple[list[fl
     return rewards, errors, timeouts
 
 
-def collect(
-    cfg: GRPOConfig, dataset: Dataset, step: int, *, rank: int, world: int, actors: list, reward_actors: list,
-    min_version: int,
-) -> Collected:
-    """Sample and score this worker's shard of step `step` (whole groups stay on one worker)."""
+def sample_and_score(cfg: GRPOConfig, samples: list[Sample], step: int, *, offset: int, round: int, actors: list,
+                     reward_actors: list, min_version: int) -> Collected:
+    """Sample G completions for each of `samples` on `actors` and score them; `offset` is the first
+    sample's index in the step's batch (it seeds the sampling)."""
     t0 = time.perf_counter()
-    n = cfg.prompts_per_worker
-    samples = dataset.batch(step, cfg.prompts_per_step, cfg.seed)[rank * n : (rank + 1) * n]
-    mine = my_rollout_actors(actors, rank, world)
-    per = -(-len(samples) // len(mine))
-    parts = [samples[i : i + per] for i in range(0, len(samples), per)]
+    per = -(-len(samples) // len(actors))
+    parts = [(j * per, samples[j * per : (j + 1) * per]) for j in range(-(-len(samples) // per))]
     if cfg.environment is not None:  # multi-turn: the environments score, no reward pool
         from grpo.agents import episodes as mt
+
         settings = mt.AgentSettings.from_config(cfg)
         futures = [
             actor.generate_agent.remote(
                 part, settings=settings, group_size=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                seed=_sample_seed(cfg, step, rank, j), min_version=min_version,
+                seed=_sample_seed(cfg, step, offset + start, round), min_version=min_version,
             )
-            for j, (actor, part) in enumerate(zip(mine, parts, strict=False))
+            for actor, (start, part) in zip(actors, parts, strict=False)
         ]
         ro = mt.concat_agent_rollouts(ray.get(futures))
         return Collected(step, samples, score_agent_batch(ro, cfg), 0, 0, time.perf_counter() - t0,
@@ -101,16 +104,58 @@ def collect(
     futures = [
         actor.generate.remote(
             [s.prompt for s in part], group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, top_p=cfg.top_p, seed=_sample_seed(cfg, step, rank, j),
+            temperature=cfg.temperature, top_p=cfg.top_p, seed=_sample_seed(cfg, step, offset + start, round),
             min_version=min_version,
         )
-        for j, (actor, part) in enumerate(zip(mine, parts, strict=False))
+        for actor, (start, part) in zip(actors, parts, strict=False)
     ]
     rollout: Rollout = concat_rollouts(ray.get(futures))
     g = cfg.group_size
     items = [(samples[i // g].prompt, text, samples[i // g].expected) for i, text in enumerate(rollout.texts)]
     rewards, errors, timeouts = score(reward_actors, items)
-    return Collected(step, samples, score_batch(rollout, rewards, cfg), errors, timeouts, time.perf_counter() - t0)
+    return Collected(step, samples, score_batch(rollout, rewards, cfg), errors, timeouts, time.perf_counter() - t0,
+                     raw_rewards=rewards)
+
+
+def merge(a: Collected, b: Collected, cfg: GRPOConfig, *, groups: int) -> Collected:
+    """`b` (a refill round) appended to `a`, re-scored as one batch; at most `groups` groups are kept
+    (the first ones), so a refilled step trains on exactly a full batch."""
+    if cfg.environment is not None:
+        from grpo.agents import episodes as mt
+
+        batch = score_agent_batch(mt.concat_agent_rollouts([a.batch.rollout, b.batch.rollout]), cfg)
+        agent = {k: a.agent.get(k, 0.0) + b.agent.get(k, 0.0) for k in {*a.agent, *b.agent}} if a.agent else None
+        raw = None
+    else:
+        raw = (a.raw_rewards or []) + (b.raw_rewards or [])
+        batch = score_batch(concat_rollouts([a.batch.rollout, b.batch.rollout]), raw, cfg)
+        agent = None
+    g = cfg.group_size
+    kept = batch.keep.view(-1, g).all(dim=1)  # (P,)
+    kept &= kept.cumsum(dim=0) <= groups
+    batch.keep = kept.repeat_interleave(g)  # (P*G,)
+    return Collected(a.step, a.samples + b.samples, batch, a.reward_errors + b.reward_errors,
+                     a.reward_timeouts + b.reward_timeouts, a.seconds + b.seconds, agent=agent, raw_rewards=raw,
+                     sampling_rounds=a.sampling_rounds + 1)
+
+
+def collect(
+    cfg: GRPOConfig, dataset: Dataset, step: int, *, rank: int, world: int, actors: list, reward_actors: list,
+    min_version: int,
+) -> Collected:
+    """Sample and score this worker's shard of step `step` (whole groups stay on one worker). With dynamic
+    sampling, groups dropped as flat are refilled from extra prompts, up to `max_sampling_rounds` rounds."""
+    n = cfg.prompts_per_worker
+    mine = my_rollout_actors(actors, rank, world)
+    kw = dict(actors=mine, reward_actors=reward_actors, min_version=min_version)
+    samples = dataset.batch(step, cfg.prompts_per_step, cfg.seed)[rank * n : (rank + 1) * n]
+    got = sample_and_score(cfg, samples, step, offset=rank * n, round=0, **kw)
+    for r in range(1, cfg.max_sampling_rounds + 1 if cfg.dynamic_sampling else 1):
+        if got.batch.num_seqs >= n * cfg.group_size:
+            break
+        extra = dataset.batch(step, cfg.prompts_per_step, cfg.seed, round=r)[rank * n : (rank + 1) * n]
+        got = merge(got, sample_and_score(cfg, extra, step, offset=rank * n, round=r, **kw), cfg, groups=n)
+    return got
 
 
 def evaluate(cfg: GRPOConfig, dataset: Dataset, actors: list, reward_actors: list, min_version: int) -> float:
@@ -173,210 +218,251 @@ def sft_warmup(cfg: GRPOConfig, dataset: Dataset, learner: Learner, tokenizer: A
         # Negative step numbers: the warm-up's prompts are drawn apart from the GRPO steps' ones.
         samples = dataset.batch(-1 - k, total, cfg.seed)[rank * n : (rank + 1) * n]
         ro = demonstrations(samples, settings, tokenizer, pad_id=pad_id, max_prompt_tokens=cfg.max_prompt_tokens)
-        (num_tokens,) = _all_sum([float(ro.train_mask.sum())])
+        (num_tokens,) = learner.collectives.sum([float(ro.train_mask.sum())])
         loss = learner.sft_step(ro, num_tokens=num_tokens, world_size=world)
     learner.optimizer = learner.new_optimizer(cfg.learning_rate)  # GRPO starts without the warm-up's moments
     return loss
 
 
-def _all_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # Works for a plain module, DDP and FSDP alike: a full, unsharded CPU copy.
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _load_model(cfg: GRPOConfig, path: str) -> torch.nn.Module:
+def _load_model(path: str, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+@dataclass
+class Worker:
+    """Everything one policy worker holds across steps."""
+
+    cfg: GRPOConfig
+    rank: int
+    world: int
+    tokenizer: Any
+    pad_id: int
+    dataset: Dataset
+    learner: Learner
+    actors: list
+    reward_actors: list
+    board: Any
+    monitor: Any
+    start_step: int = 0
+    version: int = 0
+    warmup_loss: float | None = None
+    ref_from_warmup: bool = False
+    loading: list = field(default_factory=list)
+    pending: dict[int, Future] = field(default_factory=dict)
+    executor: ThreadPoolExecutor | None = None
+    t_start: float = 0.0
+
+    @property
+    def collectives(self) -> parallel.Collectives:
+        return self.learner.collectives
+
+
+def setup(config: dict[str, Any]) -> Worker:
+    """Model (fp32 master weights, wrapped for the strategy), reference, optimizer; resumed from the latest
+    checkpoint when there is one; the warm-up on a fresh agent run; the first weights published."""
+    from transformers import AutoTokenizer
+
+    cfg = GRPOConfig(**config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.torch_threads)
+    device = ray.train.torch.get_device()
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    compute_dtype = getattr(torch, cfg.dtype)
+
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as found:
+        resume_dir = Path(found) if found else None
+        if resume_dir is None:
+            torch.manual_seed(cfg.seed)
+        model = parallel.wrap_policy(_load_model(str(resume_dir or cfg.model), torch.float32),
+                                     strategy=cfg.strategy, dtype=cfg.dtype, device=device)
+        ref_model = None
+        if cfg.kl_coef > 0:
+            # The frozen reference is the initial policy (or the warm-up's result, saved with the checkpoints);
+            # it needs no wrapper since it never trains, and no fp32 master since it never updates.
+            saved_ref = resume_dir / REFERENCE_DIR if resume_dir is not None else None
+            ref_path = saved_ref if saved_ref is not None and saved_ref.is_dir() else cfg.model
+            ref_model = _load_model(str(ref_path), compute_dtype).to(device)
+            ref_model.requires_grad_(False).eval()
+        w = Worker(cfg=cfg, rank=rank, world=world, tokenizer=tokenizer, pad_id=pad_id,
+                   dataset=cfg.load_dataset(), learner=Learner(cfg, model, ref_model=ref_model, pad_id=pad_id),
+                   actors=config["rollout_actors"], reward_actors=config["reward_actors"],
+                   board=config["weight_board"], monitor=config["monitor"])
+        if resume_dir is not None:
+            resume(w, resume_dir)
+        elif cfg.environment is not None and cfg.sft_warmup_steps:  # fresh agent runs only
+            w.warmup_loss = sft_warmup(cfg, w.dataset, w.learner, tokenizer, pad_id, rank=rank, world=world)
+            if ref_model is not None:  # KL then holds the policy near what the warm-up taught, not the init
+                ref_model.load_state_dict(parallel.full_state_dict(model, dtype=compute_dtype))
+                w.ref_from_warmup = True
+    w.version = w.start_step
+    publish(w, w.version)
+    w.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts") if cfg.async_rollouts else None
+    w.t_start = time.perf_counter()
+    return w
+
+
+def resume(w: Worker, d: Path) -> None:
+    """Step, optimizer and RNG from a checkpoint; sharded model and optimizer state where it has them
+    (a checkpoint from before sharding holds the full optimizer state of a DDP run instead)."""
+    state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
+    w.start_step = int(state["step"])
+    w.ref_from_warmup = (d / REFERENCE_DIR).is_dir()
+    if parallel.has_shards(d):
+        parallel.load_sharded(w.learner.model, w.learner.optimizer, d)
+    else:
+        w.learner.optimizer.load_state_dict(state["optimizer"])
+    rng = d / "rng" / f"rank{w.rank}.pt"
+    rngs = torch.load(rng, weights_only=False) if rng.is_file() else state
+    torch.set_rng_state(rngs["torch_rng"])
+    random.setstate(rngs["py_rng"])
+
+
+def publish(w: Worker, version: int) -> None:
+    """Rank 0 puts the weights in the object store ONCE (in the compute dtype: bf16 halves the bytes) and
+    hands every rollout actor the same reference; the board keeps it for actors that restart or lag and
+    pull later. The loads are not awaited here: an actor runs rank 0's calls in order, so it loads before
+    rank 0's next generate, and any other caller's generate carries min_version and pulls if it got there
+    first. Every rank takes part in gathering the weights (FSDP2 shards them)."""
+    sd = parallel.full_state_dict(w.learner.model, dtype=getattr(torch, w.cfg.dtype))
+    if w.rank == 0:
+        ref = ray.put(sd)
+        ray.get(w.board.publish.remote(version, [ref]))
+        ray.get(w.loading)  # the previous step's loads, long done: surfaces their errors
+        w.loading[:] = [a.load_weights.remote(ref, version) for a in w.actors]
+
+
+def save_checkpoint(w: Worker, step: int, metrics: dict[str, float]) -> None:
+    """Every rank writes its shard of model and optimizer and its RNG state; rank 0 also writes the full
+    model as a Hugging Face directory, the tokenizer, the step and (after a warm-up) the KL reference.
+    Ray Train merges the ranks' directories into one checkpoint."""
+    sd = parallel.full_state_dict(w.learner.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        parallel.save_sharded(w.learner.model, w.learner.optimizer, d)
+        (d / "rng").mkdir()
+        torch.save({"torch_rng": torch.get_rng_state(), "py_rng": random.getstate()}, d / "rng" / f"rank{w.rank}.pt")
+        if w.rank == 0:
+            w.learner.base_model.save_pretrained(d, state_dict=sd)
+            w.tokenizer.save_pretrained(d)
+            torch.save({"step": step, "config": w.cfg.model_dump(), "strategy": w.cfg.strategy}, d / STATE_FILE)
+            if w.ref_from_warmup and w.learner.ref_model is not None:
+                w.learner.ref_model.save_pretrained(d / REFERENCE_DIR)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def fetch(w: Worker, step: int) -> Collected:
+    """This worker's scored shard of `step`: collected now, or (async) taken from the background thread,
+    which keeps up to max_staleness steps in flight sampling with the weights of now."""
+    def collect_step(s: int, min_version: int) -> Collected:
+        return collect(w.cfg, w.dataset, s, rank=w.rank, world=w.world, actors=w.actors,
+                       reward_actors=w.reward_actors, min_version=min_version)
+
+    if w.executor is None:
+        return collect_step(step, w.version)
+    fut = w.pending.pop(step, None) or w.executor.submit(collect_step, step, w.version)
+    for ahead in range(step + 1, min(step + w.cfg.max_staleness, w.cfg.num_steps) + 1):
+        if ahead not in w.pending:
+            w.pending[ahead] = w.executor.submit(collect_step, ahead, w.version)
+    got = fut.result()
+    if w.version - got.batch.rollout.version > w.cfg.max_staleness:  # a lagging actor: sample fresh
+        got = collect_step(step, w.version)
+    return got
+
+
+def train_step(w: Worker, step: int) -> tuple[dict[str, float], Collected]:
+    """One GRPO step on this worker: 1-3 sample, score, advantages; 4 update; 5 publish; 6 metrics summed
+    across workers (every rank returns the same global values)."""
+    cfg, t0 = w.cfg, time.perf_counter()
+    got = fetch(w, step)
+    staleness = w.version - got.batch.rollout.version
+    batch = got.batch
+    num_tokens, num_seqs = w.collectives.sum([batch.num_tokens, batch.num_seqs])
+
+    t_train = time.perf_counter()
+    w.learner.set_lr(scheduled_lr(cfg, step))
+    stats = w.learner.step(batch, num_tokens=num_tokens, num_seqs=num_seqs, world_size=w.world)
+    train_s = time.perf_counter() - t_train
+
+    w.version = step
+    t_pub = time.perf_counter()
+    publish(w, w.version)
+    publish_s = time.perf_counter() - t_pub
+
+    r, ro = batch.rewards, batch.rollout
+    keys, agent_keys = list(stats), sorted(got.agent or {})
+    summed = w.collectives.sum(
+        [stats[k] for k in keys]
+        + [float(r.sum()), float((r**2).sum()), float(r.numel()), float(ro.num_tokens),
+           float(got.reward_errors), float(got.reward_timeouts),
+           float(sum(f == "stop" for f in ro.finish_reasons)), float(staleness), float(batch.num_seqs),
+           float(got.sampling_rounds)]
+        + [got.agent[k] for k in agent_keys]
+    )
+    metrics = dict(zip(keys, summed[: len(keys)], strict=True))
+    s, s2, n, toks, errs, tos, stops, stale, kept, rounds = summed[len(keys) : len(keys) + 10]
+    agent = dict(zip(agent_keys, summed[len(keys) + 10 :], strict=True))
+    step_s = time.perf_counter() - t0
+    mean = s / n
+    metrics.update(
+        step=step, reward_mean=mean, reward_std=max(s2 / n - mean**2, 0.0) ** 0.5, completion_tokens=toks,
+        completion_len_mean=toks / n, stop_frac=stops / n, reward_errors=errs, reward_timeouts=tos,
+        staleness=stale / w.world, kept_frac=kept / n, step_time_s=step_s, train_time_s=train_s,
+        rollout_time_s=t_train - t0, gen_time_s=ro.gen_seconds, publish_time_s=publish_s,
+        tokens_per_s=toks / step_s, elapsed_s=time.perf_counter() - w.t_start, policy_version=w.version,
+    )
+    if cfg.dynamic_sampling:  # the most refill rounds any worker needed, and how full the batch ended
+        metrics.update(sampling_rounds=rounds / w.world, trained_frac=kept / (cfg.prompts_per_step * cfg.group_size))
+    if agent:  # multi-turn: how the agent used its tools
+        metrics.update(
+            tool_use_rate=agent["tool_use"] / n, tool_calls_per_traj=agent["tool_calls"] / n,
+            tool_error_rate=agent["tool_errors"] / max(agent["agent_steps"], 1.0),
+            steps_per_traj=agent["agent_steps"] / n, env_errors=agent["env_errors"],
+            env_reward_mean=agent["env_reward"] / n, trajectories_per_s=n / step_s,
+        )
+    if w.warmup_loss is not None and step == w.start_step + 1:
+        metrics["sft_warmup_loss"] = w.warmup_loss
+    return metrics, got
+
+
+def report_step(w: Worker, step: int, metrics: dict[str, float], got: Collected) -> bool:
+    """7. Metrics and trajectories to the driver, which answers with a stop reason (cancel, budget) or None;
+    evaluation and a checkpoint when due. Returns True when the run stops after this step."""
+    cfg = w.cfg
+    evaluating = cfg.eval_size > 0
+    checkpoint_due = bool(cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0)
+    stop_flag = 0.0
+    if w.rank == 0:
+        if evaluating and (step == cfg.num_steps or checkpoint_due
+                           or (cfg.eval_interval and step % cfg.eval_interval == 0)):
+            metrics["eval_reward"] = evaluate(cfg, w.dataset, w.actors, w.reward_actors, w.version)
+        stop = ray.get(w.monitor.record.remote(step, metrics, trajectories(got)))
+        stop_flag = 1.0 if stop else 0.0
+    else:
+        ray.get(w.monitor.add_trajectories.remote(trajectories(got)))
+    stopping = w.collectives.sum([stop_flag])[0] > 0
+    if step == cfg.num_steps or stopping or checkpoint_due:
+        if evaluating and "eval_reward" not in metrics and w.rank == 0:
+            metrics["eval_reward"] = evaluate(cfg, w.dataset, w.actors, w.reward_actors, w.version)
+        metrics.setdefault("eval_reward", float("nan"))
+        save_checkpoint(w, step, metrics)
+    # Only checkpoint steps call ray.train.report: in Ray 2.60 it is a barrier that waits for the Train
+    # controller's poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), longer than a small step.
+    # Per-step metrics go to the driver through the RunMonitor instead.
+    return stopping
 
 
 def train_loop(config: dict[str, Any]) -> None:
     """`train_loop_per_worker` of the TorchTrainer. `config` carries the run config and actor handles."""
-    cfg = GRPOConfig(**config["cfg"])
-    actors, reward_actors = config["rollout_actors"], config["reward_actors"]
-    board, monitor = config["weight_board"], config["monitor"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.torch_threads)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    dataset = cfg.load_dataset()
-
-    # 0. start or resume: a checkpoint holds the HF model plus optimizer, RNG and step
-    start_step, state = 0, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            model = _load_model(cfg, d)
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-        start_step = int(state["step"])
-    else:
-        torch.manual_seed(cfg.seed)
-        model = _load_model(cfg, cfg.model)
-    model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy)
-    ref_model = None
-    if cfg.kl_coef > 0:
-        # The frozen reference is the initial policy; it needs no wrapper since it never trains.
-        ref_model = _load_model(cfg, cfg.model).to(ray.train.torch.get_device())
-        ref_model.requires_grad_(False).eval()
-    learner = Learner(cfg, model, ref_model=ref_model, pad_id=pad_id)
-    if state is not None:
-        learner.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["py_rng"])
-
-    loading: list = []
-
-    def publish(version: int) -> None:
-        # Rank 0 puts the weights in the object store ONCE and hands every rollout actor the same
-        # reference; the board keeps it for actors that restart or lag and pull later. The loads are
-        # not awaited here: an actor runs rank 0's calls in order, so it loads before rank 0's next
-        # generate, and any other caller's generate carries min_version and pulls if it got there first.
-        sd = _full_state_dict(learner.model)
-        if rank == 0:
-            ref = ray.put(sd)
-            ray.get(board.publish.remote(version, [ref]))
-            ray.get(loading)  # the previous step's loads, long done: surfaces their errors
-            loading[:] = [a.load_weights.remote(ref, version) for a in actors]
-
-    def save_checkpoint(step: int, metrics: dict[str, float]) -> None:
-        sd = _full_state_dict(learner.model)
-        if rank != 0:
-            ray.train.report(metrics, checkpoint=None)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            learner.base_model.save_pretrained(tmp, state_dict=sd)
-            tokenizer.save_pretrained(tmp)
-            torch.save(
-                {"step": step, "optimizer": learner.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "py_rng": random.getstate(), "config": cfg.model_dump()},
-                Path(tmp) / STATE_FILE,
-            )
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-    # 0b. supervised warm-up on the environment's demonstrations (fresh agent runs only)
-    warmup_loss = None
-    if cfg.environment is not None and cfg.sft_warmup_steps and start_step == 0:
-        warmup_loss = sft_warmup(cfg, dataset, learner, tokenizer, pad_id, rank=rank, world=world)
-        if ref_model is not None:  # KL then holds the policy near what the warm-up taught, not the init
-            ref_model.load_state_dict(_full_state_dict(learner.model))
-
-    version = start_step
-    publish(version)
-    evaluating = cfg.eval_size > 0
-    pending: dict[int, Future] = {}
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts") if cfg.async_rollouts else None
-
-    def collect_step(step: int, min_version: int) -> Collected:
-        return collect(cfg, dataset, step, rank=rank, world=world, actors=actors, reward_actors=reward_actors,
-                       min_version=min_version)
-
-    def fetch(step: int, min_version: int) -> Collected:
-        if executor is None:
-            return collect_step(step, min_version)
-        fut = pending.pop(step, None) or executor.submit(collect_step, step, min_version)
-        # Keep up to max_staleness steps in flight: they sample with the weights of now.
-        for ahead in range(step + 1, min(step + cfg.max_staleness, cfg.num_steps) + 1):
-            if ahead not in pending:
-                pending[ahead] = executor.submit(collect_step, ahead, min_version)
-        return fut.result()
-
-    t_start = time.perf_counter()
-    for step in range(start_step + 1, cfg.num_steps + 1):
-        t0 = time.perf_counter()
-        # 1-3. sample, score, advantages (whole groups on this worker)
-        got = fetch(step, version)
-        staleness = version - got.batch.rollout.version
-        if staleness > cfg.max_staleness:  # a lagging actor: throw it away and sample fresh
-            got = collect_step(step, version)
-            staleness = version - got.batch.rollout.version
-        batch = got.batch
-        num_tokens, num_seqs = _all_sum([batch.num_tokens, batch.num_seqs])
-
-        # 4. policy update (DDP all-reduces the gradients)
-        t_train = time.perf_counter()
-        learner.set_lr(scheduled_lr(cfg, step))
-        stats = learner.step(batch, num_tokens=num_tokens, num_seqs=num_seqs, world_size=world)
-        train_s = time.perf_counter() - t_train
-
-        # 5. publish the new weights once; every rollout actor loads them
-        version = step
-        t_pub = time.perf_counter()
-        publish(version)
-        publish_s = time.perf_counter() - t_pub
-
-        # 6. metrics: sums across workers
-        r = batch.rewards
-        ro = batch.rollout
-        keys = list(stats)
-        agent_keys = sorted(got.agent or {})
-        summed = _all_sum(
-            [stats[k] for k in keys]
-            + [float(r.sum()), float((r**2).sum()), float(r.numel()), float(ro.num_tokens),
-               float(got.reward_errors), float(got.reward_timeouts),
-               float(sum(f == "stop" for f in ro.finish_reasons)), float(staleness), float(batch.num_seqs)]
-            + [got.agent[k] for k in agent_keys]
-        )
-        metrics = dict(zip(keys, summed[: len(keys)], strict=True))
-        s, s2, n, toks, errs, tos, stops, stale, kept = summed[len(keys) : len(keys) + 9]
-        agent = dict(zip(agent_keys, summed[len(keys) + 9 :], strict=True))
-        step_s = time.perf_counter() - t0
-        mean = s / n
-        metrics.update(
-            step=step, reward_mean=mean, reward_std=max(s2 / n - mean**2, 0.0) ** 0.5, completion_tokens=toks,
-            completion_len_mean=toks / n, stop_frac=stops / n, reward_errors=errs, reward_timeouts=tos,
-            staleness=stale / world, kept_frac=kept / n, step_time_s=step_s, train_time_s=train_s,
-            rollout_time_s=t_train - t0, gen_time_s=got.batch.rollout.gen_seconds, publish_time_s=publish_s,
-            tokens_per_s=toks / step_s, elapsed_s=time.perf_counter() - t_start, policy_version=version,
-        )
-        if agent:  # multi-turn: how the agent used its tools
-            metrics.update(
-                tool_use_rate=agent["tool_use"] / n, tool_calls_per_traj=agent["tool_calls"] / n,
-                tool_error_rate=agent["tool_errors"] / max(agent["agent_steps"], 1.0),
-                steps_per_traj=agent["agent_steps"] / n, env_errors=agent["env_errors"],
-                env_reward_mean=agent["env_reward"] / n,
-                trajectories_per_s=n / step_s,
-            )
-        if warmup_loss is not None and step == start_step + 1:
-            metrics["sft_warmup_loss"] = warmup_loss
-
-        # 7. report to the driver; it answers with a stop reason (cancel, budget) or None
-        stop_flag = 0.0
-        if rank == 0:
-            do_eval = evaluating and (
-                step == cfg.num_steps
-                or (cfg.eval_interval and step % cfg.eval_interval == 0)
-                or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0)
-            )
-            if do_eval:
-                metrics["eval_reward"] = evaluate(cfg, dataset, actors, reward_actors, version)
-            stop = ray.get(monitor.record.remote(step, metrics, trajectories(got)))
-            stop_flag = 1.0 if stop else 0.0
-        else:
-            ray.get(monitor.add_trajectories.remote(trajectories(got)))
-        stopping = _all_sum([stop_flag])[0] > 0
-        last = step == cfg.num_steps or stopping
-        if last or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
-            if evaluating and "eval_reward" not in metrics and rank == 0:
-                metrics["eval_reward"] = evaluate(cfg, dataset, actors, reward_actors, version)
-            metrics.setdefault("eval_reward", float("nan"))
-            save_checkpoint(step, metrics)
-        # Only checkpoint steps call ray.train.report: in Ray 2.60 it is a barrier that waits for the
-        # Train controller's poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), longer than a
-        # small step. Per-step metrics go to the driver through the RunMonitor instead.
-        if stopping:
+    w = setup(config)
+    for step in range(w.start_step + 1, w.cfg.num_steps + 1):
+        metrics, got = train_step(w, step)
+        if report_step(w, step, metrics, got):
             break
-    ray.get(loading)  # the rollout actors hold the final weights when the run returns
-    if executor is not None:
-        executor.shutdown(wait=True, cancel_futures=True)
+    ray.get(w.loading)  # the rollout actors hold the final weights when the run returns
+    if w.executor is not None:
+        w.executor.shutdown(wait=True, cancel_futures=True)

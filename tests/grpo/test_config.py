@@ -33,7 +33,7 @@ def test_yaml_then_overrides(tmp_path, tiny_model_dir):
         ("temperature=0", "temperature"),
         ("no_such_key=3", "no_such_key"),
         ("prompts_per_step=15", "prompts_per_step"),
-        ("strategy=fsdp", "strategy"),
+        ("strategy=zero3", "strategy"),
         ("dataset=/nonexistent/rows.jsonl", "dataset"),
         ("run_name=../escape", "run_name"),
     ],

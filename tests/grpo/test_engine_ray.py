@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from grpo import parallel
 from grpo.config import GRPOConfig
 from grpo.run import build_actors, run
 
@@ -68,7 +69,7 @@ def test_distributed_step_updates_policy_and_rollout_actors(ray_session, tiny_mo
     assert metrics[-1]["eval_reward"] is not None
     assert (cfg.run_dir / "curves.png").stat().st_size > 0
     state = torch.load(Path(result.checkpoint) / "trainer_state.pt", weights_only=False)
-    assert state["step"] == 2 and state["optimizer"]["state"]
+    assert state["step"] == 2 and parallel.read_sharded(Path(result.checkpoint))["optim"]["state"]
 
 
 @pytest.mark.ray

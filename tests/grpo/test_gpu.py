@@ -31,6 +31,6 @@ def test_rollout_and_update_run_on_cuda_in_bf16_and_match_the_cpu_loss(tiny_mode
         learner = _learner(cfg, device, cpu.pad_id)
         batch = score_batch(r, rewards, cfg)
         stats[device] = learner.step(batch, num_tokens=batch.num_tokens, num_seqs=batch.num_seqs)
-    # async_rollouts uses the sampler's log-probs as old_logp, so the loss is a real number to compare
+    # async_rollouts weights each token by pi_now / pi_sampler (TIS), so the loss is a real number to compare
     assert stats["cuda"]["loss"] == pytest.approx(stats["cpu"]["loss"], abs=2e-2)
     assert stats["cuda"]["entropy"] == pytest.approx(stats["cpu"]["entropy"], rel=2e-2)

@@ -1,0 +1,180 @@
+"""How a policy worker's model is distributed: DDP or FSDP2, mixed precision, collectives, sharded checkpoints.
+
+Everything here runs under plain `torch.distributed` (Ray Train only creates the process group), so the
+GPU check (bench/gpu_check.py) and the CPU tests (gloo) use the same code as a Ray run:
+
+- `Collectives`: every cross-rank reduction of counts and metrics goes through it, with the tensor on the
+  worker's device. NCCL, the backend Ray Train picks on GPUs, reduces only CUDA tensors: a CPU tensor in
+  an all_reduce fails a GPU run at its first step.
+- `wrap_policy`: fp32 master weights always. DDP computes under bf16 autocast when `dtype` is bfloat16;
+  FSDP2 shards every decoder layer and the root (`fully_shard`) and computes in bf16 with fp32
+  gradient reduction (`MixedPrecisionPolicy`), so AdamW's state and the update stay fp32 and an lr of
+  1e-6 does not round away.
+- `full_state_dict`: the unsharded weights on every rank (for publishing and the KL reference).
+- `save_sharded` / `load_sharded`: model and optimizer with `torch.distributed.checkpoint`, each rank
+  writing its own shard; the same files load into any world size.
+
+Not here: the loss, the update's micro-batching (grpo.learner), Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+SHARDS_DIR = "dcp"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class Collectives:
+    """Sums and maxima across the policy workers, with every tensor on `device` (the worker's)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def _reduce(self, values: list[float], op: Any) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # (K,)
+        if _distributed():
+            dist.all_reduce(t, op=op)
+        return t.cpu().tolist()
+
+    def sum(self, values: list[float]) -> list[float]:
+        return self._reduce(values, dist.ReduceOp.SUM)
+
+    def max(self, values: list[float]) -> list[float]:
+        return self._reduce(values, dist.ReduceOp.MAX)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks FSDP2 shards one by one (HF causal LMs keep them at `model.layers`)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder layers at .model.layers to shard")
+    return list(layers)
+
+
+def wrap_policy(model: nn.Module, *, strategy: str, dtype: str, device: torch.device) -> nn.Module:
+    """The trainable policy on `device`, fp32, wrapped for `strategy` ("ddp" or "fsdp")."""
+    model = model.to(device=device, dtype=torch.float32)  # master weights; bf16 is only the compute dtype
+    world = dist.get_world_size() if _distributed() else 1
+    if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(device.type, (world,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bfloat16" \
+            else MixedPrecisionPolicy()
+        for layer in decoder_layers(model):  # each layer gathers its own weights, so peak memory is one layer
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)  # the rest: embeddings, final norm, lm_head
+        return model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def compute_context(model: nn.Module, *, dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 compute for a DDP (or single) policy: autocast. FSDP2 casts by its own policy, so nothing."""
+    if dtype != "bfloat16" or is_fsdp(model):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The HF model under a DDP wrapper (FSDP2 has none: the model is its own root)."""
+    return getattr(model, "module", model)
+
+
+@contextlib.contextmanager
+def no_grad_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient reduction of this backward (all but the last micro-batch of a step)."""
+    if not enabled:
+        yield
+    elif is_fsdp(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip by the global gradient norm and return it (0 turns clipping off, the norm is still measured).
+    Under DDP the gradients are already all-reduced, so the local norm is the global one; under FSDP2 they
+    are DTensor shards and the norm is reduced across ranks."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def full_state_dict(model: nn.Module, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The full, unsharded weights on every rank, on the CPU (every rank must call this: FSDP2 gathers).
+    `dtype` casts floating tensors, e.g. bf16 copies for the rollout actors."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    out = {}
+    for k, v in sd.items():
+        v = v.detach().to("cpu")
+        out[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v.clone()
+    return out
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Model and optimizer, each rank its own shard under `path/dcp` (rank 0 adds the metadata)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / SHARDS_DIR))
+
+
+def has_shards(path: Path) -> bool:
+    return (path / SHARDS_DIR / ".metadata").is_file()
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Restore what `save_sharded` wrote into an already wrapped model and its optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path / SHARDS_DIR))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def read_sharded(path: Path) -> dict[str, Any]:
+    """A sharded checkpoint as one plain state dict {"model": ..., "optim": ...}, in one process without
+    a process group (inspection and tests)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(path / SHARDS_DIR), f"{tmp}/full.pt")
+        return torch.load(f"{tmp}/full.pt", weights_only=False)
