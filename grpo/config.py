@@ -354,7 +354,8 @@ def config_reference() -> str:
                     bounds.append(f"{sym} {getattr(m, attr)}")
         ann = str(f.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("|", "\\|")
         default = "required" if f.is_required() else f"`{f.default!r}`"
-        lines.append(f"| `{name}` | {ann} | {default} | {', '.join(bounds)} | {f.description or ''} |")
+        meaning = " ".join((f.description or "").split())  # a docstring over several lines: one table row
+        lines.append(f"| `{name}` | {ann} | {default} | {', '.join(bounds)} | {meaning} |")
     return "\n".join(lines) + "\n"
 
 

@@ -121,3 +121,52 @@ def test_an_fsdp2_run_resumed_from_its_sharded_checkpoint_continues_exactly(ray_
             torch.testing.assert_close(b["optim"]["state"][name][key], state[key], rtol=0, atol=1e-7)
     for name, weight in a["model"].items():
         torch.testing.assert_close(b["model"][name], weight, rtol=0, atol=1e-7)
+
+
+def test_dynamic_sampling_refills_the_flat_groups_to_a_full_batch(ray_session, digit_model, tmp_path):
+    """The digit-leaning policy emits some digits and never others: the groups of the digits it never
+    emits are flat (all 0) and dropped. Refill rounds draw more prompts until the batch is full again."""
+    import ray
+
+    from grpo.run import build_actors
+    from grpo.trainer import collect
+
+    cfg = _cfg(digit_model, tmp_path, "dyn", dynamic_sampling=True, max_sampling_rounds=0, kl_coef=0.0)
+    handles = build_actors(cfg)
+    try:
+        kw = dict(rank=0, world=1, actors=handles["rollout_actors"], reward_actors=handles["reward_actors"],
+                  min_version=0)
+        once = collect(cfg, cfg.load_dataset(), 1, **kw)
+        full = 8 * 4
+        assert once.sampling_rounds == 0 and 0 < once.batch.num_seqs < full  # some groups were flat
+        refill = cfg.model_copy(update={"max_sampling_rounds": 8})
+        got = collect(refill, refill.load_dataset(), 1, **kw)
+        assert got.batch.num_seqs == full and got.sampling_rounds >= 1  # the update gets the full batch
+        kept = got.batch.keep.view(-1, 4).all(dim=1)
+        assert all(float(got.batch.rewards.view(-1, 4)[i].std()) > 0 for i in kept.nonzero().flatten())
+        # the round-0 groups are the same as without refill: refill only appends
+        assert got.samples[: len(once.samples)] == once.samples
+    finally:
+        for h in handles["rollout_actors"] + handles["reward_actors"]:
+            ray.kill(h)
+
+
+def test_warmup_with_kl_on_two_workers_keeps_its_reference_across_a_resume(ray_session, tmp_path):
+    """The warm-up's policy becomes the KL reference on every rank (rank 1 used to get an empty state dict
+    and crash), and the checkpoint carries it, so a resumed run keeps it instead of the base model."""
+    from grpo.tiny import save_tiny_model
+    from grpo.trainer import REFERENCE_DIR
+
+    model = save_tiny_model(tmp_path / "tiny", hidden_size=64, num_layers=2, seed=0)
+    over = dict(environment="calculator", tool_instructions=False, max_new_tokens=16, max_trajectory_tokens=48,
+                max_steps_per_trajectory=2, sft_warmup_steps=3, sft_learning_rate=2e-3, kl_coef=0.05,
+                num_policy_workers=2, prompts_per_step=4, group_size=2)
+    first = run(_cfg(str(model), tmp_path, "warm", num_steps=1, **over))
+    assert first.status == "completed", first.error
+    ref = _weights(Path(first.checkpoint) / REFERENCE_DIR)
+    base = _weights(model)
+    assert any(not torch.equal(ref[k], base[k]) for k in base)  # the warm-up's policy, not the base model
+    resumed = run(_cfg(str(model), tmp_path, "warm", num_steps=2, **over))
+    assert resumed.status == "completed" and resumed.steps == 2, resumed.error
+    for k, v in _weights(Path(resumed.checkpoint) / REFERENCE_DIR).items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=0)  # the same reference after the resume
