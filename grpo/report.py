@@ -6,6 +6,11 @@ reward/loss plot in the run folder). Reporters run in the driver process, never 
 
 `RunMonitor` is the Ray actor between the policy workers and the driver: rank 0 posts each step's
 metrics and trajectories and gets back a stop reason (cancel, budget) decided by the driver.
+
+Exactly once: a run that restarts (its worker group after a crash, or the whole driver) re-runs the
+steps after its last checkpoint. Rank 0 says where it resumed (`RunMonitor.resumed`) before it posts
+anything of the new attempt, and every reporter's `on_resume(step)` drops what it stored for later
+steps, so each step's metrics and trajectories end up stored once: the new attempt's.
 """
 
 from __future__ import annotations
@@ -33,6 +38,15 @@ class Reporter(Protocol):
 
     def on_end(self, status: str, *, error: str | None, summary: dict[str, Any]) -> None: ...
 
+    # Optional (a reporter without it keeps what it stored): `on_resume(step)`, called when the run
+    # (re)starts after `step`; what was stored for later steps belongs to an attempt that was lost.
+
+
+def notify_resume(reporters: list[Any], step: int) -> None:
+    for r in reporters:
+        if hasattr(r, "on_resume"):
+            r.on_resume(step)
+
 
 class RunMonitor:
     """Mailbox between rank 0 and the driver (a Ray actor with num_cpus=0)."""
@@ -41,6 +55,14 @@ class RunMonitor:
         self.metrics: list[dict[str, float]] = []
         self.rows: list[dict[str, Any]] = []
         self.stop_reason: str | None = None
+        self.resumed_at: int | None = None
+
+    def resumed(self, step: int) -> None:
+        """The policy workers (re)started after `step`; what the mailbox holds for later steps came from
+        the attempt that was lost, and the driver tells the reporters to drop what they stored of it."""
+        self.metrics = [m for m in self.metrics if m["step"] <= step]
+        self.rows = [r for r in self.rows if r["step"] <= step]
+        self.resumed_at = step if self.resumed_at is None else min(self.resumed_at, step)
 
     def record(self, step: int, metrics: dict[str, float], rows: list[dict[str, Any]]) -> str | None:
         self.metrics.append(dict(metrics, step=step))
@@ -53,9 +75,12 @@ class RunMonitor:
     def request_stop(self, reason: str) -> None:
         self.stop_reason = self.stop_reason or reason
 
-    def drain(self) -> tuple[list[dict[str, float]], list[dict[str, Any]]]:
-        metrics, rows, self.metrics, self.rows = self.metrics, self.rows, [], []
-        return metrics, rows
+    def drain(self) -> tuple[int | None, list[dict[str, float]], list[dict[str, Any]]]:
+        """(the step a restart resumed after, or None; metrics; trajectory rows), all in arrival order:
+        the resume comes first, so the reporters drop the lost attempt's rows before storing the new ones."""
+        out = (self.resumed_at, self.metrics, self.rows)
+        self.resumed_at, self.metrics, self.rows = None, [], []
+        return out
 
 
 def _clean(v: Any) -> Any:
@@ -64,7 +89,8 @@ def _clean(v: Any) -> Any:
 
 class LocalReporter:
     """Writes the run folder: metrics.jsonl (appended, so a resumed run continues the curve),
-    trajectories.jsonl, and curves.png at the end."""
+    trajectories.jsonl, and curves.png at the end. A resume cuts both files back to the steps the
+    checkpoint holds, so a re-run step appears once."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -83,6 +109,16 @@ class LocalReporter:
         with self.traj_path.open("a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
+
+    def on_resume(self, step: int) -> None:
+        for path in (self.metrics_path, self.traj_path):
+            if not path.exists():
+                continue
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and int(json.loads(line)["step"]) <= step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)  # atomic: a crash here leaves the old file or the new one
 
     def should_stop(self) -> str | None:
         return None

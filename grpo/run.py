@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grpo.config import ConfigError, GRPOConfig, load_config
-from grpo.report import LocalReporter, RayMetricsReporter, Reporter, RunMonitor
+from grpo.report import LocalReporter, RayMetricsReporter, Reporter, RunMonitor, notify_resume
 
 log = logging.getLogger("grpo.run")
 
@@ -220,7 +220,9 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
     warned: set[int] = set()
     while True:
         alive = worker.is_alive()
-        metrics, rows = ray.get(monitor.drain.remote())
+        resumed_at, metrics, rows = ray.get(monitor.drain.remote())
+        if resumed_at is not None:  # a (re)start: the steps after it are re-run, stored again once
+            notify_resume(reporters, resumed_at)
         for r in reporters:
             if rows:
                 r.on_trajectories(rows)

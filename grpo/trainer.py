@@ -300,6 +300,8 @@ def setup(config: dict[str, Any]) -> Worker:
                 ref_model.load_state_dict(parallel.full_state_dict(model, dtype=compute_dtype))
                 w.ref_from_warmup = True
     w.version = w.start_step
+    if rank == 0:  # before anything of this attempt reaches the driver: it drops the lost attempt's steps
+        ray.get(w.monitor.resumed.remote(w.start_step))
     publish(w, w.version)
     w.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts") if cfg.async_rollouts else None
     w.t_start = time.perf_counter()

@@ -412,6 +412,27 @@ def _text(value: str | None) -> str | None:
     return None if value is None else value.replace("\x00", "\ufffd")
 
 
+def discard_steps_after(session: Session, *, job_id: str, step: int) -> int:
+    """A run resumed after `step`: what an earlier attempt stored for later steps goes, so the re-run steps
+    are stored once (their trajectories, and the counters that count them). Returns the rows deleted."""
+    from sqlalchemy import delete
+
+    gone = session.execute(
+        delete(Trajectory).where(col(Trajectory.job_id) == job_id, col(Trajectory.step) > step)
+    ).rowcount or 0
+    session.execute(
+        update(TrainingJob)
+        .where(col(TrainingJob.id) == job_id)
+        .values(trajectories_generated=func.max(TrainingJob.trajectories_generated - gone, 0)
+                if session.get_bind().dialect.name == "sqlite"
+                else func.greatest(TrainingJob.trajectories_generated - gone, 0),
+                current_iteration=case((col(TrainingJob.current_iteration) > step, step),
+                                       else_=col(TrainingJob.current_iteration)),
+                updated_at=utcnow())
+    )
+    return gone
+
+
 def add_trajectories(session: Session, *, job_id: str, rows: list[dict[str, Any]]) -> int:
     """Store one step's trajectories (rows as `grpo.trainer.trajectories` makes them); returns how many.
 

@@ -99,6 +99,17 @@ class DBReporter:
         with session_scope(self.engine) as s:
             add_trajectories(s, job_id=self.job_id, rows=rows)
 
+    def on_resume(self, step: int) -> None:
+        """The run (re)started after `step`: trajectories an earlier attempt stored for later steps go, so
+        the re-run steps are stored once."""
+        from app.data.db import discard_steps_after, session_scope
+
+        with session_scope(self.engine) as s:
+            gone = discard_steps_after(s, job_id=self.job_id, step=step)
+        if gone:
+            log.info("job %s resumed after step %d: dropped %d trajectories of the lost attempt", self.job_id,
+                     step, gone)
+
     def should_stop(self) -> str | None:
         """The job's cancel flag, read at most once per check interval (one small query)."""
         if self._stop is None and time.monotonic() - self._last_check >= self.check_interval_s:

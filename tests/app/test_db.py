@@ -404,6 +404,26 @@ def test_add_trajectories_success_flag_and_counter(session):
         db.add_trajectories(session, job_id="job_missing", rows=rows)
 
 
+def test_a_resume_discards_what_a_lost_attempt_stored_after_the_checkpoint(session):
+    """Steps 1-3 stored, the run resumed after step 1 (its checkpoint): steps 2-3 go, and the counters
+    follow, so the re-run steps end up stored once."""
+    job = new_job(session)
+    for step in (1, 2, 3):
+        db.add_trajectories(session, job_id=job.id, rows=trajectory_rows(4, step=step))
+    db.record_progress(session, job_id=job.id, step=3, metrics={"step": 3}, cost_usd=Decimal("0.1"))
+    session.commit()
+    assert db.discard_steps_after(session, job_id=job.id, step=1) == 8
+    db.add_trajectories(session, job_id=job.id, rows=trajectory_rows(4, step=2))  # the re-run step 2
+    session.commit()
+    session.expunge_all()
+    page, total = db.export_trajectories(session, job_id=job.id, success_only=False, min_reward=None,
+                                         limit=100, offset=0)
+    assert total == 8 and sorted({t.step for t in page}) == [1, 2]
+    job = db.get_job(session, job_id=job.id)
+    assert job.trajectories_generated == 8 and job.current_iteration == 1
+    assert db.discard_steps_after(session, job_id=job.id, step=5) == 0  # nothing after a later step
+
+
 def test_checkpoints_and_the_best_flag(session):
     job = new_job(session)
     c1 = db.add_checkpoint(session, job_id=job.id, step=10, path="/ck/10", eval_reward=0.4)

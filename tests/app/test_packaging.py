@@ -29,8 +29,17 @@ def run(*cmd: str | Path, cwd: Path, env: dict[str, str] | None = None, timeout:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", out, ROOT, cwd=out)
+    """Built from a copy of the checkout's files (tracked and not ignored): setuptools keeps a build/ folder
+    in the source tree, and modules deleted since an earlier build would otherwise ride along."""
+    import shutil
+
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
+    files = run("git", "ls-files", "--cached", "--others", "--exclude-standard", cwd=ROOT).splitlines()
+    for name in files:
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", out, src, cwd=out)
     (whl,) = out.glob("raygrpo-*.whl")
     return whl
 

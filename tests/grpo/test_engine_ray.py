@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -143,9 +144,11 @@ def _wait_for_steps(proc: subprocess.Popen, metrics: Path, n: int) -> None:
 
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
-    """SIGKILL the whole run (driver and its local Ray) mid-way; the same command resumes it."""
+    """SIGKILL the whole run (driver and its local Ray) mid-way; the same command resumes it, and every step
+    is stored once: the steps after the checkpoint are re-run and replace what the lost run wrote."""
     args = _cli_args(tiny_model_dir, tmp_path, "resume", num_steps=14, checkpoint_interval=3)
-    metrics = tmp_path / "runs" / "resume" / "metrics.jsonl"
+    run_dir = tmp_path / "runs" / "resume"
+    metrics = run_dir / "metrics.jsonl"
     first = _run_cli(args, tmp_path)
     _wait_for_steps(first, metrics, 8)
     os.killpg(first.pid, signal.SIGKILL)
@@ -156,25 +159,80 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
     second = _run_cli(args, tmp_path)
     out, _ = second.communicate(timeout=400)
     assert second.returncode == 0, out[-3000:]
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    resumed_at = rows[len(steps_before)]["step"]
-    # It restarted right after a checkpoint (every 3 steps), not from step 1. The newest one may
-    # still have been in flight when the kill landed, so the one before it is as good.
+    # It restarted right after a checkpoint (every 3 steps), not from step 1. The newest one may still
+    # have been in flight when the kill landed, so the one before it is as good.
+    resumed_at = int(re.search(r"^step (\d+)/14", out, re.M).group(1))
     assert (resumed_at - 1) % 3 == 0 and 4 <= resumed_at <= max(steps_before) + 1
-    assert [r["step"] for r in rows[len(steps_before):]] == list(range(resumed_at, 15))
-    summary = json.loads((tmp_path / "runs" / "resume" / "summary.json").read_text())
+    assert [m["step"] for m in _rows(metrics)] == list(range(1, 15))  # each step once
+    assert Counter(r["step"] for r in _rows(run_dir / "trajectories.jsonl")) == {s: 32 for s in range(1, 15)}
+    summary = json.loads((run_dir / "summary.json").read_text())
     state = torch.load(Path(summary["checkpoint"]) / "trainer_state.pt", weights_only=False)
     assert state["step"] == 14  # the same step count as an uninterrupted run
-    assert json.loads((tmp_path / "runs" / "resume" / "summary.json").read_text())["status"] == "completed"
+    assert summary["status"] == "completed"
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_learns_the_digit_task_from_random_init(ray_session, tiny_model_dir, tmp_path):
+def test_a_killed_train_worker_restarts_from_the_checkpoint_and_every_step_is_stored_once(
+        ray_session, tiny_model_dir, tmp_path):
+    """SIGKILL a Ray Train worker between checkpoints (step 5, the last checkpoint at 3): Ray Train restarts
+    the worker group from step 3 and steps 4-5 run again. The job API's database and metrics.jsonl hold
+    each step once: prompts_per_step x group_size trajectories per step, the re-run's."""
+    from ray.util.state import list_actors
+    from sqlalchemy import func, select
+
+    from app.data import db
+    from app.data.tables import Trajectory
+    from app.jobs.reporter import DBReporter
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    engine = db.get_engine(url)
+    db.prepare_embedded(engine)
+    with db.session_scope(engine) as s:
+        job, _ = db.create_job(s, agent_id="a", owner="alice", config={}, engine_config={}, total_iterations=8,
+                               budget_usd=None, priority=0, idempotency_key=None, training_rows=8,
+                               evaluation_rows=0)
+        job_id = job.id
+    cfg = _cfg(tiny_model_dir, tmp_path, num_steps=8, checkpoint_interval=3, num_policy_workers=2,
+               num_rollout_workers=2)
+    metrics = cfg.run_dir / "metrics.jsonl"
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if metrics.exists() and len(_rows(metrics)) >= 5:
+                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                killed.append(workers[-1].pid)
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    result = run(cfg, reporters=[DBReporter(cfg=cfg, job_id=job_id, db_url=url)], job_id=job_id)
+    t.join(timeout=5)
+    assert killed and result.status == "completed" and result.steps == 8, result.error
+    assert [m["step"] for m in _rows(metrics)] == list(range(1, 9))
+    with db.session_scope(engine) as s:
+        per_step = dict(s.execute(select(Trajectory.step, func.count()).where(Trajectory.job_id == job_id)
+                                  .group_by(Trajectory.step)).all())
+        stored = db.get_job(s, job_id=job_id)
+        assert per_step == {step: 8 * 4 for step in range(1, 9)}
+        assert stored.trajectories_generated == 8 * 8 * 4 and stored.current_iteration == 8
+    db.dispose_engine(url)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_learns_the_digit_task_from_random_init(ray_session, tiny_model_dir, tmp_path, dtype):
     # The KL to the random-init reference keeps entropy up: without it a few prompts can collapse to
-    # one wrong digit (flat groups, no signal) and the mean stalls near 0.8.
+    # one wrong digit (flat groups, no signal) and the mean stalls near 0.8. bfloat16 is mixed precision
+    # (fp32 masters, bf16 compute and bf16 rollout copies) and must learn as fp32 does.
     cfg = _cfg(tiny_model_dir, tmp_path, num_steps=300, prompts_per_step=16, group_size=8, max_new_tokens=8,
-               learning_rate=1e-3, kl_coef=0.02, eval_size=10, eval_interval=100, checkpoint_interval=150)
+               learning_rate=1e-3, kl_coef=0.02, eval_size=10, eval_interval=100, checkpoint_interval=150,
+               dtype=dtype)
     result = run(cfg)
     assert result.status == "completed", result.error
     rewards = [m["reward_mean"] for m in _rows(cfg.run_dir / "metrics.jsonl")]

@@ -1,0 +1,40 @@
+"""Exactly-once steps across a restart, without Ray: the run monitor drops what the lost attempt left in
+its mailbox, and the run folder's files are cut back to the steps the checkpoint holds."""
+
+from __future__ import annotations
+
+import json
+
+from grpo.report import LocalReporter, RunMonitor, notify_resume
+
+
+def test_the_monitor_drops_the_lost_attempts_steps_and_reports_the_resume_first():
+    m = RunMonitor()
+    for step in (1, 2, 3):
+        m.record(step, {"reward_mean": 0.5}, [{"step": step, "i": 0}])
+    m.add_trajectories([{"step": 3, "i": 1}])
+    m.resumed(2)  # the worker group restarted from the step-2 checkpoint
+    m.record(3, {"reward_mean": 0.7}, [{"step": 3, "i": 0}])
+    resumed_at, metrics, rows = m.drain()
+    assert resumed_at == 2
+    assert [(x["step"], x["reward_mean"]) for x in metrics] == [(1, 0.5), (2, 0.5), (3, 0.7)]
+    assert rows == [{"step": 1, "i": 0}, {"step": 2, "i": 0}, {"step": 3, "i": 0}]
+    assert m.drain() == (None, [], [])
+
+
+def test_the_run_folder_keeps_each_step_once_after_a_resume(tmp_path):
+    r = LocalReporter(tmp_path)
+    for step in (1, 2, 3, 4):
+        r.on_step({"step": step, "reward_mean": 0.1})
+        r.on_trajectories([{"step": step, "completion": "a"}, {"step": step, "completion": "b"}])
+    notify_resume([r, object()], 2)  # a reporter without on_resume is left alone
+    for step in (3, 4):  # the re-run
+        r.on_step({"step": step, "reward_mean": 0.9})
+        r.on_trajectories([{"step": step, "completion": "c"}, {"step": step, "completion": "d"}])
+    metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["reward_mean"]) for m in metrics] == [(1, 0.1), (2, 0.1), (3, 0.9), (4, 0.9)]
+    rows = [json.loads(x) for x in (tmp_path / "trajectories.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["completion"]) for x in rows] == [(1, "a"), (1, "b"), (2, "a"), (2, "b"),
+                                                           (3, "c"), (3, "d"), (4, "c"), (4, "d")]
+    r.on_resume(0)  # a run that restarts before its first checkpoint keeps nothing of the lost attempt
+    assert (tmp_path / "metrics.jsonl").read_text() == "" == (tmp_path / "trajectories.jsonl").read_text()
