@@ -563,7 +563,7 @@ def prepare_embedded(engine: Engine) -> str:
     """Bring the embedded SQLite database to the newest schema through Alembic, so `raygrpo db upgrade` and
     `alembic upgrade head` keep working on it: a new file gets the tables and the head stamp, a file with a
     stamp is upgraded, a file from before stamps existed is stamped at its schema and upgraded.
-    Returns what was done: "created", "upgraded" or "stamped-and-upgraded"."""
+    Returns what was done: "created", "upgraded", "stamped" or "stamped-and-upgraded"."""
     from alembic import command
     from sqlalchemy import inspect
 
@@ -577,8 +577,14 @@ def prepare_embedded(engine: Engine) -> str:
             return "created"
         done = "upgraded"
         if "alembic_version" not in tables:
-            command.stamp(config, UNSTAMPED_SCHEMA)
-            done = "stamped-and-upgraded"
+            # create_all without a stamp: by this code (every table and column it declares is there: head),
+            # or by an older one (the schema of UNSTAMPED_SCHEMA, upgraded from there)
+            inspector = inspect(conn)
+            current = all({c.name for c in table.columns} <= {c["name"] for c in inspector.get_columns(name)}
+                          for name, table in SQLModel.metadata.tables.items() if name in tables) \
+                and set(SQLModel.metadata.tables) <= tables
+            command.stamp(config, "head" if current else UNSTAMPED_SCHEMA)
+            done = "stamped" if current else "stamped-and-upgraded"
         command.upgrade(config, "head")
         return done
 
