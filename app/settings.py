@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     """how long training.cancel waits for a running job to checkpoint and stop"""
     max_running_jobs: int = Field(2, ge=1)
     """jobs the dispatcher runs at once; the rest wait in the queue"""
+    cluster_capacity: dict[str, Annotated[float, Field(ge=0)]] = {}
+    """the most of each resource the cluster can ever have, for admitting jobs, as JSON:
+    RAYGRPO_CLUSTER_CAPACITY='{"CPU": 96, "GPU": 8}'. Resources left out: the autoscaler's maximum where Ray
+    publishes it (autoscaler v2, KubeRay), else what the cluster has now; set it for a v1 autoscaler"""
     ray_dashboard_url: str | None = Field(None, validation_alias=_alias("RAY_DASHBOARD_URL"))
     """the Ray Jobs API the dispatcher submits runs to (RAY_DASHBOARD_URL); None: the dashboard of the
     cluster it runs on"""

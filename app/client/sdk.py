@@ -191,6 +191,8 @@ class JobStatus(Reply):
     best_checkpoint: CheckpointRef | None = None
     error_message: str | None = None
     stop_reason: str | None = None
+    admission: dict[str, Any] | None = None
+    """the dispatcher's decision: {decision: waiting | started | refused, reason, demand, decided_at}"""
 
     @property
     def done(self) -> bool:

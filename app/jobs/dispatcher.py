@@ -7,6 +7,14 @@ attempt after pause/resume gets `ID-a2`, ...), so every run shows in the Ray das
 logs/stop` work. The run records its own progress through the reporter; the Dispatcher only
 watches the Ray Job's state to finalise runs that died without reporting.
 
+Admission: the next job (priority, then age) starts only when its whole demand (`job_demand`: the CPUs
+and GPUs its run reserves) fits what the cluster can hold (its autoscaler's maximum where Ray knows it)
+minus what the running jobs and other work take; `RAYGRPO_MAX_RUNNING_JOBS` stays an upper bound. A run
+asks Ray for its actors one at a time, so two runs admitted by count alone could each take half of what
+they need and wait for the rest forever. A job that needs more than the cluster can ever have is failed
+with a message naming the missing resources. The decision and its reason are stored on the job
+(`metrics["admission"]`) and shown by `training.get_status`.
+
 Invariants: a job is submitted only after it was moved out of `queued` in the database (so two
 dispatchers, or a restarted one, never run it twice), and every job that is `queued` in the
 database is in the queue after `reconcile` (so nothing queued is lost). `tick()` does one round and
@@ -18,14 +26,18 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from app.data import db
-from app.data.tables import JobStatus, TrainingJob
+from app.data.tables import JobStatus, TrainingJob, utcnow
 from app.settings import Settings
+from grpo.config import GRPOConfig
+from grpo.run import required_cpus
 
 log = logging.getLogger("app.jobs.dispatcher")
 
@@ -37,8 +49,154 @@ def submission_id(job: TrainingJob) -> str:
     return job.id if job.attempts <= 1 else f"{job.id}-a{job.attempts}"
 
 
+# ---- admission -----------------------------------------------------------------------------------
+# Pure functions over plain dicts ({"CPU": 5.0, "GPU": 0.0}): what a job needs, what the cluster has,
+# and whether the next job starts now, waits, or can never run here.
+
+EPS = 1e-9  # fractional CPUs (0.5 per reward actor) add up with float error
+
+RESOURCE_FIELDS = {
+    "CPU": ("num_policy_workers", "num_rollout_workers", "cpus_per_worker", "num_reward_workers",
+            "cpus_per_reward_worker"),
+    "GPU": ("num_policy_workers", "num_rollout_workers", "gpus_per_worker"),
+}
+"""the engine config fields that make up each resource of a job's demand"""
+
+
+def job_demand(cfg: GRPOConfig) -> dict[str, float]:
+    """What `grpo.run` reserves for a run: every policy worker and rollout actor `cpus_per_worker` CPUs
+    and `gpus_per_worker` GPUs, every reward actor `cpus_per_reward_worker` CPUs. The rest of a run
+    (its driver, the Train controller, the weight board, the monitor) reserves nothing."""
+    gpus = (cfg.num_policy_workers + cfg.num_rollout_workers) * cfg.gpus_per_worker
+    return {"CPU": required_cpus(cfg), "GPU": gpus}
+
+
+def stored_config(engine_config: dict[str, Any]) -> GRPOConfig:
+    """A job's engine config as stored (validated when the job was accepted, so not again: a config
+    stored by an older version must not stop the dispatcher); defaults for the keys it lacks."""
+    return GRPOConfig.model_construct(**engine_config)
+
+
+def demand_formula(cfg: GRPOConfig, resource: str) -> str:
+    """How a demand is made up, with the config's numbers:
+    `(num_policy_workers 2 + num_rollout_workers 2) x cpus_per_worker 1 + ...`."""
+    v = {name: _num(getattr(cfg, name)) for name in RESOURCE_FIELDS[resource]}
+    workers = f"(num_policy_workers {v['num_policy_workers']} + num_rollout_workers {v['num_rollout_workers']})"
+    if resource == "GPU":
+        return f"{workers} x gpus_per_worker {v['gpus_per_worker']}"
+    return (f"{workers} x cpus_per_worker {v['cpus_per_worker']} + num_reward_workers "
+            f"{v['num_reward_workers']} x cpus_per_reward_worker {v['cpus_per_reward_worker']}")
+
+
+@dataclass(frozen=True)
+class ClusterResources:
+    """What the dispatcher knows of the cluster, per resource name ("CPU", "GPU")."""
+
+    capacity: dict[str, float]
+    """the most the cluster can ever have: its autoscaler's maximum where Ray knows it, else what it has"""
+    in_use: dict[str, float] = field(default_factory=dict)
+    """reserved right now by anything: runs, Serve replicas, Ray jobs not started by raygrpo"""
+
+
+def ray_cluster_resources(settings: Settings) -> ClusterResources:
+    """Ask the Ray cluster this process is connected to.
+
+    The autoscaler's maximum comes from the cluster config it publishes in the GCS (autoscaler v2, as
+    on KubeRay): the private function Ray Train and Ray Data use for the same question. Ray does not
+    know it for the v1 autoscaler (`ray up` with a cluster YAML), so there capacity is what the cluster
+    has now unless RAYGRPO_CLUSTER_CAPACITY names it; that setting wins for every resource it names.
+    """
+    import ray
+
+    now, free = ray.cluster_resources(), ray.available_resources()
+    capacity = {k: float(v) for k, v in now.items() if k in RESOURCE_FIELDS}
+    try:
+        from ray._private.state import state
+
+        published = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # a private API of Ray: without it, count what the cluster has now
+        log.warning("cannot read the autoscaler's maximum; counting the cluster as it is now", exc_info=True)
+        published = {}
+    for k, v in published.items():
+        if k in RESOURCE_FIELDS:
+            capacity[k] = max(capacity.get(k, 0.0), float(v))
+    capacity.update({k: float(v) for k, v in settings.cluster_capacity.items()})
+    in_use = {k: float(now[k]) - float(free.get(k, 0.0)) for k in RESOURCE_FIELDS if k in now}
+    return ClusterResources(capacity=capacity, in_use=in_use)
+
+
+def shortfall(demand: dict[str, float], capacity: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """The resources a job needs more of than the cluster can ever have: {name: (needed, at most)}."""
+    return {k: (need, capacity.get(k, 0.0)) for k, need in demand.items()
+            if need > EPS and need > capacity.get(k, 0.0) + EPS}
+
+
+def cannot_fit_message(short: dict[str, tuple[float, float]]) -> str:
+    """`cannot fit this cluster: needs 12 CPU, the cluster has at most 8 CPU`."""
+    needs = " and ".join(f"{_num(need)} {k}" for k, (need, _) in short.items())
+    has = " and ".join(f"{_num(most)} {k}" for k, (_, most) in short.items())
+    return f"cannot fit this cluster: needs {needs}, the cluster has at most {has}"
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The dispatcher's decision on the job at the head of the queue, and why."""
+
+    decision: Literal["started", "waiting", "refused"]
+    reason: str
+    demand: dict[str, float]
+
+    def record(self) -> dict[str, Any]:
+        """As stored on the job (`metrics["admission"]`) and shown by training.get_status."""
+        return {"decision": self.decision, "reason": self.reason,
+                "demand": {k: round(v, 6) for k, v in self.demand.items()},
+                "decided_at": utcnow().isoformat()}
+
+
+def admit(demand: dict[str, float], *, cluster: ClusterResources, running: list[dict[str, float]],
+          max_running: int) -> Admission:
+    """Whether the next job starts now, waits, or can never run on this cluster.
+
+    `running` holds the demand of every job now running. Each is counted whole, even while its run is
+    still starting and holds less: that is what keeps two runs from each holding half of what they
+    need. What is in use beyond the running jobs' demand (Serve replicas, other Ray jobs) is taken too:
+    free = capacity - max(running jobs' demand, in use now). While a run starts, in use now is less than
+    it will be, so other work can be undercounted then; it is never counted twice.
+    """
+    need = {k: v for k, v in demand.items() if v > EPS}
+    if short := shortfall(need, cluster.capacity):
+        return Admission("refused", cannot_fit_message(short), demand)
+    if len(running) >= max_running:
+        return Admission("waiting", f"waiting for a slot: {len(running)} jobs are running, the most "
+                                    f"RAYGRPO_MAX_RUNNING_JOBS allows", demand)
+    held = {k: sum(r.get(k, 0.0) for r in running) for k in need}
+    free = {k: cluster.capacity.get(k, 0.0) - max(held[k], cluster.in_use.get(k, 0.0)) for k in need}
+    lacking = [k for k in need if need[k] > free[k] + EPS]
+    if not lacking:
+        fits = ", ".join(f"{_num(need[k])} {k} of {_num(free[k])} free" for k in need)
+        return Admission("started", f"fits: needs {fits}", demand)
+    parts = []
+    for k in lacking:
+        other = cluster.in_use.get(k, 0.0) - held[k]
+        jobs = f"{len(running)} running job{'' if len(running) == 1 else 's'}"
+        taken = f"{_num(held[k])} {k} reserved by {jobs}"
+        if other > EPS:
+            taken += f", {_num(other)} {k} in use by other work"
+        parts.append(f"needs {_num(need[k])} {k}, free {_num(max(free[k], 0.0))} {k} of "
+                     f"{_num(cluster.capacity.get(k, 0.0))} ({taken})")
+    return Admission("waiting", "waiting for resources: " + "; ".join(parts), demand)
+
+
+def _num(x: float) -> str:
+    return f"{round(float(x), 3):g}"
+
+
 class Dispatcher:
-    def __init__(self, settings: Settings, *, jobs_client: Any = None, poll_s: float = 1.0, autostart: bool = False):
+    def __init__(self, settings: Settings, *, jobs_client: Any = None,
+                 capacity: Callable[[], ClusterResources] | None = None, poll_s: float = 1.0,
+                 autostart: bool = False):
+        """`jobs_client`: the Ray Jobs API (a JobSubmissionClient); `capacity`: what the cluster can
+        hold (`ray_cluster_resources` of the cluster this runs on). Tests pass fakes of both."""
         from app.api.context import Context
 
         ctx = Context.open(settings)
@@ -51,6 +209,7 @@ class Dispatcher:
 
             jobs_client = JobSubmissionClient(settings.ray_dashboard_url or ray.get_runtime_context().gcs_address)
         self.client = jobs_client
+        self.capacity = capacity or (lambda: ray_cluster_resources(settings))
         from app.jobs.webhooks import Webhooks
 
         self.webhooks = Webhooks.from_settings(settings)
@@ -84,9 +243,11 @@ class Dispatcher:
         return self._thread is not None and self._thread.is_alive()
 
     def tick(self) -> dict[str, list[str]]:
-        """One round: finalise runs that ended without reporting, then start queued jobs."""
-        return {"finalised": self.watch_running(), "acked": self.ack_finished(), "pushed": self.push_missing(),
-                "started": self.launch()}
+        """One round: finalise runs that ended without reporting, then start the queued jobs that fit."""
+        finalised, acked, pushed = self.watch_running(), self.ack_finished(), self.push_missing()
+        started, refused = self.launch()
+        return {"finalised": finalised, "acked": acked, "pushed": pushed, "started": started,
+                "refused": refused}
 
     def push_missing(self) -> list[str]:
         """Jobs queued in the database but in neither Redis list (an enqueue that failed after the job
@@ -161,42 +322,98 @@ class Dispatcher:
             return ""
 
     # ---- starting jobs ---------------------------------------------------------------------------
-    def launch(self) -> list[str]:
-        started = []
-        while True:
-            with db.session_scope(self.engine) as s:
-                if len(db.jobs_in_states(s, states=[JobStatus.running])) >= self.settings.max_running_jobs:
-                    break
-            job = self._next_job()
-            if job is None:
-                break
-            self._submit(job)
-            started.append(job.id)
-        return started
+    def launch(self) -> tuple[list[str], list[str]]:
+        """Start queued jobs in queue order while the next one fits; fail those that never can.
 
-    def _next_job(self) -> TrainingJob | None:
-        """Move the next job from queued to running in the database (atomic: a job is taken once)."""
-        if self.queue is None:
+        Strict head of the line: when the next job does not fit, nothing behind it starts, even a
+        smaller job that would fit. Letting small jobs pass could keep a big one waiting forever.
+        Returns the ids started and the ids refused.
+        """
+        started, refused = [], []
+        cluster: ClusterResources | None = None
+        while (job := self._head()) is not None:
             with db.session_scope(self.engine) as s:
-                job = db.claim_next_job(s)
-                if job is not None:
-                    job.ray_submission_id = submission_id(job)
-                    s.add(job)
-                return job
-        while (job_id := self.queue.pop()) is not None:
-            with db.session_scope(self.engine) as s:
+                running = [job_demand(stored_config(j.engine_config))
+                           for j in db.jobs_in_states(s, states=[JobStatus.running])]
+            cluster = cluster or self.capacity()  # asked once a round, and only when a job is queued
+            cfg = stored_config(job.engine_config)
+            verdict = admit(job_demand(cfg), cluster=cluster, running=running,
+                            max_running=self.settings.max_running_jobs)
+            if verdict.decision == "refused":
+                made_of = "; ".join(f"{k} = {demand_formula(cfg, k)}"
+                                    for k in shortfall(verdict.demand, cluster.capacity))
+                if self._refuse(job, Admission("refused", f"{verdict.reason} ({made_of})", verdict.demand)):
+                    refused.append(job.id)
+                continue
+            if verdict.decision == "waiting":
+                self._note(job, verdict)
+                break
+            taken = self._take(job, verdict)
+            if taken is None:  # cancelled meanwhile, or another job went ahead of it: the next round decides
+                break
+            self._submit(taken)
+            started.append(taken.id)
+        return started, refused
+
+    def _head(self) -> TrainingJob | None:
+        """The next job in queue order (priority, then age) that is still queued, without taking it."""
+        with db.session_scope(self.engine) as s:
+            if self.queue is None:
+                queued = db.jobs_in_states(s, states=[JobStatus.queued])  # oldest first
+                return min(queued, key=lambda j: -j.priority, default=None)  # the oldest of the top priority
+            for job_id in self.queue.queued():
                 job = db.get_job(s, job_id=job_id)
-                if job is None or job.status != JobStatus.queued:  # cancelled while queued, or stale
-                    self.queue.ack(job_id)
-                    continue
-                job = db.mark_running(s, job_id=job_id, ray_submission_id=f"{job_id}-pending")
-                if job is None:
-                    self.queue.ack(job_id)
-                    continue
-                job.ray_submission_id = submission_id(job)
-                s.add(job)
-                return job
+                if job is not None and job.status == JobStatus.queued:
+                    return job
+                self.queue.remove(job_id)  # cancelled while queued, already running, or gone: not to start
         return None
+
+    def _take(self, job: TrainingJob, verdict: Admission) -> TrainingJob | None:
+        """Move `job` from queued to running (atomic: a job is taken once); None if it is not the one to take."""
+        if self.queue is not None:
+            popped = self.queue.pop()
+            if popped != job.id:  # a job pushed since _head went ahead of it: put that one back
+                if popped is not None:
+                    self.queue.requeue(popped)
+                return None
+        with db.session_scope(self.engine) as s:
+            taken = db.mark_running(s, job_id=job.id, ray_submission_id=f"{job.id}-pending")
+            if taken is None:
+                if self.queue is not None:
+                    self.queue.ack(job.id)
+                return None
+            taken.ray_submission_id = submission_id(taken)
+            taken.metrics = {**(taken.metrics or {}), "admission": verdict.record()}
+            s.add(taken)
+        log.info("job %s admitted: %s", job.id, verdict.reason)
+        return taken
+
+    def _note(self, job: TrainingJob, verdict: Admission) -> None:
+        """Store why the next job waits, where training.get_status shows it (written only when it changes)."""
+        current = (job.metrics or {}).get("admission") or {}
+        if current.get("decision") == verdict.decision and current.get("reason") == verdict.reason:
+            return
+        with db.session_scope(self.engine) as s:
+            db.set_status(s, job_id=job.id, status=JobStatus.queued, only_from=[JobStatus.queued],
+                          metrics={**(job.metrics or {}), "admission": verdict.record()})
+        log.info("job %s waits: %s", job.id, verdict.reason)
+
+    def _refuse(self, job: TrainingJob, verdict: Admission) -> bool:
+        """Fail a queued job the cluster can never hold; False if it is no longer queued."""
+        message = verdict.reason
+        with db.session_scope(self.engine) as s:  # one transaction: the record and the failure, or neither
+            if db.set_status(s, job_id=job.id, status=JobStatus.queued, only_from=[JobStatus.queued],
+                             metrics={**(job.metrics or {}), "admission": verdict.record()}) is None:
+                return False
+            db.finish_job(s, job_id=job.id, status=JobStatus.failed, error_message=message)
+        if self.queue is not None:
+            self.queue.remove(job.id)
+            self.queue.set_status(job.id, JobStatus.failed)
+        self.webhooks.emit("training.job.failed", {"job_id": job.id, "iterations": 0, "cost_usd": "0",
+                                                   "stop_reason": None, "error_message": message,
+                                                   "best_checkpoint_id": None})
+        log.warning("job %s refused: %s", job.id, message)
+        return True
 
     def _submit(self, job: TrainingJob) -> None:
         job_dir = Path(job.engine_config["output_dir"])

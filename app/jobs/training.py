@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import sys
 import tempfile
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -294,6 +295,33 @@ def engine_config(params: StartParams, *, settings: Settings, dataset: Path, eva
     return cfg
 
 
+def check_fits_cluster(cfg: GRPOConfig, settings: Settings) -> None:
+    """Refuse a job the cluster can never hold, when this process runs on the cluster (a Serve replica)
+    and can ask it; elsewhere (tests, tools without Ray) the dispatcher refuses such a job instead."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    from app.jobs.dispatcher import (
+        RESOURCE_FIELDS,
+        cannot_fit_message,
+        demand_formula,
+        job_demand,
+        ray_cluster_resources,
+        shortfall,
+    )
+
+    short = shortfall(job_demand(cfg), ray_cluster_resources(settings).capacity)
+    if not short:
+        return
+    made_of = "; ".join(f"{k} = {demand_formula(cfg, k)}" for k in short)
+    fields = [f"config.{name}" if name in TrainingConfig.model_fields else f"config.engine.{name}"
+              for name in dict.fromkeys(name for k in short for name in RESOURCE_FIELDS[k])]
+    raise RPCError(VALIDATION_FAILED, f"config: {cannot_fit_message(short)} ({made_of}); lower "
+                   f"{', '.join(fields)}", {"field": "config", "fields": fields,
+                                            "needs": {k: need for k, (need, _) in short.items()},
+                                            "cluster_max": {k: most for k, (_, most) in short.items()}})
+
+
 def step_cost_usd(cfg: GRPOConfig, settings: Settings) -> Decimal:
     """The least one step can cost: the run's reserved resources for `min_step_seconds`."""
     from grpo.run import cost_usd
@@ -338,7 +366,22 @@ def status_of(job: TrainingJob, best: Any | None) -> dict[str, Any]:
         "estimated_completion": eta,
         "best_checkpoint": None if best is None else {"checkpoint_id": best.id, "step": best.step, "path": best.path},
         "error_message": job.error_message, "stop_reason": job.stop_reason,
+        "admission": admission_of(job),
     }
+
+
+# The dispatcher's decision that belongs with each state: a queued job shows why it waits, a running job
+# why it started (until its first step's metrics replace it), a refused job why it can never run here.
+ADMISSION_OF_STATUS = {JobStatus.queued: "waiting", JobStatus.running: "started", JobStatus.failed: "refused"}
+
+
+def admission_of(job: TrainingJob) -> dict[str, Any] | None:
+    """The dispatcher's last admission decision on the job ({decision, reason, demand, decided_at}), or None
+    when it has made none that fits the job's state (a queued job behind the next one to start)."""
+    admission = (job.metrics or {}).get("admission")
+    if not isinstance(admission, dict) or admission.get("decision") != ADMISSION_OF_STATUS.get(job.status):
+        return None
+    return admission
 
 
 # ---- methods -----------------------------------------------------------------------------------
@@ -371,6 +414,7 @@ def start_grpo(p: StartParams, ctx: Context) -> StartResult:
             raise RPCError(BUDGET_EXCEEDED, f"config.max_budget_usd: {money(p.config.max_budget_usd)} cannot cover "
                            f"one step (at least {money(max(one_step, Decimal('0.000001')))} USD)",
                            {"field": "config.max_budget_usd"})
+        check_fits_cluster(cfg, ctx.settings)
         with db.session_scope(ctx.engine) as s:
             job, created = db.create_job(
                 s, agent_id=p.agent_id, owner=current_principal().subject,
