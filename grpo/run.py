@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from grpo.config import ConfigError, GRPOConfig, load_config
@@ -79,9 +80,11 @@ def cost_usd(cfg: GRPOConfig, seconds: float) -> float:
     return seconds / 3600.0 * (required_cpus(cfg) * cfg.cpu_hour_usd + gpus * cfg.gpu_hour_usd)
 
 
-def build_actors(cfg: GRPOConfig) -> dict[str, Any]:
+def build_actors(cfg: GRPOConfig, *, wait: bool = True) -> dict[str, Any]:
     """Rollout actors, reward actors, weight board and monitor. Rollout and reward actors restart
-    when killed and their in-flight calls are retried, so a lost actor costs time, not the run."""
+    when killed and their in-flight calls are retried, so a lost actor costs time, not the run.
+    With wait=False the handles come back at once and `handles["ready"]` holds the calls that finish when
+    every actor is up (constructor errors surface there)."""
     import ray
 
     from grpo.rewards import RewardWorker
@@ -101,8 +104,59 @@ def build_actors(cfg: GRPOConfig) -> dict[str, Any]:
     ]
     reward_actors = [reward_cls.remote(reward_spec, cfg.reward_timeout_s) for _ in range(cfg.num_reward_workers)]
     # Surface constructor errors (bad model files, unimportable reward) now, not mid-step.
-    ray.get([a.ping.remote() for a in rollout_actors] + [a.score.remote([]) for a in reward_actors])
-    return {"rollout_actors": rollout_actors, "reward_actors": reward_actors, "weight_board": board, "monitor": monitor}
+    ready = [a.ping.remote() for a in rollout_actors] + [a.score.remote([]) for a in reward_actors]
+    if wait:
+        ray.get(ready)
+    handles = {"rollout_actors": rollout_actors, "reward_actors": reward_actors, "weight_board": board,
+               "monitor": monitor}
+    return handles if wait else {**handles, "ready": ready}
+
+
+def latest_checkpoint(run_dir: Path) -> str | None:
+    """The newest checkpoint a run folder holds (by the step it saved), for a run that ended without Ray
+    Train's result (aborted)."""
+    import torch
+
+    best: tuple[int, str] | None = None
+    for state in run_dir.glob("checkpoint_*/trainer_state.pt"):
+        try:
+            step = int(torch.load(state, map_location="cpu", weights_only=False)["step"])
+        except (OSError, KeyError, RuntimeError, EOFError):  # a checkpoint still being written
+            continue
+        if best is None or step > best[0]:
+            best = (step, str(state.parent))
+    return best[1] if best else None
+
+
+def abort_training() -> int:
+    """Stop this driver's Ray Train run where it is: its TrainController is SIGKILLed (Ray Train pins it to
+    the driver's node), which takes its worker group with it. For a cancel that cannot wait for a step
+    boundary: a worker group that never got its resources, or a step that does not end. Returns how many
+    controllers were stopped."""
+    import ray
+    from ray.util.state import list_actors
+
+    job = ray.get_runtime_context().get_job_id()
+    found = list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE"),
+                                 ("job_id", "=", job)])
+    log.debug("aborting the training: %d Train controller(s) of job %s: pids %s", len(found), job,
+             [a.pid for a in found])
+    for actor in found:
+        try:
+            os.kill(actor.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    # The worker group's placement group goes with its job, and Ray Train's cleaner removes it once the
+    # controller is gone, but only after it was granted: one still pending would wait on and, once the
+    # CPUs came free, hold them for nobody. This run creates no other placement group.
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.state import list_placement_groups
+
+    for pg in list_placement_groups(filters=[("creator_job_id", "=", job)]):
+        if pg.state != "REMOVED":
+            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg.placement_group_id))))
+    return len(found)
 
 
 def load_reporter(spec: str, cfg: GRPOConfig, job_id: str | None) -> Reporter:
@@ -141,11 +195,16 @@ class _Progress:
 
 
 def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str | None = None,
-        poll_s: float = 0.5, handles: dict[str, Any] | None = None) -> RunResult:
+        poll_s: float = 0.5, handles: dict[str, Any] | None = None, stop_grace_s: float = 10.0) -> RunResult:
     """Run (or resume) one GRPO run to its end on the Ray cluster `ray.init` finds or starts.
 
     `handles` (from `build_actors`) lets a caller keep the actors after the run, e.g. to inspect
     the rollout actors' weights; actors built here are shut down at the end.
+
+    A stop (cancel, budget, SIGTERM) takes effect in every state: while the actors start, the run ends at
+    once; while training, the loop checkpoints and stops at its next step boundary, and if it has not got
+    there within `stop_grace_s` (a worker group still waiting for resources, a step that does not end)
+    the training is aborted and the run ends with the checkpoint it last saved.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -167,8 +226,44 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
     for r in reporters:
         r.on_start(cfg, job_id=job_id)
 
+    stop_reason: dict[str, str] = {}
+    t0 = time.time()
+
+    def check_stop() -> str | None:
+        for r in reporters:
+            reason = r.should_stop()
+            if reason:
+                stop_reason.setdefault("reason", reason)
+        return stop_reason.get("reason")
+
+    def on_sigterm(signum: int, frame: Any) -> None:  # `ray job stop` and Ctrl-C: checkpoint, then exit
+        stop_reason.setdefault("reason", "cancelled")  # the poll loop passes it on
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
+        signal.signal(signal.SIGINT, on_sigterm)
+
     owned = handles is None
-    handles = handles or build_actors(cfg)
+    if owned:
+        handles = build_actors(cfg, wait=False)
+        ready = handles.pop("ready")
+        pending = list(ready)
+        while pending and not check_stop():  # actors may wait for resources: a cancel must not
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
+        if pending:
+            for h in handles["rollout_actors"] + handles["reward_actors"] + [handles["weight_board"],
+                                                                            handles["monitor"]]:
+                ray.kill(h)
+            summary = RunResult(status=stop_reason["reason"], steps=0, checkpoint=latest_checkpoint(cfg.run_dir),
+                                cost_usd=cost_usd(cfg, time.time() - t0))
+            for r in reporters:
+                r.on_end(summary.status, error=None, summary={"steps": 0, "checkpoint": summary.checkpoint,
+                                                              "best_checkpoints": [], "cost_usd": summary.cost_usd,
+                                                              "last_metrics": {}})
+            return summary
+        ray.get(ready)  # constructor errors (bad model files, unimportable reward) surface here
+    # The cost meter starts once the run holds resources: its actors are up (not while they waited).
+    t0 = time.time()
     monitor = handles["monitor"]
     evaluating = cfg.eval_size > 0
     trainer = TorchTrainer(
@@ -198,21 +293,14 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
         except Exception as e:  # reported as the run's failure below, with its message
             outcome["error"] = e
 
-    stop_reason: dict[str, str] = {}
+    stop_requested: dict[str, float] = {}
 
     def request_stop(reason: str) -> None:
-        if reason not in stop_reason.values():
-            stop_reason.setdefault("reason", reason)
-            monitor.request_stop.remote(reason)
+        stop_reason.setdefault("reason", reason)
+        if "at" not in stop_requested:
+            stop_requested["at"] = time.monotonic()
+            monitor.request_stop.remote(stop_reason["reason"])
 
-    def on_sigterm(signum: int, frame: Any) -> None:  # `ray job stop` and Ctrl-C: checkpoint, then exit
-        request_stop("cancelled")
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_sigterm)
-        signal.signal(signal.SIGINT, on_sigterm)
-
-    t0 = time.time()
     worker = threading.Thread(target=fit, name="trainer-fit", daemon=True)
     worker.start()
     progress: _Progress | None = None
@@ -240,15 +328,29 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
             for pct in (75, 90):
                 if used * 100 >= pct and pct not in warned:
                     warned.add(pct)
-                    log.warning("run has used %d%% of its budget ($%.4f of $%.2f)", pct, cost, cfg.max_budget_usd)
-            if used >= 1.0:
+                    log.warning("run has used %d%% of its budget ($%.6g of $%.6g)", pct, cost, cfg.max_budget_usd)
+            # Stop before the step that would cross the budget: the step in flight ends first (the loop
+            # stops at a boundary), so stop when the cost after it and one more would be over.
+            if last:
+                step_s = float(last.get("step_time_s", 0.0))
+                if used >= 1.0 or cost + 2 * cost_usd(cfg, step_s) > cfg.max_budget_usd:
+                    request_stop("budget_exceeded")
+            elif used >= 1.0:
                 request_stop("budget_exceeded")
-        for r in reporters:
-            reason = r.should_stop()
-            if reason:
-                request_stop(reason)
+        if reason := check_stop():
+            request_stop(reason)
         if not alive:
             break
+        if "at" in stop_requested and time.monotonic() - stop_requested["at"] > stop_grace_s:
+            # Again each round until the fit ends: a controller still being created is not there to stop yet.
+            if not outcome.get("aborted"):
+                log.warning("no step boundary %.0f s after the stop (%s): aborting the training", stop_grace_s,
+                            stop_reason["reason"])
+            outcome["aborted"] = True
+            abort_training()
+            worker.join(timeout=max(poll_s, 2.0))
+            outcome.pop("error", None)  # the abort's own error: the run ended because it was stopped
+            continue
         worker.join(timeout=poll_s)
     if progress is not None:
         progress.close()
@@ -262,6 +364,8 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
     if result is not None and result.checkpoint is not None:
         summary.checkpoint = result.checkpoint.path
         summary.best_checkpoints = [c.path for c, _ in (result.best_checkpoints or [])]
+    elif outcome.get("aborted"):
+        summary.checkpoint = latest_checkpoint(cfg.run_dir)
     for r in reporters:
         r.on_end(summary.status, error=summary.error, summary={
             "steps": summary.steps, "checkpoint": summary.checkpoint, "best_checkpoints": summary.best_checkpoints,

@@ -288,3 +288,59 @@ def test_sigterm_from_ray_job_stop_saves_a_checkpoint_and_exits_cancelled(tiny_m
     assert summary["status"] == "cancelled" and summary["steps"] < 500
     state = torch.load(Path(summary["checkpoint"]) / "trainer_state.pt", weights_only=False)
     assert state["step"] == summary["steps"]
+
+
+class _CancelAt:
+    """A reporter whose cancel arrives a given number of seconds after the run started (the job API's
+    training.cancel, seen through the DB reporter's should_stop)."""
+
+    def __init__(self, after_s: float):
+        self.after_s, self.t0, self.cancelled_at, self.ended = after_s, time.monotonic(), None, None
+
+    def on_start(self, cfg, *, job_id):
+        pass
+
+    def on_step(self, metrics):
+        pass
+
+    def on_trajectories(self, rows):
+        pass
+
+    def should_stop(self):
+        if time.monotonic() - self.t0 < self.after_s:
+            return None
+        self.cancelled_at = self.cancelled_at or time.monotonic()
+        return "cancelled"
+
+    def on_end(self, status, *, error, summary):
+        self.ended = (status, error, summary, time.monotonic())
+
+
+def _no_placement_group_left(timeout_s: float = 60.0) -> bool:
+    """Every placement group of the session is removed (an aborted run must not leave one that could
+    grab the CPUs later)."""
+    from ray.util import placement_group_table
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if all(pg["state"] == "REMOVED" for pg in placement_group_table().values()):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize(("where", "cpus"), [
+    ("the rollout actors wait for CPUs", 9.0),  # one 9-CPU rollout actor on an 8-CPU cluster
+    ("the Ray Train worker group waits for CPUs", 3.0),  # actors 3.5 CPUs, then 2 workers x 3 of the 4.5 left
+])
+def test_a_cancel_ends_a_run_that_waits_for_resources(ray_session, tiny_model_dir, tmp_path, where, cpus):
+    """The deadlock the job API met: a run holding part of what it needs, waiting for the rest. A cancel
+    must end it (within the stop grace), not wait for a step boundary that never comes."""
+    cfg = _cfg(tiny_model_dir, tmp_path, num_steps=5, num_policy_workers=2, cpus_per_worker=cpus)
+    reporter = _CancelAt(after_s=8.0)
+    result = run(cfg, reporters=[reporter], stop_grace_s=2.0)
+    status, error, summary, ended_at = reporter.ended
+    assert result.status == status == "cancelled" and result.steps == 0 and error is None, (where, result)
+    assert ended_at - reporter.cancelled_at < 60, where  # seconds, not the worker group's start timeout
+    assert _no_placement_group_left(), where
