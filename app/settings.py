@@ -64,8 +64,8 @@ class Settings(BaseSettings):
     """the shortest a step is assumed to take when checking that a budget covers one step"""
     cancel_wait_s: float = Field(60.0, ge=0)
     """how long training.cancel waits for a running job to checkpoint and stop"""
-    max_running_jobs: int = Field(2, ge=1)
-    """jobs the dispatcher runs at once; the rest wait in the queue"""
+    max_running_jobs: int = Field(2, ge=0)
+    """the most jobs the dispatcher runs at once (0: it starts none); below it, resources decide"""
     cluster_capacity: dict[str, Annotated[float, Field(ge=0)]] = {}
     """the most of each resource the cluster can ever have, for admitting jobs, as JSON:
     RAYGRPO_CLUSTER_CAPACITY='{"CPU": 96, "GPU": 8}'. Resources left out: the autoscaler's maximum where Ray
