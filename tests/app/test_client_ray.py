@@ -167,7 +167,10 @@ def test_connection_errors_are_retried_and_reported(monkeypatch):
     monkeypatch.setattr(sdk.time, "sleep", sleeps.append)
     with pytest.raises(sdk.TransportError, match="ConnectError"):
         c.list_jobs()
-    assert len(sleeps) == 2 and sleeps[1] > sleeps[0] * 0.9  # two retries, backing off
+    # two retries, backing off: attempt i waits backoff * 2**i, jittered by +-50%
+    assert len(sleeps) == 2
+    for i, s in enumerate(sleeps):
+        assert 0.01 * 2**i * 0.5 <= s <= 0.01 * 2**i * 1.5, (i, s)
 
     # A read error may mean the server ran the call: a method that changes nothing is retried, so is
     # start_grpo (under the idempotency key the SDK set, the same on every attempt), a cancel is not.
