@@ -72,6 +72,9 @@ ERROR_MESSAGES: dict[int, str] = {
 DISCOVER = "rpc.discover"
 _MAX_ECHO = 100  # characters of a client-supplied method name echoed back
 _MAX_TEXT = 200  # characters of one validation message or field path
+MAX_PARAMS_DEPTH = 64
+"""deepest nesting of arrays/objects accepted in params (params itself is level 1): deeper values are
+refused before any handler, validator or serializer walks them recursively, and so are never stored"""
 _MAX_ERRORS = 20  # validation errors listed; a 10 MB list of bad items must not yield a 10 MB reply
 # A JSON string escape for a UTF-16 surrogate; only bodies containing one need the slower check.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -427,6 +430,9 @@ class Registry:
             raw_params = dict(zip(names, raw_params, strict=False))
         elif not isinstance(raw_params, dict):
             raise RPCError(INVALID_PARAMS, 'invalid params: "params" must be an object or an array')
+        if (where := _too_deep(raw_params, MAX_PARAMS_DEPTH)) is not None:
+            raise RPCError(INVALID_PARAMS, f"invalid params: {where} is nested deeper than {MAX_PARAMS_DEPTH} "
+                           "levels of arrays and objects", {"field": where, "max_depth": MAX_PARAMS_DEPTH})
         try:
             return method.params_model.model_validate(raw_params)
         except ValidationError as exc:
@@ -434,6 +440,24 @@ class Registry:
 
 
 _ABSENT = object()
+
+
+def _too_deep(value: Any, limit: int) -> str | None:
+    """The top-level param under which `value` nests containers more than `limit` deep, else None.
+    Iterative, so the check itself cannot hit the recursion limit."""
+    stack: list[tuple[Any, int, str]] = [(v, 2, str(k)[:_MAX_ECHO]) for k, v in value.items()]
+    while stack:
+        item, depth, top = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return top
+        stack.extend((child, depth + 1, top) for child in children)
+    return None
 
 
 def _valid_id(value: Any) -> bool:
