@@ -74,6 +74,18 @@ class Settings(BaseSettings):
     """the Ray Jobs API the dispatcher submits runs to (RAY_DASHBOARD_URL); None: the dashboard of the
     cluster it runs on"""
 
+    allowed_rewards: Annotated[list[str], NoDecode] = []
+    """`module:function` rewards jobs may name besides the built-ins and the `raygrpo.rewards` entry points
+    (comma-separated in RAYGRPO_ALLOWED_REWARDS); any other import path in a request is refused"""
+    allowed_environments: Annotated[list[str], NoDecode] = []
+    """`module:Class` environments jobs may name besides the built-ins and the `raygrpo.environments` entry
+    points (RAYGRPO_ALLOWED_ENVIRONMENTS, comma-separated)"""
+    model_roots: Annotated[list[Path], NoDecode] = []
+    """folders a job's local `model`/`tokenizer` must lie under (RAYGRPO_MODEL_ROOTS, comma-separated); always
+    also `home/models` and the folder of `default_model`"""
+    allow_hub_models: bool = True
+    """whether a job may name a Hugging Face Hub id (downloaded by the workers) as its model"""
+
     webhook_urls: Annotated[list[str], NoDecode] = []
     """where job events are POSTed (comma-separated in RAYGRPO_WEBHOOK_URLS)"""
     webhook_secret: str | None = Field(None, repr=False)
@@ -120,7 +132,7 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
 
-    @field_validator("webhook_urls", mode="before")
+    @field_validator("webhook_urls", "allowed_rewards", "allowed_environments", "model_roots", mode="before")
     @classmethod
     def _comma_list(cls, v: Any) -> Any:
         return [u.strip() for u in v.split(",") if u.strip()] if isinstance(v, str) else v
@@ -149,6 +161,14 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'raygrpo.db'}"
+
+    @property
+    def model_root_dirs(self) -> list[Path]:
+        """Every folder a job's local model may come from, resolved (symlinks followed)."""
+        roots = [self.home / "models", *self.model_roots]
+        if self.default_model and Path(self.default_model).expanduser().is_dir():
+            roots.append(Path(self.default_model).expanduser().parent)
+        return [Path(r).expanduser().resolve() for r in roots]
 
     @property
     def runs_dir(self) -> Path:

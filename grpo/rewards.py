@@ -219,8 +219,10 @@ _REGISTRY: dict[str, RewardFn] = {
 
 
 def names() -> list[str]:
-    """Registered reward names, sorted."""
-    return sorted(_REGISTRY)
+    """Reward names a config may use: the registered ones and the installed `raygrpo.rewards` plugins."""
+    from grpo.plugins import REWARDS, installed
+
+    return sorted(set(_REGISTRY) | set(installed(REWARDS)))
 
 
 def validate(fn: RewardFn, name: str, *, timeout_s: float = 10.0) -> None:
@@ -251,14 +253,26 @@ def register(name: str, fn: RewardFn, *, replace: bool = False) -> None:
 
 
 def resolve(spec: str) -> RewardFn:
-    """The reward function for a registered name or a "package.module:function" path.
+    """The reward function for a registered name, an installed plugin's name (entry point group
+    `raygrpo.rewards`) or a "package.module:function" path.
 
     Imported functions are validated with the probe call; registered ones already were.
     """
     if ":" not in spec:
         if spec in _REGISTRY:
             return _REGISTRY[spec]
-        raise RewardError(f"unknown reward {spec!r}: use one of {names()} or 'package.module:function'")
+        from grpo.plugins import REWARDS, installed
+
+        plugin = installed(REWARDS).get(spec)
+        if plugin is None:
+            raise RewardError(f"unknown reward {spec!r}: use one of {names()} or 'package.module:function'")
+        try:
+            fn = plugin.load()
+        except Exception as exc:
+            raise RewardError(f"reward {spec!r}: the plugin {plugin.value!r} cannot be loaded: "
+                              f"{_describe(exc)}") from exc
+        validate(fn, spec)
+        return fn
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
         raise RewardError(f"reward {spec!r}: expected 'package.module:function'")

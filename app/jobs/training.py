@@ -33,6 +33,7 @@ from app.api.jsonrpc import (
 )
 from app.data import db
 from app.data.tables import JobStatus, TrainingJob
+from app.jobs.trust import check_job_imports, check_model_source
 from app.research.datasets import Row, training_rows
 from app.settings import Settings
 from grpo.config import ConfigError, GRPOConfig, load_config
@@ -285,8 +286,14 @@ def engine_config(params: StartParams, *, settings: Settings, dataset: Path, eva
             raise RPCError(VALIDATION_FAILED, f"config.engine.{key}: use config.{MAPPED[key]}",
                            {"field": f"config.engine.{key}"})
     mapping.update(c.engine)
+    # Before anything is imported or loaded: only what the operator installed or allowed.
+    check_job_imports(mapping, settings, reward_field="config.reward", environment_field="config.agent.environment")
+    check_model_source("config.model", c.model, settings)
+    check_model_source("config.engine.tokenizer", c.engine.get("tokenizer") if isinstance(c.engine.get("tokenizer"), str) else None, settings)
     try:
         cfg = load_config(None, mapping)
+        check_model_source("config.model", cfg.model if c.model else None, settings)
+        check_model_source("config.engine.tokenizer", cfg.tokenizer, settings)
         from grpo.run import preflight
 
         preflight(cfg)

@@ -419,12 +419,26 @@ ENVIRONMENTS: dict[str, type] = {"calculator": CalculatorEnv, "python": PythonEn
 
 
 def environment_class(spec: str) -> type:
-    """The class for a built-in name or a `package.module:Class` path; ValueError naming the problem."""
+    """The class for a built-in name, an installed plugin's name (entry point group `raygrpo.environments`)
+    or a `package.module:Class` path; ValueError naming the problem."""
     if ":" not in spec:
-        if spec not in ENVIRONMENTS:
-            raise ValueError(f"unknown environment {spec!r}: use one of {', '.join(ENVIRONMENTS)} "
+        if spec in ENVIRONMENTS:
+            return ENVIRONMENTS[spec]
+        from grpo.plugins import ENVIRONMENTS as GROUP
+        from grpo.plugins import installed
+
+        plugins = installed(GROUP)
+        if spec not in plugins:
+            raise ValueError(f"unknown environment {spec!r}: use one of {', '.join(sorted({*ENVIRONMENTS, *plugins}))} "
                              "or 'package.module:Class'")
-        return ENVIRONMENTS[spec]
+        try:
+            cls = plugins[spec].load()
+        except Exception as e:
+            raise ValueError(f"environment {spec!r}: the plugin {plugins[spec].value!r} cannot be loaded: "
+                             f"{type(e).__name__}: {e}") from None
+        if not callable(cls):
+            raise ValueError(f"environment {spec!r}: not a class or factory")
+        return cls
     module_name, _, attr = spec.partition(":")
     try:
         cls = functools.reduce(getattr, attr.split("."), importlib.import_module(module_name))
