@@ -41,8 +41,9 @@ def _alias(name: str) -> AliasChoices:
 
 
 class Settings(BaseSettings):
+    # env_ignore_empty: a variable set to "" counts as unset, so its `_FILE` (or the default) applies
     model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", populate_by_name=True,
-                                      use_attribute_docstrings=True, validate_default=True)
+                                      use_attribute_docstrings=True, validate_default=True, env_ignore_empty=True)
 
     home: Path = Path("runs")
     """root folder: the SQLite file, uploaded training data, run outputs (RAYGRPO_HOME)"""

@@ -24,6 +24,7 @@ is what the tests drive; `serve_forever()` loops it in the actor.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -189,6 +190,31 @@ def admit(demand: dict[str, float], *, cluster: ClusterResources, running: list[
 
 def _num(x: float) -> str:
     return f"{round(float(x), 3):g}"
+
+
+def database_env(settings: Settings) -> dict[str, str]:
+    """How a run's driver finds the database, with no password in the job's runtime env or entrypoint: a
+    URL without one as is; else `DATABASE_URL_FILE`, naming the file the API itself read the URL from (a
+    mounted Kubernetes Secret) or a private copy under `home/secrets` (home is shared with the drivers:
+    they read their config.yaml from it)."""
+    from sqlalchemy.engine import make_url
+
+    url = settings.db_url
+    if make_url(url).password is None:
+        return {"DATABASE_URL": url}
+    # DATABASE_URL set empty: a variable the cluster's processes inherited must not win over the file.
+    given = os.environ.get("DATABASE_URL_FILE")
+    if given and not os.environ.get("DATABASE_URL") and Path(given).is_file():
+        return {"DATABASE_URL": "", "DATABASE_URL_FILE": str(Path(given).resolve())}
+    folder = settings.home / "secrets"
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    path = folder / "database-url"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(url)
+    path.chmod(0o600)
+    return {"DATABASE_URL": "", "DATABASE_URL_FILE": str(path)}
 
 
 class Dispatcher:
@@ -427,9 +453,10 @@ class Dispatcher:
                       f"--reporter app.jobs.reporter:DBReporter")
         # The job-level runtime env reaches every process of the run, the Train controller included:
         # its health-check poll is the floor under each ray.train.report (2 s by default).
-        # Webhook URLs go along; the signing secret does not (runtime envs show in the dashboard):
-        # the run's driver reads it from the cluster's own environment.
-        env = {"DATABASE_URL": self.settings.db_url, "RAYGRPO_HOME": str(self.settings.home),
+        # Webhook URLs go along; no secret does (runtime envs show in the dashboard and `ray job list`):
+        # the database URL by file when it holds a password, the webhook secret from the cluster's own
+        # environment.
+        env = {**database_env(self.settings), "RAYGRPO_HOME": str(self.settings.home),
                "RAYGRPO_WEBHOOK_URLS": ",".join(self.settings.webhook_urls),
                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
                # Worker processes start slowly on a busy node; 60 s (Ray's default) failed runs there.

@@ -48,7 +48,8 @@ class AgentConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     environment: str = Field(min_length=1, max_length=300)
-    """`calculator`, `python`, `search`, or `package.module:Class` importable on the cluster"""
+    """`calculator`, `python`, `search`, an installed plugin's name (entry points `raygrpo.environments`), or a
+    `package.module:Class` the operator allows (RAYGRPO_ALLOWED_ENVIRONMENTS)"""
     tools: list[str] | None = Field(None, min_length=1, max_length=64)
     """tools of the environment to offer (all when left out)"""
     max_steps: int | None = Field(None, ge=1, le=100)
@@ -108,9 +109,10 @@ class TrainingConfig(BaseModel):
     agent: AgentConfig | None = None
     """multi-turn agent settings: the environment and its tools (single-turn completions when left out)"""
     model: str | None = Field(None, min_length=1, max_length=1000)
-    """HF model id or path; the server's default model when left out"""
+    """HF Hub id or a directory under the server's model roots; the server's default model when left out"""
     reward: str | None = Field(None, min_length=1, max_length=300)
-    """reward function: a registered name (default exact_match) or module:function"""
+    """reward function: a built-in or installed plugin's name (default exact_match); module:function only
+    when the operator allows it (RAYGRPO_ALLOWED_REWARDS)"""
     grpo_variant: Literal["grpo", "dr_grpo", "dapo"] | None = None
     """preset of advantage scaling, loss aggregation and clipping; engine defaults when left out"""
     max_new_tokens: int | None = Field(None, ge=1, le=32_768)

@@ -6,12 +6,16 @@ URLs and the secret come from the environment (`RAYGRPO_WEBHOOK_URLS`, comma-sep
 `RAYGRPO_WEBHOOK_SECRET`), never from a request. Delivery runs in a background thread so a slow
 receiver never slows a run; `flush()` waits for what is in flight (at the end of a run).
 
-The receiver checks `X-Raygrpo-Signature: sha256=<hex HMAC of the raw body>` and may use
-`X-Raygrpo-Delivery` (unique per event) to drop the duplicates that retries can cause.
+Deliveries follow the Standard Webhooks scheme: `webhook-id` (the event id, kept across retries),
+`webhook-timestamp` (Unix seconds of the attempt) and `webhook-signature: v1,<base64 HMAC-SHA256 of
+"{id}.{timestamp}.{body}">`, so a captured delivery cannot be replayed past the receiver's timestamp
+tolerance. Receivers verify with `app.client.webhooks.verify_webhook` (in the SDK) and drop ids they have
+seen (retries repeat one). `X-Raygrpo-Event` names the event.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -31,13 +35,12 @@ EVENTS = ("training.job.started", "training.job.progress", "training.job.complet
           "training.job.cancelled", "training.budget.warning")
 
 
-def sign(secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
-def verify(secret: str, body: bytes, signature: str) -> bool:
-    """What a receiver runs: constant-time comparison of the signature header."""
-    return hmac.compare_digest(sign(secret, body), signature)
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """`v1,<base64>`: HMAC-SHA256 of "{id}.{timestamp}.{body}"; a `whsec_<base64>` secret is used decoded.
+    (The SDK's app.client.webhooks verifies it; the two are kept apart by the package layers.)"""
+    key = base64.b64decode(secret[len("whsec_"):]) if secret.startswith("whsec_") else secret.encode()
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
 
 
 class Webhooks:
@@ -65,10 +68,12 @@ class Webhooks:
             self._pending += [self._pool.submit(self._deliver, url, event, payload["id"], body) for url in self.urls]
 
     def _deliver(self, url: str, event: str, delivery: str, body: bytes) -> bool:
-        headers = {"Content-Type": "application/json", "X-Raygrpo-Event": event, "X-Raygrpo-Delivery": delivery}
-        if self.secret:
-            headers["X-Raygrpo-Signature"] = sign(self.secret, body)
         for attempt in range(self.attempts):
+            timestamp = int(time.time())  # each attempt signed at its own time: receivers refuse old ones
+            headers = {"Content-Type": "application/json", "X-Raygrpo-Event": event, "webhook-id": delivery,
+                       "webhook-timestamp": str(timestamp)}
+            if self.secret:
+                headers["webhook-signature"] = sign(self.secret, delivery, timestamp, body)
             try:
                 r = httpx.post(url, content=body, headers=headers, timeout=self.timeout_s)
                 if r.status_code < 300:

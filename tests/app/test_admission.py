@@ -288,3 +288,38 @@ def test_a_cancelled_job_is_never_started(make_dispatcher):
     assert view(d, job)["status"] == "cancelled"
     if d.queue is not None:
         assert d.queue.queued() == []
+
+
+def test_no_password_reaches_the_ray_job(tmp_path, make_dispatcher, db_url, monkeypatch):
+    """The runtime env and entrypoint show in the dashboard and `ray job list`: a database URL with a
+    password goes to the driver as a private file, which a driver's Settings read back."""
+    from sqlalchemy.engine import make_url
+
+    monkeypatch.delenv("DATABASE_URL_FILE", raising=False)
+    secret = "pw-" + uuid.uuid4().hex
+    with_password = make_url(db_url).set(password=secret).render_as_string(hide_password=False)
+    if db_url.startswith("sqlite"):  # SQLite has no passwords: the URL goes as it is
+        with_password = db_url
+    d = make_dispatcher(FakeCluster(CPU=8))
+    d.settings = Settings(home=d.settings.home, database_url=with_password)
+    seen = []
+    d.client.submit_job = lambda **kw: seen.append(kw) or kw["submission_id"]
+    job = add_job(d, 1, **README_JOB)
+    d.tick()
+    assert len(seen) == 1, status_of_job(d, job)
+    env = seen[0]["runtime_env"]["env_vars"]
+    assert secret not in repr(seen)
+    if db_url.startswith("sqlite"):
+        assert env["DATABASE_URL"] == db_url
+        return
+    path = env["DATABASE_URL_FILE"]
+    assert env["DATABASE_URL"] == ""  # an inherited variable must not win over the file
+    assert (os.stat(path).st_mode & 0o777) == 0o600
+    monkeypatch.setenv("DATABASE_URL", "")
+    monkeypatch.setenv("DATABASE_URL_FILE", path)
+    assert Settings().db_url == with_password
+
+
+def status_of_job(d, job_id):
+    with db.session_scope(d.engine) as s:
+        return db.get_job(s, job_id=job_id)

@@ -28,6 +28,7 @@ ROWS = [{"query": f"digit {d}:", "expected_outcome": str(d)} for d in range(10)]
 
 
 WHOAMI_LIMIT = 8
+DB_PASSWORD = "pg-password-of-" + secrets.token_hex(8)
 
 
 def _free_port() -> int:
@@ -57,7 +58,12 @@ def api(request, ray_session, tmp_path_factory, tiny_model_dir):
         if request.param == "postgresql+redis":
             from raygrpo_test_services import fresh_postgres, unavailable
 
-            env["DATABASE_URL"] = stack.enter_context(fresh_postgres())
+            from sqlalchemy.engine import make_url
+
+            # With a password (the test server trusts local connections and ignores it): it must reach the
+            # runs' drivers without showing in their Ray Jobs (test_a_job_runs_as_a_ray_job...).
+            env["DATABASE_URL"] = make_url(stack.enter_context(fresh_postgres())).set(
+                password=DB_PASSWORD).render_as_string(hide_password=False)
             upgrade(env["DATABASE_URL"])
             import redis
 
@@ -127,6 +133,9 @@ def test_a_job_runs_as_a_ray_job_to_completed_with_trajectories_and_checkpoints(
     while not jobs.get_job_status(job["job_id"]).is_terminal() and time.time() < deadline:
         time.sleep(0.5)
     assert str(jobs.get_job_status(job["job_id"])) == "SUCCEEDED"
+    # it stored its steps in the API's database, and no secret shows in what `ray job list` prints
+    info = jobs.get_job_info(job["job_id"])
+    assert DB_PASSWORD not in repr((info.entrypoint, info.runtime_env, info.metadata))
 
 
 def test_cancelling_a_running_job_checkpoints_it(api):

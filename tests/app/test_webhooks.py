@@ -8,7 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from app.jobs.webhooks import Webhooks, sign, verify
+from app.client.webhooks import WebhookVerificationError, verify_webhook
+from app.jobs.webhooks import Webhooks, sign
 
 
 @pytest.fixture
@@ -46,12 +47,14 @@ def test_signed_and_retried_until_delivered(receiver):
     hooks.flush()
     assert len(got) == 1  # two 503s, then delivered once
     h, body = got[0]["headers"], got[0]["body"]
-    assert h["X-Raygrpo-Event"] == "training.job.started" and verify("s3cret", body, h["X-Raygrpo-Signature"])
-    assert not verify("other", body, h["X-Raygrpo-Signature"])
-    payload = json.loads(body)
+    assert h["X-Raygrpo-Event"] == "training.job.started"
+    payload = verify_webhook("s3cret", h, body)  # the SDK's helper accepts what the server signed
     assert payload["event"] == "training.job.started" and payload["data"] == {"job_id": "job_1"}
-    assert payload["id"] == h["X-Raygrpo-Delivery"]
-    assert sign("k", b"x") == sign("k", b"x") != sign("k", b"y")
+    assert payload["id"] == h["webhook-id"]
+    with pytest.raises(WebhookVerificationError, match="signature"):
+        verify_webhook("other", h, body)
+    assert sign("k", "i", 1, b"x") == sign("k", "i", 1, b"x") != sign("k", "i", 1, b"y")
+    assert sign("k", "i", 1, b"x") != sign("k", "j", 1, b"x") != sign("k", "i", 2, b"x")
     with pytest.raises(ValueError, match="event"):
         hooks.emit("training.nope", {})
 
@@ -99,3 +102,29 @@ def test_the_reporter_sends_progress_budget_warning_and_the_final_event(receiver
     assert max(e["created_at"] for e in events) == done[0]["created_at"]
     with db.session_scope(engine) as s:
         assert db.get_job(s, job_id=job.id).budget_warned_pct == 90
+
+
+def test_a_replayed_or_altered_delivery_is_rejected(receiver):
+    """Standard Webhooks: id and timestamp are signed with the body, so a captured delivery replayed later
+    fails the receiver's timestamp check, and re-stamping it breaks the signature."""
+    import base64
+    import secrets
+
+    url, got, _ = receiver
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    hooks = Webhooks([url], secret, backoff_s=0.01)
+    hooks.emit("training.job.completed", {"job_id": "job_9"})
+    hooks.flush()
+    h, body = got[0]["headers"], got[0]["body"]
+    sent_at = int(h["webhook-timestamp"])
+    assert verify_webhook(secret, h, body, now=sent_at + 60)["data"] == {"job_id": "job_9"}
+    with pytest.raises(WebhookVerificationError, match="replay"):
+        verify_webhook(secret, h, body, now=sent_at + 3600)  # the same bytes an hour later
+    with pytest.raises(WebhookVerificationError, match="signature"):
+        verify_webhook(secret, {**h, "webhook-timestamp": str(sent_at + 3600)}, body, now=sent_at + 3600)
+    with pytest.raises(WebhookVerificationError, match="signature"):
+        verify_webhook(secret, h, body.replace(b"job_9", b"job_8"), now=sent_at)
+    with pytest.raises(WebhookVerificationError, match="signature"):
+        verify_webhook(secret, {**h, "webhook-id": "another"}, body, now=sent_at)
+    with pytest.raises(WebhookVerificationError, match="missing header webhook-signature"):
+        verify_webhook(secret, {k: v for k, v in h.items() if k.lower() != "webhook-signature"}, body)
