@@ -53,7 +53,11 @@ class GRPOConfig(BaseModel):
     eval_dataset: str | None = None
     """JSONL file of held-out rows for evaluation (jsonl task); else the dataset's tail is held out"""
     reward: str | None = None
-    """reward function: a registered name or `module:function`; defaults to the task's verifier"""
+    """reward function: a registered name, an installed plugin's or `module:function`; defaults to the task's
+    verifier"""
+    reward_source: str | None = Field(None, min_length=1, max_length=65536)
+    """the reward as Python source defining `reward(prompt, completion, expected) -> float`, run only in the
+    code sandbox (grpo/sandbox.py), one process per batch; instead of `reward`"""
     eval_size: int = Field(32, ge=0, le=100_000)
     """held-out prompts scored greedily at each evaluation (0 disables evaluation)"""
     eval_interval: int = Field(0, ge=0, le=1_000_000)
@@ -237,6 +241,8 @@ class GRPOConfig(BaseModel):
             )
         if self.sft_batch_size is not None and self.sft_batch_size % self.num_policy_workers:
             raise ValueError("sft_batch_size: must be a multiple of num_policy_workers")
+        if self.reward and self.reward_source:
+            raise ValueError("reward_source: set either reward or reward_source")
         if self.environment is None:
             for name in ("tools", "sft_warmup_steps"):
                 if getattr(self, name):

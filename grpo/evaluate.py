@@ -35,7 +35,8 @@ class EvalResult:
 
 
 def evaluate_model(model: str, samples: list[Sample], *, reward: str, max_new_tokens: int,
-                   batch_size: int = 64, torch_threads: int = 1, agent: dict | None = None) -> EvalResult:
+                   batch_size: int = 64, torch_threads: int = 1, agent: dict | None = None,
+                   reward_source: str | None = None) -> EvalResult:
     """Greedy completions of `model` on `samples`, scored with the reward function `reward`.
 
     With `agent` (the agent keys of a GRPOConfig: environment, tools, ...) each query is a greedy
@@ -49,12 +50,17 @@ def evaluate_model(model: str, samples: list[Sample], *, reward: str, max_new_to
         ro = worker.generate_agent(samples, settings=settings, group_size=1, temperature=0.0)
         return EvalResult([sum(r.get("env_reward", 0.0) for r in recs) for recs in ro.records], ro.texts,
                           steps=[len(recs) for recs in ro.records])
-    fn = resolve(reward)
     texts: list[str] = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
         texts += worker.generate([s.prompt for s in chunk], group_size=1, max_new_tokens=max_new_tokens,
                                  temperature=0.0).texts
+    if reward_source:  # one sandbox run for every item
+        from grpo.rewards import SandboxedReward
+
+        return EvalResult(SandboxedReward(reward_source).score_batch(
+            [(s.prompt, t, s.expected) for s, t in zip(samples, texts, strict=True)]).rewards, texts)
+    fn = resolve(reward)
     rewards = []
     for s, t in zip(samples, texts, strict=True):
         try:

@@ -288,6 +288,127 @@ def resolve(spec: str) -> RewardFn:
     return fn
 
 
+# ---- reward source, run in the sandbox ---------------------------------------------------------
+
+MAX_SOURCE_CHARS = 64 * 1024
+"""longest reward source a config may carry"""
+
+# main.py of a sandboxed scoring run: loads reward.py (the user's source) without importing it into any
+# worker, scores items.json with a per-item alarm, and writes the outcomes to result.json (its stdout is
+# the user's to print to). The run is one process per batch, killed at the batch's wall-clock bound.
+_HARNESS = r"""
+import json, math, signal, sys
+
+class _ItemTimeout(BaseException):
+    pass
+
+def _alarm(signum, frame):
+    raise _ItemTimeout()
+
+def _write(outcome):
+    with open("result.json", "w") as f:
+        json.dump(outcome, f)
+
+limit = float(sys.argv[1]) if len(sys.argv) > 1 else TIMEOUT
+namespace = {"__name__": "reward_source"}
+try:
+    exec(compile(open("reward.py").read(), "reward.py", "exec"), namespace)
+except BaseException as e:
+    _write({"load_error": f"{type(e).__name__}: {e}"[:300]})
+    sys.exit(0)
+fn = namespace.get("reward")
+if not callable(fn):
+    _write({"load_error": "the source defines no function reward(prompt, completion, expected)"})
+    sys.exit(0)
+signal.signal(signal.SIGALRM, _alarm)
+results = []
+for prompt, completion, expected in json.load(open("items.json")):
+    signal.setitimer(signal.ITIMER_REAL, TIMEOUT)
+    try:
+        value = fn(prompt, completion, expected)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            results.append(["error", f"TypeError: returned {type(value).__name__}, not a number"])
+        elif not math.isfinite(float(value)):
+            results.append(["error", f"ValueError: returned {value!r}, not a finite number"])
+        else:
+            results.append(["ok", float(value)])
+    except _ItemTimeout:
+        results.append(["timeout", None])
+    except BaseException as e:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        results.append(["error", f"{type(e).__name__}: {e}"[:300]])
+    _write({"results": results})  # after each item: a batch killed later keeps what it scored
+_write({"results": results, "done": True})
+"""
+
+
+class SandboxedReward:
+    """A reward given as Python source that defines `reward(prompt, completion, expected) -> float`.
+
+    The source never runs in a worker: each batch is scored by one process in grpo/sandbox.py (its own
+    mount and network namespace where the machine allows, rlimits, an empty folder as its only writable
+    place), each item under `timeout_s` (an alarm), the whole batch under n x timeout_s + 5 s of wall
+    clock, after which the process group is killed. Items it did not score count as timeouts.
+    """
+
+    def __init__(self, source: str, *, timeout_s: float = 10.0, memory_mb: int = 512):
+        if not source.strip():
+            raise RewardError("reward_source: empty")
+        if len(source) > MAX_SOURCE_CHARS:
+            raise RewardError(f"reward_source: {len(source)} characters, more than {MAX_SOURCE_CHARS}")
+        self.source, self.timeout_s, self.memory_mb = source, timeout_s, memory_mb
+
+    def score_batch(self, items: list[tuple[str, str, str]]) -> ScoreResult:
+        import json
+
+        if not items:
+            return ScoreResult(rewards=[], errors=0, timeouts=0, messages=[])
+        run = run_python(_HARNESS.replace("TIMEOUT", repr(float(self.timeout_s))),
+                         timeout_s=len(items) * self.timeout_s + 5.0, memory_mb=self.memory_mb,
+                         files={"reward.py": self.source, "items.json": json.dumps([list(i) for i in items])},
+                         read_back="result.json")
+        try:
+            outcome = json.loads(run.file) if run.file else {}
+        except ValueError:
+            outcome = {}
+        if "load_error" in outcome:
+            raise RewardError(f"reward_source: {outcome['load_error']}")
+        results = outcome.get("results") if isinstance(outcome.get("results"), list) else []
+        rewards: list[float] = []
+        errors = timeouts = 0
+        messages: list[str] = []
+        for i in range(len(items)):
+            kind, value = (results[i] + [None, None])[:2] if i < len(results) and isinstance(results[i], list) \
+                else ("timeout" if run.timed_out else "error", None)
+            if kind == "ok" and isinstance(value, (int, float)) and math.isfinite(value):
+                rewards.append(float(value))
+                continue
+            rewards.append(0.0)
+            if kind == "timeout":
+                timeouts += 1
+                message = f"TimeoutError: reward_source took longer than {self.timeout_s}s"
+            else:
+                errors += 1
+                message = str(value) if kind == "error" and value else (
+                    f"the sandbox ended without scoring (exit {run.returncode}): {run.stderr[-200:]}")
+            if len(messages) < MAX_MESSAGES:
+                messages.append(message)
+        return ScoreResult(rewards=rewards, errors=errors, timeouts=timeouts, messages=messages)
+
+    def validate(self) -> None:
+        """RewardError unless the source loads and scores the probe with a finite number."""
+        result = self.score_batch([PROBE])
+        if result.timeouts:
+            raise RewardError(f"reward_source did not return within {self.timeout_s}s on the probe {PROBE}")
+        if result.errors:
+            raise RewardError(f"reward_source failed on the probe {PROBE}: {result.messages[0]}")
+
+    def __call__(self, prompt: str, completion: str, expected: str) -> float:
+        """One item (evaluation); failures score 0.0, as in training."""
+        return self.score_batch([(prompt, completion, expected)]).rewards[0]
+
+
 # ---- the worker ---------------------------------------------------------------------------------
 
 
@@ -311,14 +432,20 @@ class RewardWorker:
     Items are scored one after another: parallelism comes from several workers in an ActorPool.
     """
 
-    def __init__(self, spec: str, timeout_s: float = 10.0):
+    def __init__(self, spec: str, timeout_s: float = 10.0, source: str | None = None):
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         self.spec = spec
         self.timeout_s = timeout_s
-        self.fn = resolve(spec)  # fails here, at start-up, rather than on the first batch
+        self.sandboxed = SandboxedReward(source, timeout_s=timeout_s) if source else None
+        # fails here, at start-up, rather than on the first batch
+        self.fn = resolve(spec) if self.sandboxed is None else self.sandboxed
+        if self.sandboxed is not None:
+            self.sandboxed.validate()
 
     def score(self, items: list[tuple[str, str, str]]) -> ScoreResult:
+        if self.sandboxed is not None:  # one sandbox process per batch
+            return self.sandboxed.score_batch(items)
         rewards: list[float] = []
         errors = timeouts = 0
         messages: list[str] = []

@@ -49,7 +49,12 @@ def preflight(cfg: GRPOConfig) -> None:
     except (ValueError, OSError) as e:
         raise ConfigError(f"task: {e}") from None
     try:
-        resolve(cfg.reward or dataset.reward)
+        if cfg.reward_source:
+            from grpo.rewards import SandboxedReward
+
+            SandboxedReward(cfg.reward_source, timeout_s=cfg.reward_timeout_s).validate()
+        else:
+            resolve(cfg.reward or dataset.reward)
     except RewardError as e:
         raise ConfigError(f"reward: {e}") from None
     if cfg.environment is not None:
@@ -102,7 +107,8 @@ def build_actors(cfg: GRPOConfig, *, wait: bool = True) -> dict[str, Any]:
                            max_prompt_tokens=cfg.max_prompt_tokens, weight_board=board)
         for _ in range(cfg.num_rollout_workers)
     ]
-    reward_actors = [reward_cls.remote(reward_spec, cfg.reward_timeout_s) for _ in range(cfg.num_reward_workers)]
+    reward_actors = [reward_cls.remote(reward_spec, cfg.reward_timeout_s, cfg.reward_source)
+                     for _ in range(cfg.num_reward_workers)]
     # Surface constructor errors (bad model files, unimportable reward) now, not mid-step.
     ready = [a.ping.remote() for a in rollout_actors] + [a.score.remote([]) for a in reward_actors]
     if wait:

@@ -1,6 +1,9 @@
 """Run untrusted Python (model completions plus test asserts) in a throwaway, limited subprocess.
 
 Layers, outermost first:
+  0. a fresh mount namespace in which every mount is read-only but the run's own temporary folder
+     (`unshare --mount`, or `unshare -rmn` for non-root users with user namespaces), when the probe at
+     first use shows it works here; it comes with layer 1;
   1. a fresh network namespace via `unshare --net` (or `unshare -rn` for non-root users with user
      namespaces), when the probe at first use shows it works on this machine: no interface but a
      downed loopback, so every connect fails in the kernel;
@@ -12,11 +15,11 @@ Layers, outermost first:
   5. a prelude that replaces `socket.socket`, `socket.create_connection` and `socket.getaddrinfo`
      with versions raising PermissionError. This one is always on but only stops honest mistakes:
      code can still reach `_socket` directly, which is what layer 1 is for.
-What it does not do: filesystem isolation. There is no chroot or mount namespace, so the program can
-read and (as far as the user running it may) write files outside its working directory, including
-Unix sockets on disk, which a network namespace does not cover. A child that calls setsid() escapes
-the process-group kill. Run reward workers as an unprivileged user, or in a container, when
-completions may be adversarial.
+What it does not do: hide files. With layer 0 the program can still read what the user running it can
+read (no chroot), and connect to Unix sockets on disk, which a network namespace does not cover; without
+layer 0 (a container that allows no namespaces: `filesystem_isolated()` says) it can also write there.
+A child that calls setsid() escapes the process-group kill. Run reward workers as an unprivileged user,
+or in a container, when completions may be adversarial.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ class SandboxResult:
     stdout: str
     stderr: str
     timed_out: bool
+    file: str | None = None
+    """the content of `read_back`, when asked for and written"""
 
 
 @functools.cache
@@ -107,6 +112,56 @@ def _netns_prefix() -> tuple[str, ...]:
 def netns_available() -> bool:
     """Whether runs get their own network namespace (layer 1) on this machine."""
     return bool(_netns_prefix())
+
+
+# Run inside a new mount namespace: every mount read-only but the run's own folder ($1), then exec the
+# rest of the arguments. Mount points are read from /proc/self/mounts (octal escapes kept, so a path with
+# a space is skipped rather than mangled: it stays as it was, which the probe below would not notice,
+# hence `set -e` only for the steps that must work).
+_READ_ONLY_SCRIPT = r"""
+set -e
+W="$1"; shift
+mount --make-rprivate /
+mount --bind "$W" "$W"
+cd "$W"  # the working directory was the folder under the new mount: enter the mount
+set +e
+for m in $(awk '{print $2}' /proc/self/mounts | sort -ru); do
+  [ "$m" = "$W" ] || mount -o remount,bind,ro "$m" 2>/dev/null
+done
+exec "$@"
+"""
+
+
+@functools.cache
+def _fs_prefix() -> tuple[str, ...]:
+    """A prefix giving the run a new mount and network namespace in which only its own folder is
+    writable (passed as the argument after the prefix), or () when this machine allows neither form.
+    Probed once per process: the probe must be able to write its folder and unable to write beside it."""
+    probe_code = ("import os, sys\n"
+                  "open('inside', 'w').write('x')\n"
+                  "try:\n    open(os.path.join(os.path.dirname(os.getcwd()), 'raygrpo-outside'), 'w')\n"
+                  "except OSError:\n    sys.exit(0)\n"
+                  "sys.exit(3)\n")
+    for unshare in (("unshare", "--mount", "--net"), ("unshare", "-rmn")):
+        prefix = (*unshare, "sh", "-c", _READ_ONLY_SCRIPT, "sh")
+        with tempfile.TemporaryDirectory(prefix="raygrpo-sandbox-probe-") as parent:
+            workdir = os.path.join(parent, "run")
+            os.mkdir(workdir)
+            try:
+                probe = subprocess.run([*prefix, workdir, sys.executable, "-I", "-c", probe_code], cwd=workdir,
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, timeout=20, check=False)
+            except (OSError, subprocess.SubprocessError):
+                continue
+            if probe.returncode == 0 and os.path.exists(os.path.join(workdir, "inside")) \
+                    and not os.path.exists(os.path.join(parent, "raygrpo-outside")):
+                return prefix
+    return ()
+
+
+def filesystem_isolated() -> bool:
+    """Whether runs see a read-only filesystem except their own folder (layer 0) on this machine."""
+    return bool(_fs_prefix())
 
 
 def _limits(timeout_s: float, memory_mb: int):
@@ -142,11 +197,14 @@ def _kill_group(pgid: int) -> None:
         pass  # the group is already gone
 
 
-def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 256) -> SandboxResult:
+def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 256, files: dict[str, str] | None = None,
+               read_back: str | None = None) -> SandboxResult:
     """Run `code` as a Python program under the layers in the module docstring.
 
     `ok` is True only for exit status 0 within `timeout_s` seconds of wall-clock time. Running out
-    of memory shows as a MemoryError (exit 1) or a kill by signal (negative returncode).
+    of memory shows as a MemoryError (exit 1) or a kill by signal (negative returncode). `files` are
+    written into the run's folder first; the file `read_back` (at most MAX_FILE_BYTES) comes back in
+    `SandboxResult.file` (None when the program did not write it).
     """
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
@@ -156,6 +214,11 @@ def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 256) -> Sa
     with tempfile.TemporaryDirectory(prefix="raygrpo-sandbox-", ignore_cleanup_errors=True) as workdir:
         with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as f:
             f.write(code)
+        for name, text in (files or {}).items():
+            if os.path.basename(name) != name or name in ("main.py", ""):
+                raise ValueError(f"files: {name!r} must be a plain file name other than main.py")
+            with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
+                f.write(text)
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             "HOME": workdir,
@@ -164,7 +227,8 @@ def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 256) -> Sa
             "LC_ALL": "C.UTF-8",
         }
         proc = subprocess.Popen(
-            [*_netns_prefix(), sys.executable, "-I", "-c", _PRELUDE],
+            [*_fs_prefix(), workdir, sys.executable, "-I", "-c", _PRELUDE] if _fs_prefix()
+            else [*_netns_prefix(), sys.executable, "-I", "-c", _PRELUDE],
             cwd=workdir,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -195,6 +259,13 @@ def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 256) -> Sa
             reader.join(timeout=1.0)
             if stream is not None and not reader.is_alive():
                 stream.close()
+        file = None
+        if read_back is not None:
+            try:
+                with open(os.path.join(workdir, read_back), "rb") as f:
+                    file = f.read(MAX_FILE_BYTES).decode("utf-8", errors="replace")
+            except OSError:
+                pass
 
     returncode = None if timed_out else proc.returncode
     return SandboxResult(
@@ -203,4 +274,5 @@ def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 256) -> Sa
         stdout=b"".join(out).decode("utf-8", errors="replace"),
         stderr=b"".join(err).decode("utf-8", errors="replace"),
         timed_out=timed_out,
+        file=file,
     )

@@ -113,6 +113,10 @@ class TrainingConfig(BaseModel):
     reward: str | None = Field(None, min_length=1, max_length=300)
     """reward function: a built-in or installed plugin's name (default exact_match); module:function only
     when the operator allows it (RAYGRPO_ALLOWED_REWARDS)"""
+    reward_source: str | None = Field(None, min_length=1, max_length=65536)
+    """the reward as Python source defining `reward(prompt, completion, expected) -> float`; it runs only in
+    the code sandbox (no network, read-only filesystem but its own folder, a timeout per item), never in a
+    worker. Instead of `reward`"""
     grpo_variant: Literal["grpo", "dr_grpo", "dapo"] | None = None
     """preset of advantage scaling, loss aggregation and clipping; engine defaults when left out"""
     max_new_tokens: int | None = Field(None, ge=1, le=32_768)
@@ -259,8 +263,12 @@ def engine_config(params: StartParams, *, settings: Settings, dataset: Path, eva
     if not model:
         raise RPCError(VALIDATION_FAILED, "config.model: required (this server has no default model)",
                        {"field": "config.model"})
+    if c.reward and c.reward_source:
+        raise RPCError(VALIDATION_FAILED, "config.reward_source: set either config.reward or config.reward_source",
+                       {"field": "config.reward_source"})
     mapping: dict[str, Any] = {
-        "model": model, "dataset": str(dataset), "reward": c.reward or "exact_match",
+        "model": model, "dataset": str(dataset), "reward": None if c.reward_source else (c.reward or "exact_match"),
+        "reward_source": c.reward_source,
         "num_steps": c.n_iterations, "prompts_per_step": c.batch_size, "group_size": c.n_trajectories_per_query,
         "learning_rate": c.learning_rate, "checkpoint_interval": c.checkpoint_interval,
         "max_budget_usd": float(c.max_budget_usd), "output_dir": str(output_dir), "run_name": "run",
@@ -568,15 +576,17 @@ class EvaluateParams(JobParams):
 
 
 def evaluation_task(base_model: str, checkpoint: str, rows: list[dict[str, str]], reward: str,
-                    max_new_tokens: int, agent: dict[str, Any] | None = None) -> dict[str, Any]:
+                    max_new_tokens: int, agent: dict[str, Any] | None = None,
+                    reward_source: str | None = None) -> dict[str, Any]:
     """Runs on the cluster (a Ray task): score the checkpoint and its base model on the same queries
     (agent jobs: greedy episodes in their environment)."""
     from grpo.evaluate import compare, evaluate_model
     from grpo.tasks import Sample
 
     samples = [Sample(r["query"], r["expected_outcome"]) for r in rows]
-    tuned = evaluate_model(checkpoint, samples, reward=reward, max_new_tokens=max_new_tokens, agent=agent)
-    base = evaluate_model(base_model, samples, reward=reward, max_new_tokens=max_new_tokens, agent=agent)
+    kw = {"reward": reward, "reward_source": reward_source, "max_new_tokens": max_new_tokens, "agent": agent}
+    tuned = evaluate_model(checkpoint, samples, **kw)
+    base = evaluate_model(base_model, samples, **kw)
     return {
         "n_queries": len(samples), "success_rate": tuned.success_rate, "avg_reward": tuned.avg_reward,
         "avg_steps": tuned.avg_steps,
@@ -608,7 +618,7 @@ async def evaluate(p: EvaluateParams, ctx: Context) -> dict[str, Any]:
     if cfg.get("environment"):  # the engine's agent keys, as the run used them
         agent = {k: cfg[k] for k in AGENT_ENGINE_KEYS if k in cfg}
     args = (cfg["model"], ckpt.path, rows, cfg.get("reward") or "exact_match", int(cfg.get("max_new_tokens", 64)),
-            agent)
+            agent, cfg.get("reward_source"))
     try:
         import ray
 

@@ -132,3 +132,16 @@ def test_local_models_must_lie_under_the_model_roots(tmp_path, tiny_model_dir):
     with make_client(tmp_path / "b", tiny_model_dir, allow_hub_models=False) as c:
         err = start(c, model="HuggingFaceTB/SmolLM2-135M-Instruct")["error"]
         assert err["data"]["field"] == "config.model" and "RAYGRPO_ALLOW_HUB_MODELS" in err["message"]
+
+
+def test_a_reward_given_as_source_is_probed_in_the_sandbox_at_start(tmp_path, tiny_model_dir):
+    good = "def reward(prompt, completion, expected):\n    return float(completion.strip() == expected)\n"
+    with make_client(tmp_path, tiny_model_dir) as c:
+        assert "result" in start(c, reward_source=good)
+        err = start(c, reward_source="def reward(:\n")["error"]
+        assert err["code"] == -40002 and "SyntaxError" in err["message"], err
+        err = start(c, reward_source="import os\ndef reward(p, c, e):\n    return os.getcwd()\n")["error"]
+        assert err["code"] == -40002 and "not a number" in err["message"], err
+        err = start(c, reward="digit", reward_source=good)["error"]
+        assert err["code"] == -40002 and err["data"]["field"] == "config.reward_source", err
+        assert len(jobs(c)) == 1

@@ -21,6 +21,13 @@ from grpo.config import GRPOConfig
 from grpo.run import build_actors, run
 
 
+DIGIT_SOURCE = """
+def reward(prompt, completion, expected):
+    # the digit task's partial credit, written as a user would: share of the first 6 characters
+    return sum(ch == expected.strip() for ch in completion[:6]) / 6
+"""
+
+
 def _cfg(tiny_model_dir: str, tmp_path: Path, **overrides) -> GRPOConfig:
     base = dict(model=tiny_model_dir, output_dir=str(tmp_path / "runs"), run_name="t", prompts_per_step=8,
                 group_size=4, max_new_tokens=6, checkpoint_interval=0, eval_size=0, cpus_per_worker=1,
@@ -225,14 +232,16 @@ def test_a_killed_train_worker_restarts_from_the_checkpoint_and_every_step_is_st
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_learns_the_digit_task_from_random_init(ray_session, tiny_model_dir, tmp_path, dtype):
+@pytest.mark.parametrize(("dtype", "reward_source"), [("float32", None), ("bfloat16", DIGIT_SOURCE)],
+                         ids=["float32", "bfloat16-sandboxed-reward-source"])
+def test_learns_the_digit_task_from_random_init(ray_session, tiny_model_dir, tmp_path, dtype, reward_source):
     # The KL to the random-init reference keeps entropy up: without it a few prompts can collapse to
     # one wrong digit (flat groups, no signal) and the mean stalls near 0.8. bfloat16 is mixed precision
-    # (fp32 masters, bf16 compute and bf16 rollout copies) and must learn as fp32 does.
+    # (fp32 masters, bf16 compute and bf16 rollout copies) and must learn as fp32 does; that run is scored
+    # by a reward given as source, which runs only in the sandbox (one process per batch).
     cfg = _cfg(tiny_model_dir, tmp_path, num_steps=300, prompts_per_step=16, group_size=8, max_new_tokens=8,
                learning_rate=1e-3, kl_coef=0.02, eval_size=10, eval_interval=100, checkpoint_interval=150,
-               dtype=dtype)
+               dtype=dtype, reward_source=reward_source)
     result = run(cfg)
     assert result.status == "completed", result.error
     rewards = [m["reward_mean"] for m in _rows(cfg.run_dir / "metrics.jsonl")]
