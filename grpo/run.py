@@ -36,6 +36,9 @@ class RunResult:
     error: str | None = None
     checkpoint: str | None = None
     best_checkpoints: list[str] = field(default_factory=list)
+    """the kept checkpoints, best first (highest eval_reward, then the later step); newest first unscored"""
+    checkpoint_scores: dict[str, float] = field(default_factory=dict)
+    """eval_reward of each kept checkpoint that was evaluated"""
     last_metrics: dict[str, float] = field(default_factory=dict)
     cost_usd: float = 0.0
 
@@ -116,6 +119,24 @@ def build_actors(cfg: GRPOConfig, *, wait: bool = True) -> dict[str, Any]:
     handles = {"rollout_actors": rollout_actors, "reward_actors": reward_actors, "weight_board": board,
                "monitor": monitor}
     return handles if wait else {**handles, "ready": ready}
+
+
+def rank_checkpoints(kept: list[tuple[Any, dict[str, Any]]]) -> tuple[list[str], dict[str, float]]:
+    """Ray Train's kept (checkpoint, metrics) pairs -> their paths best first, and each one's eval_reward.
+
+    Ray lists them in its own order (ascending by score), so the order is made here: the highest
+    eval_reward first, a tie going to the later step; checkpoints without a score after the scored ones,
+    newest first."""
+    scores: dict[str, float] = {}
+    ranked: list[tuple[bool, float, int, str]] = []
+    for checkpoint, metrics in kept:
+        value = (metrics or {}).get("eval_reward")
+        scored = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if scored:
+            scores[checkpoint.path] = float(value)
+        ranked.append((scored, float(value) if scored else 0.0, int((metrics or {}).get("step", 0)), checkpoint.path))
+    ranked.sort(reverse=True)
+    return [path for *_, path in ranked], scores
 
 
 def latest_checkpoint(run_dir: Path) -> str | None:
@@ -369,13 +390,14 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
         summary.error = f"{type(error).__name__}: {error}"
     if result is not None and result.checkpoint is not None:
         summary.checkpoint = result.checkpoint.path
-        summary.best_checkpoints = [c.path for c, _ in (result.best_checkpoints or [])]
+        summary.best_checkpoints, summary.checkpoint_scores = rank_checkpoints(result.best_checkpoints or [])
     elif outcome.get("aborted"):
         summary.checkpoint = latest_checkpoint(cfg.run_dir)
     for r in reporters:
         r.on_end(summary.status, error=summary.error, summary={
             "steps": summary.steps, "checkpoint": summary.checkpoint, "best_checkpoints": summary.best_checkpoints,
-            "cost_usd": summary.cost_usd, "last_metrics": summary.last_metrics,
+            "checkpoint_scores": summary.checkpoint_scores, "cost_usd": summary.cost_usd,
+            "last_metrics": summary.last_metrics,
         })
     if owned:
         for h in handles["rollout_actors"] + handles["reward_actors"] + [handles["weight_board"], monitor]:

@@ -44,6 +44,9 @@ cli.add_typer(db_cli, name="db")
 err = Console(stderr=True, soft_wrap=True)  # messages stay one line, whatever the width
 
 
+def _eval_text(ckpt) -> str:
+    return "" if ckpt.eval_reward is None else f", eval reward {ckpt.eval_reward:.3f}"
+
 def needs(extra: str, *modules: str) -> None:
     """A command that runs part of the server side checks for it first: with only `raygrpo[client]`
     installed it says which extra to add (exit 2) instead of failing on an ImportError."""
@@ -381,8 +384,8 @@ def _summary(s: sdk.JobStatus) -> None:
     if s.error_message:
         err.print(f"[red]error:[/red] {s.error_message}")
     if s.best_checkpoint:
-        err.print(f"best checkpoint: {s.best_checkpoint.checkpoint_id} (step {s.best_checkpoint.step}) "
-                  f"{s.best_checkpoint.path}")
+        err.print(f"best checkpoint: {s.best_checkpoint.checkpoint_id} (step {s.best_checkpoint.step}"
+                  f"{_eval_text(s.best_checkpoint)}) {s.best_checkpoint.path}")
 
 
 @cli.command()
@@ -425,8 +428,8 @@ def status(ctx: typer.Context, job_id: str,
         for key, value in s.metrics.model_dump().items():
             table.add_row(f"metrics.{key}", str(value))
         if s.best_checkpoint:
-            table.add_row("best_checkpoint", f"{s.best_checkpoint.checkpoint_id} step {s.best_checkpoint.step} "
-                                             f"{s.best_checkpoint.path}")
+            table.add_row("best_checkpoint", f"{s.best_checkpoint.checkpoint_id} step {s.best_checkpoint.step}"
+                                             f"{_eval_text(s.best_checkpoint)} {s.best_checkpoint.path}")
         err.print(table)
     o.out(s, s.status)
 

@@ -171,6 +171,8 @@ class CheckpointRef(Reply):
     checkpoint_id: str
     step: int
     path: str
+    eval_reward: float | None = None
+    """the held-out reward it scored when saved (None: the run did not evaluate)"""
 
 
 class JobStatus(Reply):

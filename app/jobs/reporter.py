@@ -135,14 +135,18 @@ class DBReporter:
 
         job_status, reason = FINAL.get(status, ("failed", None))
         with session_scope(self.engine) as s:
-            best = summary.get("best_checkpoints") or []
+            best = summary.get("best_checkpoints") or []  # best first (grpo.run.rank_checkpoints)
+            scores = summary.get("checkpoint_scores") or {}
             latest = summary.get("checkpoint")
             ids: dict[str, str] = {}
             for path in dict.fromkeys([*best, *([latest] if latest else [])]):
                 step = _step_of(path)
-                ids[path] = add_checkpoint(s, job_id=self.job_id, step=step, path=path).id
+                ids[path] = add_checkpoint(s, job_id=self.job_id, step=step, path=path,
+                                           eval_reward=scores.get(path)).id
             if best or latest:
-                set_best_checkpoint(s, job_id=self.job_id, checkpoint_id=ids[best[0] if best else latest])
+                # The highest eval_reward (a tie: the later step); without scores the newest checkpoint.
+                chosen = max(scores, key=lambda p: (scores[p], _step_of(p))) if scores else (best[0] if best else latest)
+                set_best_checkpoint(s, job_id=self.job_id, checkpoint_id=ids[chosen])
             last = summary.get("last_metrics") or {}
             if last:
                 record_progress(s, job_id=self.job_id, step=int(last.get("step", 0)), metrics=last,

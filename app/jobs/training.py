@@ -381,7 +381,8 @@ def status_of(job: TrainingJob, best: Any | None) -> dict[str, Any]:
         "budget_remaining_usd": money(remaining),
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
         "estimated_completion": eta,
-        "best_checkpoint": None if best is None else {"checkpoint_id": best.id, "step": best.step, "path": best.path},
+        "best_checkpoint": None if best is None else {"checkpoint_id": best.id, "step": best.step, "path": best.path,
+                                                      "eval_reward": best.eval_reward},
         "error_message": job.error_message, "stop_reason": job.stop_reason,
         "admission": admission_of(job),
     }

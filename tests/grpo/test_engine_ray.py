@@ -248,6 +248,9 @@ def test_learns_the_digit_task_from_random_init(ray_session, tiny_model_dir, tmp
     start, end = sum(rewards[:10]) / 10, sum(rewards[-20:]) / 20
     assert start < 0.3  # a random policy rarely emits the named digit
     assert end >= 0.8, f"mean reward {start:.3f} -> {end:.3f}"
+    # every kept checkpoint was evaluated, and the best is the highest-scoring one (not Ray's first)
+    assert result.checkpoint_scores and set(result.checkpoint_scores) <= set(result.best_checkpoints)
+    assert result.checkpoint_scores[result.best_checkpoints[0]] == max(result.checkpoint_scores.values())
 
 
 class _CancelAfter:
