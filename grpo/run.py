@@ -43,9 +43,38 @@ class RunResult:
     cost_usd: float = 0.0
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                "adapter_model.safetensors")
+
+
+def check_model(field: str, path: str, *, tokenizer: bool = False) -> None:
+    """A local model (or tokenizer) directory that `from_pretrained` will load: its config parses and its
+    weights (tokenizer files) are there. Hub ids are left to the workers, which download them."""
+    local = Path(path)
+    if not local.is_dir():
+        return
+    if tokenizer:
+        if not any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+            raise ConfigError(f"{field}: {path} has no tokenizer files (tokenizer.json or tokenizer_config.json)")
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except Exception as e:  # OSError, ValueError, JSON errors: all say the directory is not a model
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{field}: {path} is not a loadable model: {first}") from None
+    if not any((local / f).is_file() for f in WEIGHT_FILES):
+        raise ConfigError(f"{field}: {path} has a config but no weights ({', '.join(WEIGHT_FILES[:3])}, ...)")
+
+
 def preflight(cfg: GRPOConfig) -> None:
-    """Everything that can be checked before an actor starts: the task/dataset and the reward."""
+    """Everything that can be checked before an actor starts: the model files, the task/dataset and the
+    reward."""
     from grpo.rewards import RewardError, resolve
+
+    check_model("model", cfg.model)
+    check_model("tokenizer", cfg.tokenizer or cfg.model, tokenizer=True)
 
     try:
         dataset = cfg.load_dataset()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable
@@ -192,6 +193,19 @@ def _num(x: float) -> str:
     return f"{round(float(x), 3):g}"
 
 
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt|Failure)\b:?.*$")
+
+
+def failure_cause(log: str, limit: int = 400) -> str:
+    """A whole sentence for a failed run, cause first: the last exception line of its log (`error: ...`
+    lines from `grpo.run` count too), else its last line. The traceback stays in the log."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line) or line.startswith("error: "):
+            return line[:limit]
+    return lines[-1][:limit] if lines else "the run left no log"
+
+
 def database_env(settings: Settings) -> dict[str, str]:
     """How a run's driver finds the database, with no password in the job's runtime env or entrypoint: a
     URL without one as is; else `DATABASE_URL_FILE`, naming the file the API itself read the URL from (a
@@ -332,9 +346,10 @@ class Dispatcher:
                 if ray_status == "STOPPED":
                     db.finish_job(s, job_id=job.id, status=JobStatus.cancelled, stop_reason="cancelled")
                 else:
-                    tail = self._log_tail(job.ray_submission_id)
+                    cause = failure_cause(self._log_tail(job.ray_submission_id, chars=20_000))
                     db.finish_job(s, job_id=job.id, status=JobStatus.failed,
-                                  error_message=f"the run's Ray Job ended {ray_status} without reporting: {tail}")
+                                  error_message=f"{cause} (the run's Ray Job ended {ray_status} without reporting; "
+                                                f"its whole log: ray job logs {job.ray_submission_id})")
             final = current.status if current is not None else None
         if self.queue is not None:
             self.queue.ack(job.id)

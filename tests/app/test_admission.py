@@ -323,3 +323,15 @@ def test_no_password_reaches_the_ray_job(tmp_path, make_dispatcher, db_url, monk
 def status_of_job(d, job_id):
     with db.session_scope(d.engine) as s:
         return db.get_job(s, job_id=job_id)
+
+
+def test_a_failed_runs_message_is_its_cause_first_not_a_log_tail():
+    from app.jobs.dispatcher import failure_cause
+
+    log = ("2026-12-01 INFO starting\n" + "x" * 5000 + "\nTraceback (most recent call last):\n"
+           '  File "grpo/run.py", line 1, in <module>\n    raise OSError("no file")\n'
+           "ray.exceptions.RayTaskError(OSError): ray::RolloutWorker.__init__() failed\n"
+           "OSError: /models/x does not appear to have a file named config.json\n")
+    assert failure_cause(log) == "OSError: /models/x does not appear to have a file named config.json"
+    assert failure_cause("error: invalid config: model: required\n") == "error: invalid config: model: required"
+    assert failure_cause("just a line\n\n") == "just a line" and failure_cause("") == "the run left no log"

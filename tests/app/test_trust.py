@@ -145,3 +145,19 @@ def test_a_reward_given_as_source_is_probed_in_the_sandbox_at_start(tmp_path, ti
         err = start(c, reward="digit", reward_source=good)["error"]
         assert err["code"] == -40002 and err["data"]["field"] == "config.reward_source", err
         assert len(jobs(c)) == 1
+
+
+def test_a_model_that_cannot_load_is_refused_before_it_is_queued(tmp_path, tiny_model_dir):
+    import shutil
+
+    models = tmp_path / "home" / "models"
+    no_weights, bad_config = models / "no-weights", models / "bad-config"
+    shutil.copytree(tiny_model_dir, no_weights, ignore=shutil.ignore_patterns("*.safetensors*", "*.bin"))
+    shutil.copytree(tiny_model_dir, bad_config)
+    (bad_config / "config.json").write_text('{"model_type": "no-such-architecture"')
+    with make_client(tmp_path, tiny_model_dir) as c:
+        for model, words in [(no_weights, "no weights"), (bad_config, "not a loadable model")]:
+            err = start(c, model=str(model))["error"]
+            assert err["code"] == -40002 and "model:" in err["message"] and words in err["message"], err
+            assert len(err["message"]) < 600 and "Traceback" not in err["message"], err
+        assert jobs(c) == []
