@@ -44,6 +44,16 @@ cli.add_typer(db_cli, name="db")
 err = Console(stderr=True, soft_wrap=True)  # messages stay one line, whatever the width
 
 
+def _print_table(table: Table) -> None:
+    """A table on a terminal; tab-separated lines, nothing cut, when stdout is a pipe or a file."""
+    if sys.stdout.isatty():
+        Console().print(table)
+        return
+    print("\t".join(str(c.header) for c in table.columns))
+    for row in zip(*(c.cells for c in table.columns), strict=True):
+        print("\t".join(str(v) for v in row))
+
+
 def _eval_text(ckpt) -> str:
     return "" if ckpt.eval_reward is None else f", eval reward {ckpt.eval_reward:.3f}"
 
@@ -143,6 +153,10 @@ def _run(fn: Any) -> Any:
     except sdk.TransportError as e:
         err.print(f"[red]cannot reach the API:[/red] {e.message}\n(start one with `raygrpo up`, or pass --url)")
         raise typer.Exit(EXIT_UNREACHABLE) from None
+    except sdk.Unauthenticated as e:
+        err.print(f"[red]error {e.code}:[/red] {e.message}\n(pass --token or set RAYGRPO_TOKEN: `raygrpo token` "
+                  "mints one for the local stack; or --api-key / RAYGRPO_API_KEY)")
+        raise typer.Exit(EXIT_API_ERROR) from None
     except sdk.RaygrpoError as e:
         err.print(f"[red]error {e.code}:[/red] {e.message}")
         raise typer.Exit(EXIT_API_ERROR) from None
@@ -450,7 +464,7 @@ def list_(
         table.add_row(j.job_id, j.agent_id, j.status, f"{j.current_iteration}/{j.total_iterations}",
                       _fmt(j.metrics.avg_reward), j.cost_usd or "", f"{j.created_at:%Y-%m-%d %H:%M:%S}")
     if not o.as_json:
-        Console().print(table)
+        _print_table(table)
     o.out(page)
 
 
@@ -671,7 +685,7 @@ def deployments(ctx: typer.Context) -> None:
             table.add_row(d.name, d.status, ", ".join(f"{v['name']}:{v['weight']:g}" for v in d.variants),
                           str(sum(d.running_replicas.values())), c.policy_url(d.name))
     if not o.as_json:
-        Console().print(table)
+        _print_table(table)
     o.out(deps)
 
 

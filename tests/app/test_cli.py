@@ -123,8 +123,12 @@ def test_status_and_list(job, home):
     assert status["status"] == "completed" and status["current_iteration"] == STEPS
     plain = run(home, "status", job_id)
     assert plain.stdout.strip() == "completed" and "best_checkpoint" in plain.stderr
-    listed = run(home, "list", "--agent", "cli-agent")
-    assert job_id[:8] in listed.stdout and "completed" in listed.stdout
+    assert "eval reward" in plain.stderr  # the run evaluated its checkpoints: the best one's score shows
+    listed = run(home, "list", "--agent", "cli-agent")  # not a terminal: tab-separated, nothing cut
+    header, row = listed.stdout.strip().splitlines()
+    assert header.split("\t")[0] == "job" and row.split("\t")[:3] == [job_id, "cli-agent", "completed"]
+    refused = run(home, "--token", "not.a.jwt", "list", code=None)
+    assert refused.exit_code != 0 and "-40100" in refused.stderr and "raygrpo token" in refused.stderr
     page = json.loads(run(home, "--json", "list", "--agent", "cli-agent").stdout)
     assert [j["job_id"] for j in page["jobs"]] == [job_id]
     assert "not found" in run(home, "status", "job_" + "0" * 32, code=3).stderr
