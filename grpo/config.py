@@ -10,6 +10,7 @@ Every check that can fail does so here, before any Ray actor starts, with the fi
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -227,7 +228,11 @@ class GRPOConfig(BaseModel):
             if value is None:
                 continue
             local = Path(value).expanduser()
-            if local.exists():
+            try:
+                exists = local.exists()
+            except OSError as e:  # a name too long for the filesystem, say
+                raise ValueError(f"{field}: {value[:100]!r} is not a usable path ({e.strerror})") from None
+            if exists:
                 if not local.is_dir() or not any(local.glob("*.json")):
                     raise ValueError(f"{field}: {value} is not a Hugging Face model directory")
                 # Absolute, so Ray workers with another working directory load the same files.
@@ -306,7 +311,9 @@ def _format(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(msg if msg.startswith(f"{loc}:") else f"{loc}: {msg}")
+        # a model-level check (no loc) already names its field: "model: no such directory: ..."
+        named = not e["loc"] and re.match(r"^[a-z_][a-z0-9_.]*: ", msg)
+        lines.append(msg if named or msg.startswith(f"{loc}:") else f"{loc}: {msg}")
     return "invalid config: " + "; ".join(lines)
 
 

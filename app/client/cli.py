@@ -271,7 +271,11 @@ def serve_stack(ctx: typer.Context, port: int = 8001, num_cpus: int = 8) -> None
         signal.signal(signal.SIGINT, stop)
         dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
         env = {"RAYGRPO_HOME": str(o.home), "RAY_DASHBOARD_URL": dashboard}
-        for key in ("DATABASE_URL", "REDIS_URL", "RAYGRPO_JWT_SECRET", "RAYGRPO_DEFAULT_MODEL", "PYTHONPATH"):
+        # A developer's own stack: local models may come from the folder it was started in, unless the
+        # operator says otherwise (docs/operations.md, Security).
+        env["RAYGRPO_MODEL_ROOTS"] = os.environ.get("RAYGRPO_MODEL_ROOTS") or str(Path.cwd())
+        for key in ("DATABASE_URL", "REDIS_URL", "RAYGRPO_JWT_SECRET", "RAYGRPO_DEFAULT_MODEL", "PYTHONPATH",
+                    "RAYGRPO_ALLOWED_REWARDS", "RAYGRPO_ALLOWED_ENVIRONMENTS", "RAYGRPO_ALLOW_HUB_MODELS"):
             if os.environ.get(key):
                 env[key] = os.environ[key]
         api_url = start(port=port, env=env)

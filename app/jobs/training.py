@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -298,8 +299,10 @@ def engine_config(params: StartParams, *, settings: Settings, dataset: Path, eva
     mapping.update(c.engine)
     # Before anything is imported or loaded: only what the operator installed or allowed.
     check_job_imports(mapping, settings, reward_field="config.reward", environment_field="config.agent.environment")
-    check_model_source("config.model", c.model, settings)
-    check_model_source("config.engine.tokenizer", c.engine.get("tokenizer") if isinstance(c.engine.get("tokenizer"), str) else None, settings)
+    check_model_source("config.model", c.model, settings, resolved=False)
+    tokenizer = c.engine.get("tokenizer")
+    check_model_source("config.engine.tokenizer", tokenizer if isinstance(tokenizer, str) else None, settings,
+                       resolved=False)
     try:
         cfg = load_config(None, mapping)
         check_model_source("config.model", cfg.model if c.model else None, settings)
@@ -308,8 +311,21 @@ def engine_config(params: StartParams, *, settings: Settings, dataset: Path, eva
 
         preflight(cfg)
     except ConfigError as e:
-        raise RPCError(VALIDATION_FAILED, str(e).replace("invalid config: ", "config: "), {"field": "config"}) from None
+        message = str(e).replace("invalid config: ", "")
+        raise RPCError(VALIDATION_FAILED, "config: " + message, {"field": _api_field(message)}) from None
     return cfg
+
+
+def _api_field(engine_message: str) -> str:
+    """The request field an engine config error is about: `model: ...` -> config.model, `group_size: ...`
+    -> config.n_trajectories_per_query, an engine-only key -> config.engine.<key>; else `config`."""
+    match = re.match(r"^([a-z_]+)(?:\.[\w.]+)?: ", engine_message)
+    if match is None:
+        return "config"
+    key = match.group(1)
+    if key in MAPPED:
+        return "config." + MAPPED[key]
+    return f"config.engine.{key}" if key in GRPOConfig.model_fields else "config"
 
 
 def check_fits_cluster(cfg: GRPOConfig, settings: Settings) -> None:

@@ -36,7 +36,7 @@ def check_job_imports(mapping: dict, settings: Settings, *, reward_field: str, e
                       kind="environment", variable="RAYGRPO_ALLOWED_ENVIRONMENTS")
 
 
-def check_model_source(field: str, value: str | None, settings: Settings) -> None:
+def check_model_source(field: str, value: str | None, settings: Settings, *, resolved: bool = True) -> None:
     """A path (absolute, or starting with `.` or `~`) must lie under a model root, symlinks followed;
     anything else is a Hub id. Called on the request's value before any file is looked at, and again on
     the engine config's, where a relative name that is a local directory has become an absolute path."""
@@ -51,6 +51,11 @@ def check_model_source(field: str, value: str | None, settings: Settings) -> Non
         raise RPCError(VALIDATION_FAILED, f"{field}: local models must lie under this server's model roots "
                        "(RAYGRPO_MODEL_ROOTS, home/models, the default model's folder); register the model or "
                        "ask the operator", {"field": field})
+    if ".." in Path(value).parts:
+        raise RPCError(VALIDATION_FAILED, f"{field}: {value[:100]!r} climbs out of its folder ('..')",
+                       {"field": field})
+    if not resolved:  # a relative name: a local folder or a Hub id, told apart once the config resolved it
+        return
     if not _HUB_ID.match(value) or ".." in value:
         raise RPCError(VALIDATION_FAILED, f"{field}: {value[:100]!r} is neither a Hugging Face Hub id "
                        "(org/name) nor a model directory on this server", {"field": field})

@@ -38,12 +38,14 @@ def home(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def embedded_defaults():
+def embedded_defaults(tiny_model_dir):
     """The stack on its embedded defaults (SQLite under --home, no Redis), whatever DATABASE_URL and
-    REDIS_URL the test run has (CI sets them for the services tests); `up` passes its environment on."""
+    REDIS_URL the test run has (CI sets them for the services tests); `up` passes its environment on,
+    and the folder of the tiny model is where its jobs' local models may come from."""
     with pytest.MonkeyPatch.context() as mp:
         for name in ("DATABASE_URL", "REDIS_URL", "RAYGRPO_HOME", "RAY_ADDRESS", "RAY_DASHBOARD_URL"):
             mp.delenv(name, raising=False)
+        mp.setenv("RAYGRPO_MODEL_ROOTS", str(Path(tiny_model_dir).parent))
         yield
 
 
