@@ -111,6 +111,49 @@ def required_cpus(cfg: GRPOConfig) -> float:
     )
 
 
+def required_gpus(cfg: GRPOConfig) -> float:
+    return (cfg.num_policy_workers + cfg.num_rollout_workers) * cfg.gpus_per_worker
+
+
+def check_fits_cluster(cfg: GRPOConfig) -> None:
+    """ConfigError, naming what is missing, for a run the cluster this driver joined can never hold: its
+    total, or one worker on the largest node. The autoscaler's maximum counts where Ray publishes it
+    (autoscaler v2, KubeRay), and RAYGRPO_CLUSTER_CAPACITY (JSON, e.g. {"CPU": 96}) overrides. Without
+    this a `ray job submit` of a run bigger than the cluster waited for resources forever."""
+    import json
+
+    import ray
+
+    now = ray.cluster_resources()
+    capacity = {k: float(now.get(k, 0.0)) for k in ("CPU", "GPU")}
+    try:
+        from ray._private.state import state
+
+        published = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # a private API of Ray: without it, count the cluster as it is now
+        published = {}
+    for k in capacity:
+        capacity[k] = max(capacity[k], float(published.get(k, 0.0)))
+    try:
+        capacity.update({k: float(v) for k, v in json.loads(os.environ.get("RAYGRPO_CLUSTER_CAPACITY") or "{}").items()
+                         if k in capacity})
+    except (ValueError, AttributeError, TypeError):
+        pass
+    demand = {"CPU": required_cpus(cfg), "GPU": required_gpus(cfg)}
+    short = [f"{need:g} {k} (the cluster has at most {capacity[k]:g})" for k, need in demand.items()
+             if need > capacity[k] + 1e-9]
+    if not published:  # no autoscaler to add a bigger node: one worker must fit on a node there is
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        biggest = {k: max((float(n.get(k, 0.0)) for n in nodes), default=0.0) for k in ("CPU", "GPU")}
+        for k, per_worker in (("CPU", cfg.cpus_per_worker), ("GPU", cfg.gpus_per_worker)):
+            if per_worker > biggest[k] + 1e-9 and k not in {s.split()[1] for s in short}:
+                short.append(f"{per_worker:g} {k} on one node for one worker (the largest node has {biggest[k]:g})")
+    if short:
+        raise ConfigError("the cluster cannot hold this run: it needs " + " and ".join(short) + "; lower "
+                          "num_policy_workers, num_rollout_workers, num_reward_workers or the per-worker "
+                          "resources, or add nodes")
+
+
 def cost_usd(cfg: GRPOConfig, seconds: float) -> float:
     """Compute cost of the run so far: reserved CPUs and GPUs times their hourly price."""
     gpus = (cfg.num_policy_workers + cfg.num_rollout_workers) * cfg.gpus_per_worker
@@ -278,6 +321,7 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
             ray.init()
         else:  # a local cluster: declare enough logical CPUs for the actors this run asks for
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus(cfg))))
+    check_fits_cluster(cfg)  # before any reporter marks the run started or any actor is asked for
     reporters = [LocalReporter(cfg.run_dir), RayMetricsReporter(job_id), *(reporters or [])]
     for r in reporters:
         r.on_start(cfg, job_id=job_id)
@@ -455,7 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ImportError, AttributeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = run(cfg, reporters=reporters, job_id=args.job_id)
+    try:
+        result = run(cfg, reporters=reporters, job_id=args.job_id)
+    except ConfigError as e:  # the cluster cannot hold the run: say so at once
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"run {cfg.run_name}: {result.status} after {result.steps} steps; output in {cfg.run_dir}"
           + (f"; error: {result.error}" if result.error else ""), flush=True)
     return 0 if result.status in ("completed", "cancelled", "paused", "budget_exceeded") else 1

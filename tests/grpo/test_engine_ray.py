@@ -341,18 +341,55 @@ def _no_placement_group_left(timeout_s: float = 60.0) -> bool:
     return False
 
 
+class _Blocker:
+    def ping(self):
+        return True
+
+
 @pytest.mark.ray
-@pytest.mark.parametrize(("where", "cpus"), [
-    ("the rollout actors wait for CPUs", 9.0),  # one 9-CPU rollout actor on an 8-CPU cluster
-    ("the Ray Train worker group waits for CPUs", 3.0),  # actors 3.5 CPUs, then 2 workers x 3 of the 4.5 left
+@pytest.mark.parametrize(("where", "held"), [
+    ("the rollout actors wait for CPUs", 7),  # 1 CPU free: one 1-CPU rollout actor starts, the rest wait
+    ("the Ray Train worker group waits for CPUs", 4),  # actors take 3 of the 4 free, 2 workers x 1 wait
 ])
-def test_a_cancel_ends_a_run_that_waits_for_resources(ray_session, tiny_model_dir, tmp_path, where, cpus):
-    """The deadlock the job API met: a run holding part of what it needs, waiting for the rest. A cancel
-    must end it (within the stop grace), not wait for a step boundary that never comes."""
-    cfg = _cfg(tiny_model_dir, tmp_path, num_steps=5, num_policy_workers=2, cpus_per_worker=cpus)
+def test_a_cancel_ends_a_run_that_waits_for_resources(ray_session, tiny_model_dir, tmp_path, where, held):
+    """The deadlock the job API met: a run holding part of what it needs, waiting for the rest (here,
+    while another tenant holds `held` of the 8 CPUs). A cancel must end it (within the stop grace), not
+    wait for a step boundary that never comes."""
+    import ray
+
+    blocker = ray.remote(num_cpus=held)(_Blocker).remote()
+    ray.get(blocker.ping.remote(), timeout=120)
+    cfg = _cfg(tiny_model_dir, tmp_path, num_steps=5, num_policy_workers=2, num_rollout_workers=2,
+               num_reward_workers=2)  # 5 CPUs: it fits the cluster, not what is free
     reporter = _CancelAt(after_s=8.0)
-    result = run(cfg, reporters=[reporter], stop_grace_s=2.0)
+    try:
+        result = run(cfg, reporters=[reporter], stop_grace_s=2.0)
+    finally:
+        ray.kill(blocker)
     status, error, summary, ended_at = reporter.ended
     assert result.status == status == "cancelled" and result.steps == 0 and error is None, (where, result)
     assert ended_at - reporter.cancelled_at < 60, where  # seconds, not the worker group's start timeout
     assert _no_placement_group_left(), where
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize(("overrides", "missing"), [
+    ({"num_rollout_workers": 2, "cpus_per_worker": 4.0}, "16 CPU (the cluster has at most 8)"),
+    ({"cpus_per_worker": 9.0, "num_policy_workers": 1, "num_rollout_workers": 1, "num_reward_workers": 1,
+      "cpus_per_reward_worker": 0.0}, "18 CPU"),
+    ({"gpus_per_worker": 1.0, "num_policy_workers": 1, "num_rollout_workers": 1}, "2 GPU (the cluster has at most 0)"),
+])
+def test_a_run_the_cluster_can_never_hold_fails_at_once_naming_what_is_missing(ray_session, tiny_model_dir,
+                                                                                tmp_path, overrides, missing):
+    """`ray job submit` of a run bigger than the cluster used to wait for resources forever."""
+    from ray.util.state import list_actors
+
+    from grpo.config import ConfigError
+
+    before = len(list_actors(filters=[("class_name", "=", "RolloutWorker")]))
+    cfg = _cfg(tiny_model_dir, tmp_path, num_steps=2, **overrides)
+    with pytest.raises(ConfigError, match="the cluster cannot hold this run") as info:
+        run(cfg)
+    assert missing in str(info.value), str(info.value)
+    assert len(list_actors(filters=[("class_name", "=", "RolloutWorker")])) == before  # nothing was started
+    assert not (cfg.run_dir / "metrics.jsonl").exists()
