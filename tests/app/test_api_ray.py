@@ -162,8 +162,13 @@ def test_a_tiny_budget_stops_the_run_within_about_a_step(api):
     assert status["best_checkpoint"] is not None  # it stopped with a checkpoint
     cost = Decimal(status["cost_usd"])
     per_second = Decimal("2.5") * Decimal("0.05") / 3600
-    # Over by at most a step, the driver's 0.5 s poll and the final checkpoint: a few seconds' worth.
-    assert budget <= cost <= budget + 5 * per_second, (cost, budget)
+    # The run stops before the step that would cross the budget (the step's cost is predicted from the
+    # last one), so it ends a step or two short of it, and in the worst case over by at most a step, the
+    # driver's 0.5 s poll and the final checkpoint: a few seconds' worth either way, never far off.
+    _, _, home = api
+    rows = [json.loads(line) for line in (home / "jobs" / job["job_id"] / "run" / "metrics.jsonl").read_text().splitlines()]
+    step = Decimal(str(max(r["step_time_s"] for r in rows[-3:]))) * per_second
+    assert budget - 3 * step - 5 * per_second <= cost <= budget + 5 * per_second, (cost, budget, step)
 
 
 def test_killing_the_dispatcher_and_the_replica_loses_no_job_and_runs_none_twice(api):
@@ -322,3 +327,28 @@ def test_auth_rate_limits_and_metrics_across_two_replicas(api):
 def api_backend(api) -> str:
     _, _, home = api
     return "sqlite" if (home / "raygrpo.db").exists() else "postgresql+redis"
+
+
+def test_losing_one_of_two_replicas_hangs_no_request(api):
+    """With one replica, requests used to hang ~40 s after it was killed. With two, each request in the
+    seconds after one is killed is served by the other, or refused with a quick 503; none waits long."""
+    import ray
+
+    url, client, _ = api
+    body = {"jsonrpc": "2.0", "method": "training.list_jobs", "params": {"limit": 1}, "id": 1}
+    assert client.post(url, json=body).status_code == 200
+    replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::raygrpo-api")]
+    assert len(replicas) >= 2, replicas
+    ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
+    answers, slowest = [], 0.0
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        t0 = time.time()
+        r = client.post(url, json=body, timeout=30)
+        slowest = max(slowest, time.time() - t0)
+        answers.append(r.status_code)
+        if r.status_code == 503:
+            assert r.headers.get("Retry-After"), r.headers
+    assert set(answers) <= {200, 503} and answers.count(200) >= len(answers) // 2, answers
+    assert slowest < 5.0, (slowest, answers)

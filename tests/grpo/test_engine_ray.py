@@ -232,16 +232,15 @@ def test_a_killed_train_worker_restarts_from_the_checkpoint_and_every_step_is_st
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize(("dtype", "reward_source"), [("float32", None), ("bfloat16", DIGIT_SOURCE)],
-                         ids=["float32", "bfloat16-sandboxed-reward-source"])
-def test_learns_the_digit_task_from_random_init(ray_session, tiny_model_dir, tmp_path, dtype, reward_source):
+def test_learns_the_digit_task_from_random_init_with_a_sandboxed_reward_source(ray_session, tiny_model_dir,
+                                                                                tmp_path):
     # The KL to the random-init reference keeps entropy up: without it a few prompts can collapse to
-    # one wrong digit (flat groups, no signal) and the mean stalls near 0.8. bfloat16 is mixed precision
-    # (fp32 masters, bf16 compute and bf16 rollout copies) and must learn as fp32 does; that run is scored
-    # by a reward given as source, which runs only in the sandbox (one process per batch).
+    # one wrong digit (flat groups, no signal) and the mean stalls near 0.8. The reward is the digit task's,
+    # given as source: it runs only in the sandbox, one process per batch. (bf16 mixed precision is shown
+    # equal to fp32 step by step in test_parallel*.py: a 300-step bf16 run costs ~17 min on 2 CPU cores.)
     cfg = _cfg(tiny_model_dir, tmp_path, num_steps=300, prompts_per_step=16, group_size=8, max_new_tokens=8,
                learning_rate=1e-3, kl_coef=0.02, eval_size=10, eval_interval=100, checkpoint_interval=150,
-               dtype=dtype, reward_source=reward_source)
+               reward_source=DIGIT_SOURCE)
     result = run(cfg)
     assert result.status == "completed", result.error
     rewards = [m["reward_mean"] for m in _rows(cfg.run_dir / "metrics.jsonl")]
@@ -341,11 +340,6 @@ def _no_placement_group_left(timeout_s: float = 60.0) -> bool:
     return False
 
 
-class _Blocker:
-    def ping(self):
-        return True
-
-
 @pytest.mark.ray
 @pytest.mark.parametrize(("where", "held"), [
     ("the rollout actors wait for CPUs", 7),  # 1 CPU free: one 1-CPU rollout actor starts, the rest wait
@@ -356,16 +350,17 @@ def test_a_cancel_ends_a_run_that_waits_for_resources(ray_session, tiny_model_di
     while another tenant holds `held` of the 8 CPUs). A cancel must end it (within the stop grace), not
     wait for a step boundary that never comes."""
     import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
 
-    blocker = ray.remote(num_cpus=held)(_Blocker).remote()
-    ray.get(blocker.ping.remote(), timeout=120)
+    blocker = placement_group([{"CPU": held}])  # the other tenant's reservation
+    ray.get(blocker.ready(), timeout=120)
     cfg = _cfg(tiny_model_dir, tmp_path, num_steps=5, num_policy_workers=2, num_rollout_workers=2,
                num_reward_workers=2)  # 5 CPUs: it fits the cluster, not what is free
     reporter = _CancelAt(after_s=8.0)
     try:
         result = run(cfg, reporters=[reporter], stop_grace_s=2.0)
     finally:
-        ray.kill(blocker)
+        remove_placement_group(blocker)
     status, error, summary, ended_at = reporter.ended
     assert result.status == status == "cancelled" and result.steps == 0 and error is None, (where, result)
     assert ended_at - reporter.cancelled_at < 60, where  # seconds, not the worker group's start timeout
@@ -374,9 +369,10 @@ def test_a_cancel_ends_a_run_that_waits_for_resources(ray_session, tiny_model_di
 
 @pytest.mark.ray
 @pytest.mark.parametrize(("overrides", "missing"), [
-    ({"num_rollout_workers": 2, "cpus_per_worker": 4.0}, "16 CPU (the cluster has at most 8)"),
-    ({"cpus_per_worker": 9.0, "num_policy_workers": 1, "num_rollout_workers": 1, "num_reward_workers": 1,
-      "cpus_per_reward_worker": 0.0}, "18 CPU"),
+    ({"num_policy_workers": 1, "num_rollout_workers": 2, "num_reward_workers": 1, "cpus_per_worker": 4.0},
+     "12.5 CPU (the cluster has at most 8)"),
+    ({"cpus_per_worker": 9.0, "num_policy_workers": 1, "num_rollout_workers": 1, "num_reward_workers": 1},
+     "18.5 CPU"),
     ({"gpus_per_worker": 1.0, "num_policy_workers": 1, "num_rollout_workers": 1}, "2 GPU (the cluster has at most 0)"),
 ])
 def test_a_run_the_cluster_can_never_hold_fails_at_once_naming_what_is_missing(ray_session, tiny_model_dir,
