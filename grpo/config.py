@@ -200,7 +200,10 @@ class GRPOConfig(BaseModel):
 
     # ---- accounting ----------------------------------------------------------------------------
     max_budget_usd: float | None = Field(None, gt=0.0, le=1e7)
-    """stop the run (with a checkpoint) when its compute cost reaches this; warn at 75% and 90%"""
+    """stop the run (with a checkpoint) before its compute cost would pass this; warn at 75% and 90%"""
+    budget_stop_reserve_s: float = Field(5.0, ge=0.0, le=3600.0)
+    """seconds of the run's resources the budget keeps for the end: the final checkpoint and the release of
+    the workers, which cost while they happen. The run stops when the next step and this would pass it"""
     cpu_hour_usd: float = Field(0.05, ge=0.0, le=1000.0)
     """price of one logical CPU for one hour, for the cost metric"""
     gpu_hour_usd: float = Field(2.5, ge=0.0, le=1000.0)

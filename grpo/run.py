@@ -430,10 +430,12 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
                     warned.add(pct)
                     log.warning("run has used %d%% of its budget ($%.6g of $%.6g)", pct, cost, cfg.max_budget_usd)
             # Stop before the step that would cross the budget: the step in flight ends first (the loop
-            # stops at a boundary), so stop when the cost after it and one more would be over.
+            # stops at a boundary), then the final checkpoint and the workers' release, which cost too; so
+            # stop when the cost after the step in flight, one more and that reserve would be over.
             if last:
                 step_s = float(last.get("step_time_s", 0.0))
-                if used >= 1.0 or cost + 2 * cost_usd(cfg, step_s) > cfg.max_budget_usd:
+                ahead = cost_usd(cfg, 2 * step_s + cfg.budget_stop_reserve_s)
+                if used >= 1.0 or cost + ahead > cfg.max_budget_usd:
                     request_stop("budget_exceeded")
             elif used >= 1.0:
                 request_stop("budget_exceeded")

@@ -183,6 +183,8 @@ def up(
     port: Annotated[int, typer.Option(help="HTTP port of Serve (0: a free one)")] = 8001,
     num_cpus: Annotated[int | None, typer.Option(help="logical CPUs of the local Ray (default: max(cores, 8))")] = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the API")] = 180.0,
+    replicas: Annotated[int | None, typer.Option(help="API replicas, fixed (default: autoscaled from 1): "
+                                                      "2 or more keep it answering when one dies")] = None,
 ) -> None:
     """Start a local Ray and the job API on it in the background (SQLite under --home, no Redis)."""
     o: Opts = ctx.obj
@@ -195,7 +197,7 @@ def up(
     state_path(o.home).unlink(missing_ok=True)
     log = o.home / "stack.log"
     cmd = [sys.executable, "-m", "app.client.cli", "--home", str(o.home), "serve-stack", "--port", str(port or _free_port()),
-           "--num-cpus", str(num_cpus or max(os.cpu_count() or 1, 8))]
+           "--num-cpus", str(num_cpus or max(os.cpu_count() or 1, 8)), *(["--replicas", str(replicas)] if replicas else [])]
     with open(log, "ab") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)  # outlives this command
@@ -218,7 +220,7 @@ def up(
 
 
 @cli.command("serve-stack", hidden=True)
-def serve_stack(ctx: typer.Context, port: int = 8001, num_cpus: int = 8) -> None:
+def serve_stack(ctx: typer.Context, port: int = 8001, num_cpus: int = 8, replicas: int = 0) -> None:
     """The process `up` starts: a Ray head (`ray start --block`, its child) + Serve + the API until SIGTERM.
 
     Every port of the head is a free one: Ray's fixed defaults (6379, the dashboard agent's 52365, the
@@ -278,7 +280,7 @@ def serve_stack(ctx: typer.Context, port: int = 8001, num_cpus: int = 8) -> None
                     "RAYGRPO_ALLOWED_REWARDS", "RAYGRPO_ALLOWED_ENVIRONMENTS", "RAYGRPO_ALLOW_HUB_MODELS"):
             if os.environ.get(key):
                 env[key] = os.environ[key]
-        api_url = start(port=port, env=env)
+        api_url = start(port=port, env=env, replicas=replicas or None)
         _wait_for_jobs_agent(dashboard)
         state = {"pid": os.getpid(), "api_url": api_url.removesuffix("/api/v1/jsonrpc"), "rpc_url": api_url,
                  "dashboard_url": dashboard, "ray_address": address, "home": str(o.home),

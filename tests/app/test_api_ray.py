@@ -154,7 +154,9 @@ def test_cancelling_a_running_job_checkpoints_it(api):
 
 
 def test_a_tiny_budget_stops_the_run_within_about_a_step(api):
-    budget = Decimal("0.0006")  # ~17 s of the run's 2.5 logical CPUs at $0.05 per CPU-hour
+    # ~43 s of the run's 2.5 logical CPUs at $0.05 per CPU-hour: the Ray Train workers' start-up (~20 s
+    # on 2 cores, metered: they hold their CPUs) and then some steps of ~0.3 s
+    budget = Decimal("0.0015")
     job = rpc(api, "training.start_grpo", **job_params(n_iterations=5000, checkpoint_interval=0,
                                                          max_budget_usd=str(budget)))
     status = wait_for(api, job["job_id"], {"completed", "failed", "cancelled"})
@@ -168,7 +170,8 @@ def test_a_tiny_budget_stops_the_run_within_about_a_step(api):
     _, _, home = api
     rows = [json.loads(line) for line in (home / "jobs" / job["job_id"] / "run" / "metrics.jsonl").read_text().splitlines()]
     step = Decimal(str(max(r["step_time_s"] for r in rows[-3:]))) * per_second
-    assert budget - 3 * step - 5 * per_second <= cost <= budget + 5 * per_second, (cost, budget, step)
+    # the stop keeps 5 s for the final checkpoint and the release of the workers (budget_stop_reserve_s)
+    assert budget - 3 * step - 10 * per_second <= cost <= budget + 5 * per_second, (cost, budget, step)
 
 
 def test_killing_the_dispatcher_and_the_replica_loses_no_job_and_runs_none_twice(api):
