@@ -25,7 +25,9 @@ def build_app() -> FastAPI:
 
 @serve.deployment(
     name="TrainingAPI",
-    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
+    # Two replicas at least: losing one (its node, an OOM kill) costs no request. `start` below uses one
+    # for a developer's local stack unless asked for more.
+    autoscaling_config={"min_replicas": 2, "max_replicas": 4, "target_ongoing_requests": 16},
     max_ongoing_requests=64,
     health_check_period_s=10,
     ray_actor_options={"num_cpus": 0.1},
@@ -63,6 +65,8 @@ def start(*, host: str = "127.0.0.1", port: int | None = None, env: dict[str, st
         options["ray_actor_options"] = {"num_cpus": 0.1, "runtime_env": {"env_vars": env}}
     if replicas:
         options |= {"num_replicas": replicas, "autoscaling_config": None}
+    else:  # a local stack: one replica unless load asks for more
+        options["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
     if options:
         target = TrainingAPI.options(**options).bind()
     serve.run(target, name="raygrpo-api", route_prefix="/", blocking=False)
