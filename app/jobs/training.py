@@ -126,6 +126,9 @@ class TrainingConfig(BaseModel):
     """sampling temperature"""
     kl_coef: float | None = Field(None, ge=0.0, le=10.0)
     """KL penalty weight against the initial model"""
+    target_reward: float | None = Field(None, ge=-1e9, le=1e9)
+    """the job completes early (with a checkpoint) once the mean training reward of the last 10 steps
+    (engine.target_window) reaches this"""
     num_policy_workers: int | None = Field(None, ge=1, le=1024)
     """Ray Train workers"""
     num_rollout_workers: int | None = Field(None, ge=1, le=1024)
@@ -145,7 +148,7 @@ SERVER_OWNED = {"output_dir", "run_name", "dataset", "eval_dataset", "task", "cp
 MAPPED = {"num_steps": "n_iterations", "prompts_per_step": "batch_size", "group_size": "n_trajectories_per_query",
           "learning_rate": "learning_rate", "checkpoint_interval": "checkpoint_interval", "model": "model",
           "reward": "reward", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
-          "kl_coef": "kl_coef", "num_policy_workers": "num_policy_workers",
+          "kl_coef": "kl_coef", "target_reward": "target_reward", "num_policy_workers": "num_policy_workers",
           "num_rollout_workers": "num_rollout_workers", "num_reward_workers": "num_reward_workers",
           "gpus_per_worker": "gpus_per_worker",
           **{AGENT_KEYS.get(k, k): f"agent.{k}" for k in AgentConfig.model_fields}}
@@ -285,7 +288,7 @@ def engine_config(params: StartParams, *, settings: Settings, dataset: Path, eva
         agent.setdefault("max_steps_per_trajectory", c.max_steps_per_trajectory if c.max_steps_per_trajectory > 1 else 4)
         agent.setdefault("gamma", c.gamma)
         mapping.update(agent)
-    for key in ("max_new_tokens", "temperature", "kl_coef", "num_policy_workers", "num_rollout_workers",
+    for key in ("max_new_tokens", "temperature", "kl_coef", "target_reward", "num_policy_workers", "num_rollout_workers",
                 "num_reward_workers", "gpus_per_worker"):
         if getattr(c, key) is not None:
             mapping[key] = getattr(c, key)

@@ -94,6 +94,15 @@ def test_start_returns_queued_at_once_and_status_reads_it_back(client):
         assert client.ctx.queue.get_status(reply["job_id"]) == "queued"
 
 
+def test_target_reward_reaches_the_engine_and_is_not_an_engine_key(client):
+    reply = start(client, config={"n_iterations": 50, "reward": "digit", "target_reward": 0.9})["result"]
+    with db.session_scope(client.ctx.engine) as s:
+        assert db.get_job(s, job_id=reply["job_id"]).engine_config["target_reward"] == 0.9
+    moved = start(client, config={"reward": "digit", "engine": {"target_reward": 0.9}})["error"]
+    assert moved["code"] == -40002 and moved["data"]["field"] == "config.engine.target_reward"
+    assert "use config.target_reward" in moved["message"]
+
+
 def test_training_queries_alias_and_idempotency(client):
     a = start(client, training_queries=ROWS, idempotency_key="k-1")
     # the same key again: the same job, not a second one
