@@ -11,6 +11,7 @@ reporters, and stop requests (SIGTERM from `ray job stop`, a reporter's cancel, 
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import logging
 import math
@@ -293,6 +294,29 @@ class _Progress:
             self.bar.close()
 
 
+def own_cluster_address() -> str | None:
+    """The GCS address of the cluster whose Ray Job this process is the entrypoint of; None outside a Ray Job.
+
+    Ray hands a job's entrypoint `RAY_ADDRESS` resolved from "auto", i.e. from the address file of the
+    newest cluster started on the machine: with two local clusters (a test session's and a `raygrpo up`
+    stack) a run could land on the other one. The job supervisor that started us is a worker process of
+    the right cluster, and its command line names that cluster's GCS."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        return None
+    pid = os.getppid()
+    while pid > 1:  # up the process tree (Linux /proc): sh -c, then the supervisor
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return None
+        for arg in args:
+            if arg.startswith(b"--gcs-address="):
+                return arg.split(b"=", 1)[1].decode()
+        pid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+    return None
+
+
 def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str | None = None,
         poll_s: float = 0.5, handles: dict[str, Any] | None = None, stop_grace_s: float = 10.0) -> RunResult:
     """Run (or resume) one GRPO run to its end on the Ray cluster `ray.init` finds or starts.
@@ -317,7 +341,9 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
+        if own := own_cluster_address():  # a Ray Job's driver: the cluster the job was submitted to
+            ray.init(address=own)
+        elif os.environ.get("RAY_ADDRESS"):
             ray.init()
         else:  # a local cluster: declare enough logical CPUs for the actors this run asks for
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus(cfg))))
@@ -406,6 +432,7 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
     progress: _Progress | None = None
     last: dict[str, float] = {}
     warned: set[int] = set()
+    recent: collections.deque[float] = collections.deque(maxlen=cfg.target_window)
     while True:
         alive = worker.is_alive()
         resumed_at, metrics, rows = ray.get(monitor.drain.remote())
@@ -423,6 +450,13 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
             for r in reporters:
                 r.on_step(m)
             last = m
+            recent.append(float(m.get("reward_mean", 0.0)))
+            if (cfg.target_reward is not None and len(recent) == recent.maxlen
+                    and sum(recent) / len(recent) >= cfg.target_reward and "at" not in stop_requested):
+                # Done: the policy solves the task. The step in flight ends, then a final checkpoint.
+                log.info("mean reward %.3f over the last %d steps reached the target %.3g at step %d: stopping",
+                         sum(recent) / len(recent), len(recent), cfg.target_reward, int(m["step"]))
+                request_stop("completed")
         if cfg.max_budget_usd:
             used = cost / cfg.max_budget_usd
             for pct in (75, 90):

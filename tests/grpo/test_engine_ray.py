@@ -20,7 +20,6 @@ from grpo import parallel
 from grpo.config import GRPOConfig
 from grpo.run import build_actors, run
 
-
 DIGIT_SOURCE = """
 def reward(prompt, completion, expected):
     # the digit task's partial credit, written as a user would: share of the first 6 characters
@@ -238,19 +237,50 @@ def test_learns_the_digit_task_from_random_init_with_a_sandboxed_reward_source(r
     # one wrong digit (flat groups, no signal) and the mean stalls near 0.8. The reward is the digit task's,
     # given as source: it runs only in the sandbox, one process per batch. (bf16 mixed precision is shown
     # equal to fp32 step by step in test_parallel*.py: a 300-step bf16 run costs ~17 min on 2 CPU cores.)
+    # The run ends as soon as the mean of the last 20 steps reaches 0.8 (target_reward), else after 300.
     cfg = _cfg(tiny_model_dir, tmp_path, num_steps=300, prompts_per_step=16, group_size=8, max_new_tokens=8,
-               learning_rate=1e-3, kl_coef=0.02, eval_size=10, eval_interval=100, checkpoint_interval=150,
-               reward_source=DIGIT_SOURCE)
+               learning_rate=1e-3, kl_coef=0.02, eval_size=10, checkpoint_interval=50,
+               reward_source=DIGIT_SOURCE, target_reward=0.8, target_window=20)
     result = run(cfg)
     assert result.status == "completed", result.error
     rewards = [m["reward_mean"] for m in _rows(cfg.run_dir / "metrics.jsonl")]
     start, end = sum(rewards[:10]) / 10, sum(rewards[-20:]) / 20
     assert start < 0.3  # a random policy rarely emits the named digit
-    assert end >= 0.8, f"mean reward {start:.3f} -> {end:.3f}"
+    assert end >= 0.8, f"mean reward {start:.3f} -> {end:.3f} in {len(rewards)} steps"
+    assert result.steps == len(rewards) < 300  # it stopped when done, with a checkpoint of its last step
+    assert torch.load(Path(result.checkpoint) / "trainer_state.pt", weights_only=False)["step"] == result.steps
+    assert sum(m["reward_errors"] for m in _rows(cfg.run_dir / "metrics.jsonl")) == 0
     # every kept checkpoint was evaluated, and the best is the highest-scoring one (not Ray's first)
     assert result.checkpoint_scores and set(result.checkpoint_scores) <= set(result.best_checkpoints)
     assert result.checkpoint_scores[result.best_checkpoints[0]] == max(result.checkpoint_scores.values())
 
+
+@pytest.mark.slow
+def test_learns_the_digit_task_with_an_installed_plugin_reward(tiny_model_dir, tmp_path):
+    """A reward installed as a plugin (a distribution with a `raygrpo.rewards` entry point), named in the
+    config by its entry point's name, trains the digit task through `python -m grpo.run` as a user runs it."""
+    site = tmp_path / "site"
+    (site / "digit_share_plugin-1.0.dist-info").mkdir(parents=True)
+    (site / "digit_share_plugin-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: digit-share-plugin\nVersion: 1.0\n")
+    (site / "digit_share_plugin-1.0.dist-info" / "entry_points.txt").write_text(
+        "[raygrpo.rewards]\ndigit_share = digit_share_plugin:reward\n")
+    (site / "digit_share_plugin.py").write_text(DIGIT_SOURCE)
+    args = _cli_args(tiny_model_dir, tmp_path, "plugin", num_steps=300, prompts_per_step=16, group_size=8,
+                     max_new_tokens=8, learning_rate=1e-3, kl_coef=0.02, checkpoint_interval=0,
+                     reward="digit_share", target_reward=0.8, target_window=20)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.run([sys.executable, "-m", "grpo.run", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=840)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    run_dir = tmp_path / "runs" / "plugin"
+    rows = _rows(run_dir / "metrics.jsonl")
+    rewards = [m["reward_mean"] for m in rows]
+    start, end = sum(rewards[:10]) / 10, sum(rewards[-20:]) / 20
+    assert start < 0.3 and end >= 0.8, f"mean reward {start:.3f} -> {end:.3f} in {len(rewards)} steps"
+    assert len(rewards) < 300 and sum(m["reward_errors"] for m in rows) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
 class _CancelAfter:
     """A reporter that asks the run to stop once it has seen `n` steps (as the job API's cancel does)."""
@@ -389,3 +419,24 @@ def test_a_run_the_cluster_can_never_hold_fails_at_once_naming_what_is_missing(r
     assert missing in str(info.value), str(info.value)
     assert len(list_actors(filters=[("class_name", "=", "RolloutWorker")])) == before  # nothing was started
     assert not (cfg.run_dir / "metrics.jsonl").exists()
+
+
+@pytest.mark.ray
+def test_a_ray_jobs_driver_uses_the_cluster_it_was_submitted_to(ray_session):
+    """Ray resolves a job entrypoint's RAY_ADDRESS from the machine's newest cluster; with two local clusters
+    a run landed on the other one. The driver finds its own cluster through its job supervisor."""
+    import ray
+    from ray.job_submission import JobSubmissionClient
+
+    from grpo.run import own_cluster_address
+
+    assert own_cluster_address() is None  # not a Ray Job: RAY_ADDRESS or a local cluster, as before
+    client = JobSubmissionClient(os.environ["RAYGRPO_TEST_DASHBOARD_URL"])
+    probe = "from grpo.run import own_cluster_address; print('own cluster:', own_cluster_address())"
+    sid = client.submit_job(entrypoint=f"{sys.executable} -c \"{probe}\"")
+    deadline = time.time() + 120
+    while not client.get_job_status(sid).is_terminal() and time.time() < deadline:
+        time.sleep(0.5)
+    logs = client.get_job_logs(sid)
+    assert str(client.get_job_status(sid)) == "SUCCEEDED", logs
+    assert f"own cluster: {ray.get_runtime_context().gcs_address}" in logs, logs
