@@ -65,6 +65,7 @@ class DBReporter:
 
     def on_step(self, metrics: dict[str, float]) -> None:
         from app.data.db import record_progress, session_scope, set_status
+        from app.data.tables import AuditEntry
         from app.research.series import record_job_metrics
 
         cost = self._cost(metrics.get("cost_usd", 0.0))
@@ -78,6 +79,11 @@ class DBReporter:
                     if used >= pct > self.warned:  # recorded once per level (the job API's budget warning)
                         self.warned = pct
                         set_status(s, job_id=self.job_id, status=job.status, budget_warned_pct=pct)
+                        # audited with the cost it was crossed at (audit.query method=training.budget.warning)
+                        s.add(AuditEntry(principal="system", auth_method="local", method="training.budget.warning",
+                                         target=self.job_id, outcome="ok",
+                                         params={"percent": pct, "cost_usd": str(cost), "budget_usd": str(self.budget),
+                                                 "step": int(metrics["step"])}))
                         log.warning("job %s has used %d%% of its budget (%s of %s USD)", self.job_id, pct, cost,
                                     self.budget)
                         self.webhooks.emit("training.budget.warning", {
