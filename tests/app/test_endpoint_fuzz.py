@@ -103,8 +103,8 @@ def hostile_requests(draw):
     depth = draw(st.integers(1, 100_000) | st.sampled_from([62, 63, 64, 65, 300, 998, 1_000]))
     field = draw(st.sampled_from(["config", "metadata", "training_data", "tags", "x"]))
     value = _nested(depth, draw(st.sampled_from(["array", "object"])))
-    body = ('{"jsonrpc": "2.0", "id": 1, "method": "%s", "params": {"name": "n", "agent_id": "a", "%s": %s}}'
-            % (method, field, value))
+    body = ('{"jsonrpc": "2.0", "id": 1, "method": "' + method + '", "params": {"name": "n", "agent_id": "a", "'
+            + field + '": ' + value + "}}")
     headers = draw(st.lists(st.tuples(header_names, header_values), max_size=4))
     return body, headers
 

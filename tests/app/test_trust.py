@@ -29,7 +29,7 @@ def plugin_dir(tmp_path, monkeypatch):
     (root / f"{PLUGIN}-1.0.dist-info" / "entry_points.txt").write_text(
         f"[raygrpo.rewards]\nprobe_reward = {PLUGIN}:score\n\n[raygrpo.environments]\nprobe_env = {PLUGIN}:ProbeEnv\n")
     marker = tmp_path / "imported"
-    (root / f"{PLUGIN}.py").write_text(textwrap.dedent(f"""
+    (root / f"{PLUGIN}.py").write_text(textwrap.dedent("""
         def score(prompt, completion, expected):
             return 1.0 if completion.strip() == expected else 0.0
 
