@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -234,6 +235,69 @@ def test_detach_cancel_and_bad_config(job, home, tmp_path):
     bad.write_text(yaml.safe_dump(spec))
     assert "config.engine.output_dir" in run(home, "submit", str(bad), code=3).stderr
     assert "expected a mapping" in run(home, "submit", str(_write(tmp_path / "x.yaml", "[1, 2]")), code=2).stderr
+
+
+def test_three_readme_shaped_jobs_at_once_all_complete_and_never_share_the_cluster(job, home):
+    """Two jobs used to deadlock: each got its actors, then both worker groups waited for CPUs forever.
+    Three jobs of the README's shape (2 policy workers, 2 rollout and 2 reward actors: 5 CPUs) on a
+    6-CPU stack: the dispatcher admits one at a time by resources, the others wait as `queued` with
+    the reason shown, and all complete. One that no cluster of this size can hold is refused at once."""
+    _, _, spec_path = job
+    spec = yaml.safe_load(spec_path.read_text())
+    spec.pop("evaluation_data")
+    spec["config"].update(n_iterations=3, checkpoint_interval=0, num_policy_workers=2, num_rollout_workers=2,
+                          num_reward_workers=2, engine={"cpus_per_worker": 1, "cpus_per_reward_worker": 0.5})
+    shaped = _write(spec_path.parent / "readme-shaped.yaml", yaml.safe_dump(spec))
+    spec["config"]["num_policy_workers"] = 4  # 4 + 2 + 1 = 7 CPUs on a 6-CPU stack
+    too_big = _write(spec_path.parent / "too-big.yaml", yaml.safe_dump(spec))
+    refused = run(home, "submit", "--detach", str(too_big), code=3).stderr  # refused at once, nothing queued
+    assert "-40002" in refused and "cannot fit this cluster: needs 7 CPU" in refused, refused
+    ids = [run(home, "submit", "--detach", str(shaped)).stdout.strip() for _ in range(3)]
+
+    most_running, waited, final = 0, set(), {}
+    deadline = time.time() + 600
+    while len(final) < 3 and time.time() < deadline:
+        statuses = {j: json.loads(run(home, "--json", "status", j).stdout) for j in ids}
+        most_running = max(most_running, sum(s["status"] == "running" for s in statuses.values()))
+        waited |= {j for j, s in statuses.items()
+                   if s["status"] == "queued" and (s.get("admission") or {}).get("decision") == "waiting"}
+        final = {j: s for j, s in statuses.items() if s["status"] in ("completed", "failed", "cancelled")}
+        time.sleep(1.0)
+    assert {j: s["status"] for j, s in final.items()} == dict.fromkeys(ids, "completed"), final
+    assert most_running == 1  # never two runs holding part of the cluster each
+    assert waited, "no job was seen waiting for resources"
+
+
+def test_down_then_up_mid_job_resumes_it_and_stores_every_step_once(stack, job, home):
+    """`raygrpo down` with a job mid-way, then `up` on the same home: the job goes on from its checkpoint
+    and each step's trajectories are stored exactly prompts x group times (the steps the lost run did
+    after its checkpoint are run again and replace what it wrote)."""
+    state, _ = stack
+    _, _, spec_path = job
+    spec = yaml.safe_load(spec_path.read_text())
+    spec.pop("evaluation_data")
+    steps = 16
+    spec["config"].update(n_iterations=steps, checkpoint_interval=4, engine={"cpus_per_worker": 1,
+                                                                              "cpus_per_reward_worker": 0.5})
+    job_id = run(home, "submit", "--detach", str(_write(spec_path.parent / "restart.yaml",
+                                                        yaml.safe_dump(spec)))).stdout.strip()
+    deadline = time.time() + 300
+    while json.loads(run(home, "--json", "status", job_id).stdout)["current_iteration"] < 6:
+        assert time.time() < deadline
+        time.sleep(0.5)
+    run(home, "down")
+    port = state["api_url"].rsplit(":", 1)[1].split("/")[0]
+    run(home, "up", "--port", port, "--num-cpus", "6")
+    deadline = time.time() + 420
+    while (status := json.loads(run(home, "--json", "status", job_id).stdout))["status"] not in (
+            "completed", "failed", "cancelled"):
+        assert time.time() < deadline, status
+        time.sleep(1.0)
+    assert status["status"] == "completed" and status["current_iteration"] == steps, status
+    out = home / "restart.jsonl"
+    run(home, "export", job_id, "-o", str(out))
+    per_step = Counter(json.loads(line)["step"] for line in out.read_text().splitlines() if line.strip())
+    assert per_step == dict.fromkeys(range(1, steps + 1), BATCH * GROUP), per_step
 
 
 def _write(path: Path, text: str) -> Path:
