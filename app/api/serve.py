@@ -74,11 +74,22 @@ def start(*, host: str = "127.0.0.1", port: int | None = None, env: dict[str, st
 
 
 if __name__ == "__main__":
+    import signal
+    import sys
+
     import ray
+
+    # `kill` (TERM) and Ctrl-C end it cleanly, its local Ray with it (atexit); a shell without job control
+    # starts `... &` with SIGINT ignored, so TERM is the one that always arrives.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     # Measured 1.5x the throughput of Serve's defaults on the job API (docs/benchmarks.md).
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    ray.init(address=os.environ.get("RAY_ADDRESS"), namespace="raygrpo")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(namespace="raygrpo")
+    else:  # a local Ray, as `raygrpo up` starts it: logical CPUs for a README-shaped job even on 2 cores
+        ray.init(namespace="raygrpo", num_cpus=max(os.cpu_count() or 1, 8))
     print(f"job API at {start()}", flush=True)
     while True:
         time.sleep(3600)
