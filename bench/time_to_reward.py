@@ -1,0 +1,194 @@
+"""Time to a trained policy: seconds from process start to a running mean reward of 0.9, ours against a bare loop.
+
+    python bench/time_to_reward.py [--sides run,bare] [--seeds 0,1] [--target 0.9] [--window 10] [--max-steps 400]
+                                   [--prompts 16] [--group 8] [--max-new 6] [--lr 1e-3] [--threads 1]
+
+What a user waits for is not one step but the whole run: `python -m grpo.run` as a user starts it against a
+plain single-process loop. Every side is its own process, started by this script, on the same random-init
+tiny Llama (grpo.tiny, saved once to a temp directory) and the digit task: P prompts x G completions per step,
+at most L new tokens, temperature 1, lr, no KL, token-mean loss, one optimizer step per batch. Sides run one
+after another, every other seed in reverse order, so background load lands on both alike:
+
+  run   `python -m grpo.run` with its defaults otherwise (a local Ray, 1 policy worker, 1 rollout and 1 reward
+        actor) and `target_reward`/`target_window`, so it ends when done; rows of its metrics.jsonl are timed
+        when this script first sees them (polled every 50 ms)
+  bare  this file with `--child bare`: HF `generate` (sampling, G sequences a prompt), the reward, group-
+        normalised advantages, one forward for the log-probs, token-mean policy-gradient loss, AdamW; it
+        prints one JSON line a step with its time since process start
+
+For each side and seed: seconds from process start to the first step, the step at which the mean of the
+last `--window` steps' rewards first reaches `--target`, the seconds to that step, and the process's whole
+time; then medians and the ratio ours / bare. TRL's GRPOTrainer on the same setup (the issue's other
+baseline) is not a side yet: `bench/bench_vs_trl.py` compares one step with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def bare_child(args: argparse.Namespace) -> None:
+    """The bare loop, in this process; one JSON line a step: {"step", "reward_mean", "t"} (t since start)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpo.rewards import resolve
+    from grpo.tasks import load_dataset
+
+    t0 = float(os.environ["TTR_T0"])
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tok = AutoTokenizer.from_pretrained(args.model, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    reward = resolve("digit")
+    data = load_dataset("digit", eval_size=0, seed=args.seed)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    window: list[float] = []
+    for step in range(1, args.max_steps + 1):
+        samples = data.batch(step, args.prompts, args.seed)
+        enc = tok([s.prompt for s in samples], return_tensors="pt", padding=True, add_special_tokens=False)
+        model.eval()
+        with torch.no_grad():
+            seqs = model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                  max_new_tokens=args.max_new, num_return_sequences=args.group, pad_token_id=pad)
+        prompt_len = enc["input_ids"].shape[1]
+        completions = seqs[:, prompt_len:]
+        texts = tok.batch_decode(completions, skip_special_tokens=True)
+        r = torch.tensor([reward(samples[i // args.group].prompt, t, samples[i // args.group].expected)
+                          for i, t in enumerate(texts)])
+        grouped = r.view(-1, args.group)
+        adv = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
+        # completion tokens up to and including the first EOS count; what generate padded after it does not
+        done = (completions == tok.eos_token_id).int().cumsum(1)
+        mask = ((done == 0) | ((done == 1) & (completions == tok.eos_token_id))).float()
+        attn = torch.cat([enc["attention_mask"].repeat_interleave(args.group, 0), mask.long()], 1)
+        model.train()
+        logits = model(input_ids=seqs, attention_mask=attn).logits[:, prompt_len - 1 : -1]
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)
+        # on-policy: the ratio is 1 and its gradient is grad log p; token-mean over the whole batch
+        loss = -(adv.unsqueeze(1) * logp * mask).sum() / mask.sum().clamp(min=1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        mean = float(r.mean())
+        print(json.dumps({"step": step, "reward_mean": mean, "t": time.time() - t0}), flush=True)
+        window = (window + [mean])[-args.window :]
+        if len(window) == args.window and sum(window) / len(window) >= args.target:
+            return
+
+
+def run_side(side: str, seed: int, model_dir: Path, out: Path, args: argparse.Namespace) -> dict:
+    """Start one side's process and time it; -> {first_step_s, steps, seconds, total_s, reached}."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.time()
+    env["TTR_T0"] = repr(t0)
+    seen: list[tuple[int, float, float]] = []  # (step, reward_mean, seconds since start)
+    if side == "bare":
+        cmd = [sys.executable, __file__, "--child", "bare", "--model", str(model_dir), "--seed", str(seed),
+               *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("prompts", "group", "max_new", "lr", "threads",
+                                                                         "target", "window", "max_steps")]]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for line in proc.stdout:
+            if line.startswith("{"):
+                row = json.loads(line)
+                seen.append((row["step"], row["reward_mean"], row["t"]))
+        proc.wait()
+    elif side == "run":
+        name = f"ttr-{seed}"
+        cmd = [sys.executable, "-m", "grpo.run", f"model={model_dir}", "task=digit", f"output_dir={out}",
+               f"run_name={name}", f"seed={seed}", f"prompts_per_step={args.prompts}", f"group_size={args.group}",
+               f"max_new_tokens={args.max_new}", f"learning_rate={args.lr}", "kl_coef=0.0", "loss_agg=token-mean",
+               "eval_size=0", "checkpoint_interval=0", f"num_steps={args.max_steps}", f"torch_threads={args.threads}",
+               f"target_reward={args.target}", f"target_window={args.window}"]
+        metrics = out / name / "metrics.jsonl"
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while True:
+            alive = proc.poll() is None
+            if metrics.exists():
+                rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+                now = time.time() - t0
+                seen.extend((r["step"], r["reward_mean"], now) for r in rows[len(seen):])
+            if not alive:
+                break
+            time.sleep(0.05)
+        if proc.returncode:
+            raise SystemExit(f"{side} seed {seed}: exit {proc.returncode}: {' '.join(cmd)}")
+    else:
+        raise SystemExit(f"unknown side {side!r}")
+    total = time.time() - t0
+    reached = None
+    for i in range(args.window - 1, len(seen)):
+        if sum(m for _, m, _ in seen[i - args.window + 1 : i + 1]) / args.window >= args.target:
+            reached = seen[i]
+            break
+    return {"side": side, "seed": seed, "first_step_s": seen[0][2] if seen else None, "total_s": total,
+            "steps": reached[0] if reached else None, "seconds": reached[2] if reached else None}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sides", default="run,bare")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--target", type=float, default=0.9)
+    p.add_argument("--window", type=int, default=10)
+    p.add_argument("--max-steps", type=int, default=400)
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--max-new", type=int, default=6)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child == "bare":
+        return bare_child(args)
+
+    from grpo.tiny import save_tiny_model
+
+    sides = args.sides.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = save_tiny_model(Path(tmp) / "tiny")
+        results = []
+        for n, seed in enumerate(seeds):
+            for side in (sides if n % 2 == 0 else sides[::-1]):
+                r = run_side(side, seed, Path(model_dir), Path(tmp) / "runs", args)
+                print(json.dumps(r), flush=True)
+                results.append(r)
+    print(f"\n{datetime.date.today()}  {os.cpu_count()} cores, 1-min load at the end "
+          f"{os.getloadavg()[0]:.1f}; digit task, {args.prompts} x {args.group}, {args.max_new} new tokens, "
+          f"lr {args.lr}, target {args.target} over {args.window} steps, seeds {seeds}")
+    print(f"{'side':<6} {'first step s':>12} {'steps to target':>16} {'s to target':>12} {'process s':>10}")
+    med: dict[str, float] = {}
+    for side in sides:
+        rows = [r for r in results if r["side"] == side]
+        done = [r for r in rows if r["steps"] is not None]
+
+        def m(key: str, rs: list[dict]) -> float | None:
+            vals = [r[key] for r in rs if r[key] is not None]
+            return statistics.median(vals) if vals else None
+
+        med[side] = m("seconds", done)
+        def fmt(v: float | None, width: int, digits: int) -> str:
+            return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
+
+        print(f"{side:<6} {fmt(m('first_step_s', rows), 12, 1)} {fmt(m('steps', done), 16, 0)} "
+              f"{fmt(med[side], 12, 1)} {fmt(m('total_s', rows), 10, 1)}   ({len(done)}/{len(rows)} reached)")
+    if med.get("run") and med.get("bare"):
+        print(f"time to target, ours (grpo.run) / bare loop: {med['run'] / med['bare']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
