@@ -180,7 +180,8 @@ def build_actors(cfg: GRPOConfig, *, wait: bool = True) -> dict[str, Any]:
     reward_cls = ray.remote(num_cpus=cfg.cpus_per_reward_worker, max_restarts=-1, max_task_retries=-1)(RewardWorker)
     rollout_actors = [
         rollout_cls.remote(cfg.model, cfg.tokenizer, dtype=cfg.dtype, torch_threads=cfg.torch_threads,
-                           max_prompt_tokens=cfg.max_prompt_tokens, weight_board=board)
+                           max_prompt_tokens=cfg.max_prompt_tokens, weight_board=board, chat_template=cfg.chat_template,
+                           lora=cfg.lora_config())
         for _ in range(cfg.num_rollout_workers)
     ]
     reward_actors = [reward_cls.remote(reward_spec, cfg.reward_timeout_s, cfg.reward_source)
@@ -370,26 +371,13 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
         signal.signal(signal.SIGINT, on_sigterm)
 
     owned = handles is None
+    ready: list[Any] = []
     if owned:
+        # The actors and Ray Train's worker group start together: each loads torch and the model in its
+        # own process, and waiting for one before asking for the other made start-up their sum. The
+        # train loop's first calls on an actor still starting queue until it is up.
         handles = build_actors(cfg, wait=False)
         ready = handles.pop("ready")
-        pending = list(ready)
-        while pending and not check_stop():  # actors may wait for resources: a cancel must not
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
-        if pending:
-            for h in handles["rollout_actors"] + handles["reward_actors"] + [handles["weight_board"],
-                                                                            handles["monitor"]]:
-                ray.kill(h)
-            summary = RunResult(status=stop_reason["reason"], steps=0, checkpoint=latest_checkpoint(cfg.run_dir),
-                                cost_usd=cost_usd(cfg, time.time() - t0))
-            for r in reporters:
-                r.on_end(summary.status, error=None, summary={"steps": 0, "checkpoint": summary.checkpoint,
-                                                              "best_checkpoints": [], "cost_usd": summary.cost_usd,
-                                                              "last_metrics": {}})
-            return summary
-        ray.get(ready)  # constructor errors (bad model files, unimportable reward) surface here
-    # The cost meter starts once the run holds resources: its actors are up (not while they waited).
-    t0 = time.time()
     monitor = handles["monitor"]
     evaluating = cfg.eval_size > 0
     trainer = TorchTrainer(
@@ -433,19 +421,38 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
     last: dict[str, float] = {}
     warned: set[int] = set()
     recent: collections.deque[float] = collections.deque(maxlen=cfg.target_window)
+    pending = list(ready)
+    # The cost meter starts once the run holds resources: its actors are up (not while they waited).
+    metered_from: float | None = None if pending else time.time()
     while True:
         alive = worker.is_alive()
+        if pending:
+            try:
+                _, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+                if not pending:
+                    ray.get(ready)  # constructor errors (bad model files, unimportable reward) surface here
+                    metered_from = time.time()
+                    log.info("actors up %.1f s after the start", metered_from - t0)
+            except Exception as e:  # an actor that cannot start fails the run with its own error
+                outcome["actor_error"] = e
+                pending = []
+                request_stop("failed")
+                stop_requested["at"] = time.monotonic() - stop_grace_s - 1  # no step can end: abort now
+        if pending and (reason := check_stop()):  # nothing can have trained yet: no step boundary to wait for
+            request_stop(reason)
+            stop_requested["at"] = time.monotonic() - stop_grace_s - 1
         resumed_at, metrics, rows = ray.get(monitor.drain.remote())
         if resumed_at is not None:  # a (re)start: the steps after it are re-run, stored again once
             notify_resume(reporters, resumed_at)
         for r in reporters:
             if rows:
                 r.on_trajectories(rows)
-        cost = cost_usd(cfg, time.time() - t0)
+        cost = cost_usd(cfg, time.time() - metered_from) if metered_from is not None else 0.0
         for m in metrics:
             m["cost_usd"] = cost
             if progress is None:
                 progress = _Progress(cfg.num_steps, int(m["step"]) - 1)
+                log.info("first step %.1f s after the start", time.time() - t0)
             progress.update(m, cost)
             for r in reporters:
                 r.on_step(m)
@@ -479,7 +486,7 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
             break
         if "at" in stop_requested and time.monotonic() - stop_requested["at"] > stop_grace_s:
             # Again each round until the fit ends: a controller still being created is not there to stop yet.
-            if not outcome.get("aborted"):
+            if not outcome.get("aborted") and metered_from is not None and "actor_error" not in outcome:
                 log.warning("no step boundary %.0f s after the stop (%s): aborting the training", stop_grace_s,
                             stop_reason["reason"])
             outcome["aborted"] = True
@@ -492,9 +499,10 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
         progress.close()
 
     result = outcome.get("result")
-    error = outcome.get("error") or (result.error if result is not None else None)
+    error = outcome.get("actor_error") or outcome.get("error") or (result.error if result is not None else None)
+    cost = cost_usd(cfg, time.time() - metered_from) if metered_from is not None else 0.0
     summary = RunResult(status="failed" if error else stop_reason.get("reason", "completed"),
-                        steps=int(last.get("step", 0)), last_metrics=last, cost_usd=cost_usd(cfg, time.time() - t0))
+                        steps=int(last.get("step", 0)), last_metrics=last, cost_usd=cost)
     if error is not None:
         summary.error = f"{type(error).__name__}: {error}"
     if result is not None and result.checkpoint is not None:
