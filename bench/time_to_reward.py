@@ -1,25 +1,29 @@
-"""Time to a trained policy: seconds from process start to a running mean reward of 0.9, ours against a bare loop.
+"""Time to a trained policy: seconds to a running mean reward of 0.9, ours against TRL and a bare loop.
 
-    python bench/time_to_reward.py [--sides run,bare] [--seeds 0,1] [--target 0.9] [--window 10] [--max-steps 400]
-                                   [--prompts 16] [--group 8] [--max-new 6] [--lr 1e-3] [--threads 1]
+    python bench/time_to_reward.py [--sides run,api,trl,bare] [--seeds 0,1] [--target 0.9] [--window 10]
+                                   [--max-steps 400] [--prompts 16] [--group 8] [--max-new 6] [--lr 1e-3] [--threads 1]
 
-What a user waits for is not one step but the whole run: `python -m grpo.run` as a user starts it against a
-plain single-process loop. Every side is its own process, started by this script, on the same random-init
-tiny Llama (grpo.tiny, saved once to a temp directory) and the digit task: P prompts x G completions per step,
-at most L new tokens, temperature 1, lr, no KL, token-mean loss, one optimizer step per batch. Sides run one
-after another, every other seed in reverse order, so background load lands on both alike:
+What a user waits for is not one step but the whole run. Every side is its own process, started by this script,
+on the same random-init tiny Llama (grpo.tiny, saved once to a temp directory) and the digit task: P prompts x G
+completions per step, at most L new tokens, temperature 1, lr, no KL, token-mean loss, one optimizer step per
+batch. Sides run one after another, every other seed in reverse order, so background load lands on all alike:
 
   run   `python -m grpo.run` with its defaults otherwise (a local Ray, 1 policy worker, 1 rollout and 1 reward
         actor) and `target_reward`/`target_window`, so it ends when done; rows of its metrics.jsonl are timed
         when this script first sees them (polled every 50 ms)
+  api   the same run through the job API: `python -m app.api.serve` (embedded database, local Ray) is started
+        and waited for untimed, as a service is up before anyone submits; then `training.start_grpo` with the
+        SDK, timed from the request; the job's metrics.jsonl rows as for `run`
+  trl   this file with `--child trl`: TRL's GRPOTrainer (transformers generate, no vLLM) with one optimizer
+        step per generation batch of P x G, loss "dapo" (token-mean), beta 0, no gradient checkpointing;
+        needs the bench extra (`pip install -e ".[bench]"`)
   bare  this file with `--child bare`: HF `generate` (sampling, G sequences a prompt), the reward, group-
         normalised advantages, one forward for the log-probs, token-mean policy-gradient loss, AdamW; it
         prints one JSON line a step with its time since process start
 
-For each side and seed: seconds from process start to the first step, the step at which the mean of the
-last `--window` steps' rewards first reaches `--target`, the seconds to that step, and the process's whole
-time; then medians and the ratio ours / bare. TRL's GRPOTrainer on the same setup (the issue's other
-baseline) is not a side yet: `bench/bench_vs_trl.py` compares one step with it.
+For each side and seed: seconds from process start (api: from the request) to the first step, the step at
+which the mean of the last `--window` steps' rewards first reaches `--target`, the seconds to that step, and
+the process's whole time; then medians and the ratios ours / TRL and ours / bare.
 """
 
 from __future__ import annotations
@@ -88,19 +92,150 @@ def bare_child(args: argparse.Namespace) -> None:
             return
 
 
+def trl_child(args: argparse.Namespace) -> None:
+    """TRL's GRPOTrainer on the same setup, in this process; one JSON line per optimizer step as bare_child.
+
+    One optimizer step is one generation batch of P x G completions (per-device batch 64, gradient
+    accumulation P*G/64), as in bench_vs_trl.py: loss "dapo" (token-mean), beta 0 (no KL), one iteration
+    (on-policy), constant lr, no gradient checkpointing (ours does not checkpoint either)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from grpo.rewards import resolve
+    from grpo.tasks import load_dataset
+
+    t0 = float(os.environ["TTR_T0"])
+    micro = 64
+    n = args.prompts * args.group
+    if n % micro:
+        raise SystemExit(f"--prompts x --group ({n}) must be a multiple of {micro}")
+    digit = resolve("digit")
+    data = load_dataset("digit", eval_size=0, seed=args.seed)
+    rows = [s for step in range(1, args.max_steps + 1) for s in data.batch(step, args.prompts, args.seed)]
+    train = Dataset.from_dict({"prompt": [s.prompt for s in rows], "expected": [s.expected for s in rows]})
+    means: list[float] = []
+
+    def digit_reward(prompts, completions, expected, **kwargs) -> list[float]:
+        r = [digit(p, c, e) for p, c, e in zip(prompts, completions, expected, strict=True)]
+        means.append(sum(r) / len(r))
+        return r
+
+    class Report(TrainerCallback):
+        def __init__(self) -> None:
+            self.window: list[float] = []
+
+        def on_step_end(self, a, state, control, **k):
+            mean = means[-1]
+            print(json.dumps({"step": state.global_step, "reward_mean": mean, "t": time.time() - t0}), flush=True)
+            self.window = (self.window + [mean])[-args.window :]
+            if len(self.window) == args.window and sum(self.window) / args.window >= args.target:
+                control.should_training_stop = True
+
+    torch.manual_seed(args.seed)
+    tok = AutoTokenizer.from_pretrained(args.model, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as out:
+        config = GRPOConfig(
+            output_dir=out, max_steps=args.max_steps, learning_rate=args.lr, lr_scheduler_type="constant",
+            warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, per_device_train_batch_size=micro,
+            gradient_accumulation_steps=n // micro, num_generations=args.group, max_completion_length=args.max_new,
+            temperature=1.0, top_p=1.0, beta=0.0, loss_type="dapo", num_iterations=1, use_vllm=False, use_cpu=True,
+            bf16=False, fp16=False, report_to="none", logging_strategy="no", save_strategy="no", disable_tqdm=True,
+            seed=args.seed, dataloader_num_workers=0, gradient_checkpointing=False, shuffle_dataset=False,
+        )
+        trainer = GRPOTrainer(model=model, reward_funcs=digit_reward, args=config, train_dataset=train,
+                              processing_class=tok, callbacks=[Report()])
+        torch.set_num_threads(args.threads)
+        trainer.train()
+
+
+def api_side(seed: int, model_dir: Path, out: Path, args: argparse.Namespace,
+             env: dict[str, str]) -> tuple[list[tuple[int, float, float]], float]:
+    """The same run through the job API as an operator runs it: `python -m app.api.serve` (embedded database,
+    local Ray; its start-up is not timed: the service is up before a user submits), then `training.start_grpo`
+    with the SDK. Timed from the request: the job's metrics.jsonl rows as they appear. The API is stopped after."""
+    import socket
+
+    from app.client.sdk import Client
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    home = out / f"api-{seed}"
+    env = {**env, "RAYGRPO_HOME": str(home), "RAYGRPO_MODEL_ROOTS": str(model_dir.parent),
+           "RAYGRPO_API_PORT": str(port)}
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "api.log", "w") as log:
+        api = subprocess.Popen([sys.executable, "-m", "app.api.serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 300
+        while True:
+            if api.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"api: the job API did not start; see {home / 'api.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    pass
+                import httpx
+
+                if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
+                    break
+            except OSError:
+                pass
+            except Exception:  # noqa: BLE001 - not ready yet (httpx errors)
+                pass
+            time.sleep(0.5)
+        token = subprocess.run([sys.executable, "-m", "app.api.auth", "token"], env=env, check=True,
+                               capture_output=True, text=True).stdout.strip()
+        from grpo.tasks import load_dataset
+
+        data = load_dataset("digit", eval_size=0, seed=seed)
+        rows = [{"query": s.prompt, "expected_outcome": s.expected} for s in data.train]
+        client = Client(url, token=token)
+        t0 = time.time()
+        job = client.start_grpo("ttr", rows, config={
+            "model": str(model_dir), "reward": "digit", "n_iterations": args.max_steps, "batch_size": args.prompts,
+            "n_trajectories_per_query": args.group, "learning_rate": args.lr, "max_new_tokens": args.max_new,
+            "kl_coef": 0.0, "checkpoint_interval": 0, "target_reward": args.target,
+            "engine": {"loss_agg": "token-mean", "seed": seed, "target_window": args.window,
+                       "torch_threads": args.threads, "eval_size": 0}})
+        metrics = home / "jobs" / job.job_id / "run" / "metrics.jsonl"
+        seen: list[tuple[int, float, float]] = []
+        polls = 0
+        while True:
+            if metrics.exists():
+                rows_ = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+                now = time.time() - t0
+                seen.extend((r["step"], r["reward_mean"], now) for r in rows_[len(seen):])
+            polls += 1
+            if polls % 20 == 0:  # the status once a second: polling the API harder would load the machine
+                status = client.get_status(job.job_id)
+                if status.done:
+                    break
+            time.sleep(0.05)
+        if status.status != "completed":
+            raise SystemExit(f"api seed {seed}: job {status.status}: {status.error_message}")
+        return seen, t0
+    finally:
+        api.terminate()
+        api.wait(timeout=120)
+
+
 def run_side(side: str, seed: int, model_dir: Path, out: Path, args: argparse.Namespace) -> dict:
     """Start one side's process and time it; -> {first_step_s, steps, seconds, total_s, reached}."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     t0 = time.time()
     env["TTR_T0"] = repr(t0)
     seen: list[tuple[int, float, float]] = []  # (step, reward_mean, seconds since start)
-    if side == "bare":
-        cmd = [sys.executable, __file__, "--child", "bare", "--model", str(model_dir), "--seed", str(seed),
+    if side in ("bare", "trl"):
+        cmd = [sys.executable, __file__, "--child", side, "--model", str(model_dir), "--seed", str(seed),
                *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("prompts", "group", "max_new", "lr", "threads",
                                                                          "target", "window", "max_steps")]]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         for line in proc.stdout:
-            if line.startswith("{"):
+            if line.startswith('{"step"'):  # the child's rows (TRL prints its own dicts too)
                 row = json.loads(line)
                 seen.append((row["step"], row["reward_mean"], row["t"]))
         proc.wait()
@@ -124,6 +259,8 @@ def run_side(side: str, seed: int, model_dir: Path, out: Path, args: argparse.Na
             time.sleep(0.05)
         if proc.returncode:
             raise SystemExit(f"{side} seed {seed}: exit {proc.returncode}: {' '.join(cmd)}")
+    elif side == "api":
+        seen, t0 = api_side(seed, model_dir, out, args, env)
     else:
         raise SystemExit(f"unknown side {side!r}")
     total = time.time() - t0
@@ -154,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.child == "bare":
         return bare_child(args)
+    if args.child == "trl":
+        return trl_child(args)
 
     from grpo.tiny import save_tiny_model
 
@@ -186,8 +325,12 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"{side:<6} {fmt(m('first_step_s', rows), 12, 1)} {fmt(m('steps', done), 16, 0)} "
               f"{fmt(med[side], 12, 1)} {fmt(m('total_s', rows), 10, 1)}   ({len(done)}/{len(rows)} reached)")
-    if med.get("run") and med.get("bare"):
-        print(f"time to target, ours (grpo.run) / bare loop: {med['run'] / med['bare']:.2f}x")
+    for ours in ("run", "api"):
+        for base in ("trl", "bare"):
+            if med.get(ours) and med.get(base):
+                print(f"time to target, {ours} / {base}: {med[ours] / med[base]:.2f}x")
+    if med.get("run") and med.get("api"):
+        print(f"time to target, api - run: {med['api'] - med['run']:+.1f} s")
 
 
 if __name__ == "__main__":
