@@ -129,8 +129,9 @@ class GRPOConfig(BaseModel):
     """tools of the environment to offer (all when left out)"""
     tool_instructions: bool = True
     """put the tool list and the call format before each query"""
-    chat_template: bool = False
-    """render prompts and tool turns with the tokenizer's chat template"""
+    chat_template: bool | None = None
+    """prompts (single- and multi-turn) and tool turns through the tokenizer's chat template: left out, when the
+    tokenizer has one (Instruct models); false forces raw text; true requires a template"""
     max_steps_per_trajectory: int = Field(4, ge=1, le=100)
     """agent turns (actions) per trajectory; max_new_tokens bounds each turn"""
     max_trajectory_tokens: int = Field(256, ge=1, le=131_072)
@@ -161,6 +162,21 @@ class GRPOConfig(BaseModel):
     """learning rate of the warm-up; defaults to learning_rate"""
     sft_batch_size: int | None = Field(None, ge=1, le=65_536)
     """demonstrations per warm-up step, across all policy workers; defaults to prompts_per_step"""
+
+    # ---- LoRA (the lora extra: peft) ------------------------------------------------------------
+    lora_rank: int = Field(0, ge=0, le=1024)
+    """LoRA rank r (0: full fine-tuning). With LoRA only the adapter trains, is all-reduced and is published
+    to the rollout actors each step; the KL reference is the base model with the adapter disabled; checkpoints
+    are PEFT adapter directories"""
+    lora_alpha: float = Field(16.0, gt=0.0, le=1e6)
+    """LoRA scaling numerator: the update is scaled by lora_alpha / lora_rank"""
+    lora_target_modules: list[str] | None = None
+    """module names that get adapters, e.g. [q_proj, v_proj]; "all-linear" for every linear layer; left out,
+    PEFT's default for the architecture (Llama and Qwen2: q_proj, v_proj)"""
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """dropout on the adapter's input (0 keeps training and sampling log-probs identical)"""
+    lora_merged_export: bool = False
+    """also write the adapter merged into the base weights (an ordinary HF model) as `merged/` in each checkpoint"""
 
     # ---- cluster -------------------------------------------------------------------------------
     num_policy_workers: int = Field(1, ge=1, le=1024)
@@ -214,6 +230,18 @@ class GRPOConfig(BaseModel):
     gpu_hour_usd: float = Field(2.5, ge=0.0, le=1000.0)
     """price of one GPU for one hour, for the cost metric"""
 
+    def lora_config(self) -> dict[str, Any] | None:
+        """peft.LoraConfig keyword arguments, or None without LoRA; the policy and its samplers build the
+        same adapter from it, so the published adapter tensors fit the rollout actors' copies."""
+        if not self.lora_rank:
+            return None
+        kw: dict[str, Any] = {"r": self.lora_rank, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
+                              "task_type": "CAUSAL_LM"}
+        if self.lora_target_modules:
+            only = self.lora_target_modules
+            kw["target_modules"] = only[0] if only == ["all-linear"] else list(only)
+        return kw
+
     @model_validator(mode="after")
     def _check(self) -> GRPOConfig:
         if self.dataset is not None:
@@ -256,6 +284,14 @@ class GRPOConfig(BaseModel):
             raise ValueError("sft_batch_size: must be a multiple of num_policy_workers")
         if self.reward and self.reward_source:
             raise ValueError("reward_source: set either reward or reward_source")
+        if self.lora_rank:
+            if self.strategy != "ddp":
+                raise ValueError("lora_rank: LoRA runs with strategy 'ddp' (the adapter is small; FSDP2 is for full "
+                                 "fine-tuning)")
+            try:
+                import peft  # noqa: F401
+            except ImportError:
+                raise ValueError("lora_rank: needs peft (pip install 'raygrpo[lora]')") from None
         if self.environment is None:
             for name in ("tools", "sft_warmup_steps"):
                 if getattr(self, name):

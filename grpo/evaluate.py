@@ -36,12 +36,12 @@ class EvalResult:
 
 def evaluate_model(model: str, samples: list[Sample], *, reward: str, max_new_tokens: int,
                    batch_size: int = 64, torch_threads: int = 1, agent: dict | None = None,
-                   reward_source: str | None = None) -> EvalResult:
+                   reward_source: str | None = None, chat_template: bool | None = None) -> EvalResult:
     """Greedy completions of `model` on `samples`, scored with the reward function `reward`.
 
     With `agent` (the agent keys of a GRPOConfig: environment, tools, ...) each query is a greedy
     multi-turn episode instead, scored by its environment (the outcome, without shaping)."""
-    worker = RolloutWorker(model, torch_threads=torch_threads)
+    worker = RolloutWorker(model, torch_threads=torch_threads, chat_template=chat_template)
     if agent is not None:
         from grpo.agents.episodes import AgentSettings
         from grpo.config import GRPOConfig
@@ -53,7 +53,7 @@ def evaluate_model(model: str, samples: list[Sample], *, reward: str, max_new_to
     texts: list[str] = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
-        texts += worker.generate([s.prompt for s in chunk], group_size=1, max_new_tokens=max_new_tokens,
+        texts += worker.generate([s.input for s in chunk], group_size=1, max_new_tokens=max_new_tokens,
                                  temperature=0.0).texts
     if reward_source:  # one sandbox run for every item
         from grpo.rewards import SandboxedReward

@@ -125,7 +125,8 @@ class Learner:
         the large supervised gradients decay over ~1/(1-beta2) = 1000 steps and would shrink every GRPO
         step by |g_grpo| / |g_sft| meanwhile (measured: tool use did not move in 50 shaped GRPO steps
         with the warm-up's optimizer, and rose 0.58 -> 0.76 with a fresh one)."""
-        return torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapter only
+        return torch.optim.AdamW(trainable, lr=lr, weight_decay=self.cfg.weight_decay)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

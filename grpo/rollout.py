@@ -15,7 +15,7 @@ import time
 import torch
 from torch import Tensor
 
-from grpo.sampling import Rollout, left_pad, position_ids, sample_token
+from grpo.sampling import Prompt, PromptFormat, Rollout, left_pad, position_ids, sample_token, stop_token_ids
 
 
 class WeightBoard:
@@ -51,15 +51,29 @@ class RolloutWorker:
         torch_threads: int = 1,
         max_prompt_tokens: int = 256,
         weight_board=None,
+        chat_template: bool | None = None,
+        lora: dict | None = None,
     ):
+        """`lora` (GRPOConfig.lora_config()): the policy trains a LoRA adapter, so this copy carries the same
+        adapter on the same base and `load_weights` receives only the adapter's tensors."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(torch_threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(self.device)
+        self.lora = lora is not None
+        if lora is not None:
+            from grpo.lora import add_adapter
+
+            self.model = add_adapter(self.model, lora)
         self.model.eval()
-        self.eos_id = self.tokenizer.eos_token_id
+        # Prompts through the chat template where the tokenizer has one (chat_template None), and every stop
+        # token the model lists (generation_config: e.g. <|im_end|> and <|endoftext|>), not only the tokenizer's.
+        self.format = PromptFormat(self.tokenizer, chat_template)
+        self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config)
+        self._stop = torch.tensor(self.stop_ids, device=self.device)
+        self.eos_id = self.stop_ids[0]
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.max_prompt_tokens = max_prompt_tokens
         self.version = 0
@@ -71,8 +85,10 @@ class RolloutWorker:
         """Copy a published state dict into the sampling model in place; returns the version now held."""
         with torch.no_grad():
             missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
-        if unexpected or [k for k in missing if "rotary" not in k]:
-            raise ValueError(f"weights do not fit the rollout model: missing={missing[:3]} unexpected={unexpected[:3]}")
+        # full weights must cover the model; an adapter (LoRA) must cover the adapter and leaves the base alone
+        lacking = [k for k in missing if "rotary" not in k and (not self.lora or "lora_" in k)]
+        if unexpected or lacking:
+            raise ValueError(f"weights do not fit the rollout model: missing={lacking[:3]} unexpected={unexpected[:3]}")
         self.version = version
         return version
 
@@ -111,7 +127,7 @@ class RolloutWorker:
             self.pull_weights(min_version)
         t0 = time.perf_counter()
         if getattr(self, "_turns", None) is None:
-            self._turns = mt.TurnGenerator(self.model, self.tokenizer, pad_id=self.pad_id, eos_id=self.eos_id,
+            self._turns = mt.TurnGenerator(self.model, self.tokenizer, pad_id=self.pad_id, eos_ids=self.stop_ids,
                                            device=self.device)
         fmt = mt.TurnFormat(self.tokenizer, chat=settings.chat_template)
         with torch.inference_mode():
@@ -129,14 +145,14 @@ class RolloutWorker:
         return ro
 
     # ---- sampling --------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
-        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        return [p[-self.max_prompt_tokens :] for p in ids]
+    def encode_prompts(self, prompts: list[Prompt]) -> list[list[int]]:
+        """Prompts (text or messages) as input ids through `self.format`, cut to the last max_prompt_tokens."""
+        return [self.format.ids(p)[-self.max_prompt_tokens :] for p in prompts]
 
     @torch.inference_mode()
     def generate(
         self,
-        prompts: list[str],
+        prompts: list[Prompt],
         *,
         group_size: int,
         max_new_tokens: int,
@@ -186,7 +202,7 @@ class RolloutWorker:
             tok, lp = sample_token(logits, temperature, top_p, gen)  # (N,), (N,)
             tok = torch.where(alive, tok, self.pad_id)
             tokens[:, t], logps[:, t], live[:, t] = tok, torch.where(alive, lp, 0.0), alive
-            alive = alive & (tok != self.eos_id)
+            alive = alive & ~torch.isin(tok, self._stop)
             steps = t + 1
             if not alive.any() or t == max_new_tokens - 1:
                 break
@@ -199,7 +215,7 @@ class RolloutWorker:
             logits = out.logits[:, -1]  # (N, V)
 
         tokens, logps, live = tokens[:, :steps].cpu(), logps[:, :steps].cpu(), live[:, :steps].cpu()
-        ended = (tokens == self.eos_id).any(dim=1)
+        ended = (torch.isin(tokens, self._stop.cpu()) & live).any(dim=1)
         texts = self.tokenizer.batch_decode(tokens.masked_fill(~live, self.pad_id), skip_special_tokens=True)
         return Rollout(
             prompt_ids=prompt_ids,

@@ -10,6 +10,7 @@ generator on the logits' device. Not here: models, tokenizers, Ray.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -70,6 +71,62 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
         meta=dict(parts[0].meta),
         loss_mask=None if parts[0].loss_mask is None else torch.cat([pad(r.train_mask, False) for r in parts]),
     )
+
+
+# ---- prompts and stop tokens ----------------------------------------------------------------------
+
+Prompt = str | list[dict[str, Any]] | tuple[tuple[str, str], ...]
+"""what a policy is prompted with: text, OpenAI-style messages, or (role, content) pairs (tasks.Sample)"""
+
+
+def as_messages(prompt: Prompt) -> list[dict[str, Any]]:
+    """A prompt as chat messages: text is one user turn; (role, content) pairs become message dicts."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [m if isinstance(m, dict) else {"role": m[0], "content": m[1]} for m in prompt]
+
+
+class PromptFormat:
+    """How a prompt becomes the policy's input ids: the tokenizer's chat template where it has one, else the
+    text as written (no special tokens added: a base model's prompt is what the data says).
+
+    `chat` None renders with the template when the tokenizer carries one (an Instruct model); True insists
+    on it (ValueError without one); False forces raw text, where a message list becomes its contents joined
+    by newlines. Ids are exactly what `apply_chat_template(messages, add_generation_prompt=True)` gives;
+    `tools` (OpenAI function specs) go to templates that take them.
+    """
+
+    def __init__(self, tokenizer: Any, chat: bool | None = None):
+        has = bool(getattr(tokenizer, "chat_template", None))
+        if chat and not has:
+            raise ValueError("chat_template: the tokenizer has no chat template")
+        self.tokenizer, self.chat = tokenizer, has if chat is None else bool(chat)
+
+    def text(self, prompt: Prompt, tools: list[dict[str, Any]] | None = None) -> str:
+        if self.chat:
+            return self.tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True,
+                                                      **({"tools": tools} if tools else {}))
+        return prompt if isinstance(prompt, str) else "\n".join(str(m["content"]) for m in as_messages(prompt))
+
+    def ids(self, prompt: Prompt, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        if self.chat:
+            return list(self.tokenizer.apply_chat_template(
+                as_messages(prompt), tokenize=True, add_generation_prompt=True, return_dict=False,
+                **({"tools": tools} if tools else {})))
+        return list(self.tokenizer(self.text(prompt), add_special_tokens=False)["input_ids"])
+
+
+def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
+    """Every token id that ends a completion: the generation config's `eos_token_id` (an id or a list, e.g.
+    Qwen's `<|im_end|>` and `<|endoftext|>`) and the tokenizer's eos, in that order, without repeats."""
+    ids: list[int] = []
+    eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    for i in ([*eos] if isinstance(eos, list | tuple) else [eos]) + [getattr(tokenizer, "eos_token_id", None)]:
+        if isinstance(i, int) and i not in ids:
+            ids.append(i)
+    if not ids:
+        raise ValueError("the model has no stop token: neither generation_config.eos_token_id nor the tokenizer's eos")
+    return ids
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -6,7 +6,7 @@ reward function in grpo.rewards that checks it. Built-ins, from smallest to larg
   arithmetic "12+7=" -> "19"; every small +, -, * problem, shuffled by seed, eval held out
   countdown  "numbers 3 5 7 target 22:" -> "3 5 7|22"; reach the target with + - * / (always solvable)
   code       write a small Python function; `expected` is the assert-based test code
-  jsonl      your own file of {"query", "expected_outcome"} rows
+  jsonl      your own file of {"query", "expected_outcome"} rows, or {"messages": [...], "expected_outcome"}
 Not covered: tokenisation, prompt templates and chat formatting (the rollout side owns those).
 """
 
@@ -30,6 +30,14 @@ class Sample:
     prompt: str
     expected: str
     """what the reward function compares the completion with (an answer, a key, or test code)"""
+    messages: tuple[tuple[str, str], ...] | None = None
+    """the conversation the policy is prompted with, as (role, content) pairs, when the row gave OpenAI-style
+    messages; `prompt` is then its last user turn, which is what rewards and stored trajectories see"""
+
+    @property
+    def input(self) -> str | tuple[tuple[str, str], ...]:
+        """What the policy is prompted with: the messages when there are some, else the prompt text."""
+        return self.messages if self.messages is not None else self.prompt
 
 
 @dataclass
@@ -293,10 +301,35 @@ def read_jsonl(path: str | Path) -> list[Sample]:
                 raise ValueError(f"{where}: invalid JSON ({exc.msg}, column {exc.colno})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            samples.append(
-                Sample(prompt=_field(row, _QUERY_KEYS, where), expected=_field(row, _EXPECTED_KEYS, where))
-            )
+            expected = _field(row, _EXPECTED_KEYS, where)
+            if "messages" in row:
+                messages = parse_messages(row["messages"], f"{where}: field 'messages'")
+                samples.append(Sample(prompt=last_user_turn(messages), expected=expected, messages=messages))
+            else:
+                samples.append(Sample(prompt=_field(row, _QUERY_KEYS, where), expected=expected))
     return samples
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def parse_messages(value: object, where: str) -> tuple[tuple[str, str], ...]:
+    """OpenAI-style [{"role", "content"}, ...] as (role, content) pairs; ValueError naming `where` otherwise.
+    A prompt conversation must end with a user turn (the policy answers it)."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where} must be a non-empty list of {{role, content}} objects")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}[{i}] must be {{\"role\": one of {', '.join(ROLES)}, \"content\": a string}}")
+        out.append((m["role"], m["content"]))
+    if out[-1][0] != "user":
+        raise ValueError(f"{where} must end with a user turn, got {out[-1][0]!r}")
+    return tuple(out)
+
+
+def last_user_turn(messages: tuple[tuple[str, str], ...]) -> str:
+    return next(content for role, content in reversed(messages) if role == "user")
 
 
 def _jsonl(dataset_path: str | None, eval_size: int, eval_path: str | None = None) -> Dataset:

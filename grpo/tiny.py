@@ -31,6 +31,15 @@ from transformers import (
 
 PAD, EOS, BOS = "<|pad|>", "<|eos|>", "<|bos|>"
 """special tokens, in id order 256, 257, 258"""
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+"""the chat variant's turn markers, ids 259 and 260 (ChatML, as Qwen's Instruct models use)"""
+CHATML = (
+    "{%- if tools %}<|im_start|>system\nTools:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n"
+    "{% endif %}"
+    "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""the chat variant's template: ChatML turns, tools (OpenAI function specs) as a system turn"""
 
 Arch = Literal["llama", "qwen2"]
 
@@ -55,8 +64,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer with no merges: id b is byte b, then pad=256, eos=257, bos=258.
+def build_tokenizer(*, chat: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with no merges: id b is byte b, then pad=256, eos=257, bos=258; with `chat`
+    also <|im_start|>=259 and <|im_end|>=260 and the ChatML template (an Instruct model's tokenizer).
 
     No merges means a token is exactly one UTF-8 byte, which is what a tiny model can learn from
     and what makes reward checks on digits token-exact. No bos is prepended: prompts are encoded
@@ -69,7 +79,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     # Added in this order so the ids are 256, 257, 258 regardless of how transformers orders them.
-    backend.add_special_tokens([PAD, EOS, BOS])
+    backend.add_special_tokens([PAD, EOS, BOS, *((IM_START, IM_END) if chat else ())])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD,
@@ -80,9 +90,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         unk_token=None,
         clean_up_tokenization_spaces=False,  # " ." must decode as " .", not "."
     )
-    ids = tokenizer.convert_tokens_to_ids([PAD, EOS, BOS])
-    if ids != [256, 257, 258]:  # the contract other modules and saved models rely on
+    specials = [PAD, EOS, BOS, *((IM_START, IM_END) if chat else ())]
+    ids = tokenizer.convert_tokens_to_ids(specials)
+    if ids != list(range(256, 256 + len(specials))):  # the contract other modules and saved models rely on
         raise RuntimeError(f"special token ids moved: {ids}")
+    if chat:
+        tokenizer.chat_template = CHATML
     return tokenizer
 
 
@@ -98,8 +111,13 @@ def save_tiny_model(
     max_position_embeddings: int = 512,
     seed: int = 0,
     overwrite: bool = False,
+    chat: bool = False,
 ) -> Path:
     """Random-init a float32 Llama/Qwen2 causal LM and save it with its tokenizer to `out_dir`.
+
+    `chat` makes it shaped like an Instruct model: the ChatML tokenizer of `build_tokenizer(chat=True)` and
+    a generation config listing two stop tokens, <|im_end|> and <|eos|> (as Qwen2.5-Instruct lists
+    <|im_end|> and <|endoftext|>), while the tokenizer's own eos stays <|eos|>.
 
     The weights depend only on the arguments (the init runs under its own seeded RNG, leaving the
     caller's RNG state alone). An existing model directory (one with config.json) is returned
@@ -114,7 +132,7 @@ def save_tiny_model(
     if num_heads % kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({kv_heads})")
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(chat=chat)
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -140,7 +158,8 @@ def save_tiny_model(
         torch.manual_seed(seed)
         model = model_cls(config).to(torch.float32)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = (
+        [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id] if chat else tokenizer.eos_token_id)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
 
     out.mkdir(parents=True, exist_ok=True)
@@ -158,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model")
+    parser.add_argument("--chat", action="store_true", help="an Instruct-shaped model: ChatML template, two stop tokens")
     args = parser.parse_args(argv)
     path = save_tiny_model(
         args.out_dir,
@@ -167,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         num_heads=args.heads,
         seed=args.seed,
         overwrite=args.overwrite,
+        chat=args.chat,
     )
     print(path)
 

@@ -14,6 +14,7 @@ Not here: building the actors and the trainer (grpo.run), the loss math (grpo.lo
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 import tempfile
 import time
@@ -28,7 +29,7 @@ import ray.train.torch
 import torch
 from ray.util import ActorPool
 
-from grpo import parallel
+from grpo import lora, parallel
 from grpo.config import GRPOConfig
 from grpo.learner import Learner, ScoredBatch, scheduled_lr, score_agent_batch, score_batch
 from grpo.sampling import Rollout, concat_rollouts
@@ -103,7 +104,7 @@ def sample_and_score(cfg: GRPOConfig, samples: list[Sample], step: int, *, offse
                          agent=mt.agent_stats(ro))
     futures = [
         actor.generate.remote(
-            [s.prompt for s in part], group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+            [s.input for s in part], group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, top_p=cfg.top_p, seed=_sample_seed(cfg, step, offset + start, round),
             min_version=min_version,
         )
@@ -174,7 +175,7 @@ def evaluate(cfg: GRPOConfig, dataset: Dataset, actors: list, reward_actors: lis
         env_rewards = [sum(r.get("env_reward", 0.0) for r in recs) for ro in rollouts for recs in ro.records]
         return sum(env_rewards) / len(env_rewards)
     futures = [
-        a.generate.remote([s.prompt for s in p], group_size=1, max_new_tokens=cfg.max_new_tokens,
+        a.generate.remote([s.input for s in p], group_size=1, max_new_tokens=cfg.max_new_tokens,
                           temperature=0.0, min_version=min_version)
         for a, p in zip(actors, parts, strict=False)
     ]
@@ -253,6 +254,8 @@ class Worker:
     pending: dict[int, Future] = field(default_factory=dict)
     executor: ThreadPoolExecutor | None = None
     t_start: float = 0.0
+    publish_bytes: int = 0
+    """bytes this worker published last (the full weights, or the adapter only with LoRA)"""
 
     @property
     def collectives(self) -> parallel.Collectives:
@@ -278,10 +281,16 @@ def setup(config: dict[str, Any]) -> Worker:
         resume_dir = Path(found) if found else None
         if resume_dir is None:
             torch.manual_seed(cfg.seed)
-        model = parallel.wrap_policy(_load_model(str(resume_dir or cfg.model), torch.float32),
-                                     strategy=cfg.strategy, dtype=cfg.dtype, device=device)
+        lora_kw = cfg.lora_config()
+        if lora_kw is None:
+            policy = _load_model(str(resume_dir or cfg.model), torch.float32)
+        else:  # the base, then a fresh adapter; a resume restores the adapter and its optimizer from the shards
+            policy = lora.add_adapter(_load_model(str(cfg.model), torch.float32), lora_kw)
+        model = parallel.wrap_policy(policy, strategy=cfg.strategy, dtype=cfg.dtype, device=device)
         ref_model = None
-        if cfg.kl_coef > 0:
+        if cfg.kl_coef > 0 and lora_kw is not None:  # the base is the policy with its adapter off: no copy
+            ref_model = lora.AdapterOff(parallel.unwrap(model))
+        elif cfg.kl_coef > 0:
             # The frozen reference is the initial policy (or the warm-up's result, saved with the checkpoints);
             # it needs no wrapper since it never trains, and no fp32 master since it never updates.
             saved_ref = resume_dir / REFERENCE_DIR if resume_dir is not None else None
@@ -296,7 +305,7 @@ def setup(config: dict[str, Any]) -> Worker:
             resume(w, resume_dir)
         elif cfg.environment is not None and cfg.sft_warmup_steps:  # fresh agent runs only
             w.warmup_loss = sft_warmup(cfg, w.dataset, w.learner, tokenizer, pad_id, rank=rank, world=world)
-            if ref_model is not None:  # KL then holds the policy near what the warm-up taught, not the init
+            if ref_model is not None and lora_kw is None:  # KL then holds the policy near what the warm-up taught
                 ref_model.load_state_dict(parallel.full_state_dict(model, dtype=compute_dtype))
                 w.ref_from_warmup = True
     w.version = w.start_step
@@ -330,7 +339,12 @@ def publish(w: Worker, version: int) -> None:
     pull later. The loads are not awaited here: an actor runs rank 0's calls in order, so it loads before
     rank 0's next generate, and any other caller's generate carries min_version and pulls if it got there
     first. Every rank takes part in gathering the weights (FSDP2 shards them)."""
-    sd = parallel.full_state_dict(w.learner.model, dtype=getattr(torch, w.cfg.dtype))
+    dtype = getattr(torch, w.cfg.dtype)
+    if w.cfg.lora_rank:  # the adapter only: the actors hold the same base
+        sd = lora.adapter_state(w.learner.model, dtype=dtype)
+    else:
+        sd = parallel.full_state_dict(w.learner.model, dtype=dtype)
+    w.publish_bytes = lora.nbytes(sd)
     if w.rank == 0:
         ref = ray.put(sd)
         ray.get(w.board.publish.remote(version, [ref]))
@@ -342,14 +356,21 @@ def save_checkpoint(w: Worker, step: int, metrics: dict[str, float]) -> None:
     """Every rank writes its shard of model and optimizer and its RNG state; rank 0 also writes the full
     model as a Hugging Face directory, the tokenizer, the step and (after a warm-up) the KL reference.
     Ray Train merges the ranks' directories into one checkpoint."""
-    sd = parallel.full_state_dict(w.learner.model)
+    sd = None if w.cfg.lora_rank else parallel.full_state_dict(w.learner.model)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         parallel.save_sharded(w.learner.model, w.learner.optimizer, d)
         (d / "rng").mkdir()
         torch.save({"torch_rng": torch.get_rng_state(), "py_rng": random.getstate()}, d / "rng" / f"rank{w.rank}.pt")
         if w.rank == 0:
-            w.learner.base_model.save_pretrained(d, state_dict=sd)
+            if sd is None:  # a PEFT adapter directory (adapter_config.json names the base by its path)
+                w.learner.base_model.save_pretrained(d)
+                if w.cfg.lora_merged_export:
+                    merged = copy.deepcopy(w.learner.base_model).merge_and_unload()
+                    merged.save_pretrained(d / "merged")
+                    w.tokenizer.save_pretrained(d / "merged")
+            else:
+                w.learner.base_model.save_pretrained(d, state_dict=sd)
             w.tokenizer.save_pretrained(d)
             torch.save({"step": step, "config": w.cfg.model_dump(), "strategy": w.cfg.strategy}, d / STATE_FILE)
             if w.ref_from_warmup and w.learner.ref_model is not None:
@@ -415,7 +436,8 @@ def train_step(w: Worker, step: int) -> tuple[dict[str, float], Collected]:
         completion_len_mean=toks / n, stop_frac=stops / n, reward_errors=errs, reward_timeouts=tos,
         staleness=stale / w.world, kept_frac=kept / n, step_time_s=step_s, train_time_s=train_s,
         rollout_time_s=t_train - t0, gen_time_s=ro.gen_seconds, publish_time_s=publish_s,
-        tokens_per_s=toks / step_s, elapsed_s=time.perf_counter() - w.t_start, policy_version=w.version,
+        publish_bytes=float(w.publish_bytes), tokens_per_s=toks / step_s, elapsed_s=time.perf_counter() - w.t_start,
+        policy_version=w.version,
     )
     if cfg.dynamic_sampling:  # the most refill rounds any worker needed, and how full the batch ended
         metrics.update(sampling_rounds=rounds / w.world, trained_frac=kept / (cfg.prompts_per_step * cfg.group_size))

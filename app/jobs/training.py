@@ -75,8 +75,8 @@ class AgentConfig(BaseModel):
     """supervised steps on the environment's demonstrations before GRPO"""
     tool_instructions: bool = True
     """put the tool list and the call format before each query"""
-    chat_template: bool = False
-    """render prompts and tool turns with the tokenizer's chat template"""
+    chat_template: bool | None = None
+    """render prompts and tool turns with the tokenizer's chat template (left out: when it has one)"""
 
 
 # AgentConfig field -> engine key, where the names differ (the rest are the same name).
@@ -137,6 +137,14 @@ class TrainingConfig(BaseModel):
     """reward actors"""
     gpus_per_worker: float | None = Field(None, ge=0.0, le=8.0)
     """GPUs per policy worker and rollout actor"""
+    lora_rank: int | None = Field(None, ge=0, le=1024)
+    """train a LoRA adapter of this rank instead of the whole model (0 or left out: full fine-tuning)"""
+    lora_alpha: float | None = Field(None, gt=0.0, le=1e6)
+    """LoRA scaling numerator (engine default 16)"""
+    lora_target_modules: list[str] | None = Field(None, min_length=1, max_length=64)
+    """modules that get adapters, e.g. ["q_proj", "v_proj"], or ["all-linear"]; PEFT's default when left out"""
+    lora_dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    """dropout on the adapter's input (engine default 0)"""
     engine: dict[str, Any] = Field(default_factory=dict)
     """any other grpo.config.GRPOConfig key (see docs/config.md)"""
 
@@ -150,7 +158,8 @@ MAPPED = {"num_steps": "n_iterations", "prompts_per_step": "batch_size", "group_
           "reward": "reward", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
           "kl_coef": "kl_coef", "target_reward": "target_reward", "num_policy_workers": "num_policy_workers",
           "num_rollout_workers": "num_rollout_workers", "num_reward_workers": "num_reward_workers",
-          "gpus_per_worker": "gpus_per_worker",
+          "gpus_per_worker": "gpus_per_worker", "lora_rank": "lora_rank", "lora_alpha": "lora_alpha",
+          "lora_target_modules": "lora_target_modules", "lora_dropout": "lora_dropout",
           **{AGENT_KEYS.get(k, k): f"agent.{k}" for k in AgentConfig.model_fields}}
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -253,7 +262,7 @@ class ExportParams(JobParams):
 
 def write_rows(f: Any, rows: list[Row]) -> None:
     for row in rows:
-        f.write(json.dumps({"query": row.query, "expected_outcome": row.expected_outcome}) + "\n")
+        f.write(json.dumps(row.engine_row()) + "\n")
 
 
 def engine_config(params: StartParams, *, settings: Settings, dataset: Path, eval_dataset: Path | None,
@@ -289,7 +298,8 @@ def engine_config(params: StartParams, *, settings: Settings, dataset: Path, eva
         agent.setdefault("gamma", c.gamma)
         mapping.update(agent)
     for key in ("max_new_tokens", "temperature", "kl_coef", "target_reward", "num_policy_workers", "num_rollout_workers",
-                "num_reward_workers", "gpus_per_worker"):
+                "num_reward_workers", "gpus_per_worker", "lora_rank", "lora_alpha", "lora_target_modules",
+                "lora_dropout"):
         if getattr(c, key) is not None:
             mapping[key] = getattr(c, key)
     for key in c.engine:
@@ -597,14 +607,17 @@ class EvaluateParams(JobParams):
 
 def evaluation_task(base_model: str, checkpoint: str, rows: list[dict[str, str]], reward: str,
                     max_new_tokens: int, agent: dict[str, Any] | None = None,
-                    reward_source: str | None = None) -> dict[str, Any]:
+                    reward_source: str | None = None, chat_template: bool | None = None) -> dict[str, Any]:
     """Runs on the cluster (a Ray task): score the checkpoint and its base model on the same queries
-    (agent jobs: greedy episodes in their environment)."""
+    (agent jobs: greedy episodes in their environment), prompted as the run prompted them."""
     from grpo.evaluate import compare, evaluate_model
     from grpo.tasks import Sample
 
-    samples = [Sample(r["query"], r["expected_outcome"]) for r in rows]
-    kw = {"reward": reward, "reward_source": reward_source, "max_new_tokens": max_new_tokens, "agent": agent}
+    samples = [Sample(r["query"], r["expected_outcome"],
+                      tuple((m["role"], m["content"]) for m in r["messages"]) if r.get("messages") else None)
+               for r in rows]
+    kw = {"reward": reward, "reward_source": reward_source, "max_new_tokens": max_new_tokens, "agent": agent,
+          "chat_template": chat_template}
     tuned = evaluate_model(checkpoint, samples, **kw)
     base = evaluate_model(base_model, samples, **kw)
     return {
@@ -630,7 +643,7 @@ async def evaluate(p: EvaluateParams, ctx: Context) -> dict[str, Any]:
         raise RPCError(EVALUATION_FAILED, f"job {job.id} has no checkpoint yet", {"job_id": job.id})
     cfg = job.engine_config
     if p.evaluation_queries:
-        rows = [{"query": r.query, "expected_outcome": r.expected_outcome} for r in p.evaluation_queries]
+        rows = [r.engine_row() for r in p.evaluation_queries]
     else:
         source = Path(cfg.get("eval_dataset") or cfg["dataset"])
         rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()][: p.max_queries]
@@ -638,7 +651,7 @@ async def evaluate(p: EvaluateParams, ctx: Context) -> dict[str, Any]:
     if cfg.get("environment"):  # the engine's agent keys, as the run used them
         agent = {k: cfg[k] for k in AGENT_ENGINE_KEYS if k in cfg}
     args = (cfg["model"], ckpt.path, rows, cfg.get("reward") or "exact_match", int(cfg.get("max_new_tokens", 64)),
-            agent, cfg.get("reward_source"))
+            agent, cfg.get("reward_source"), cfg.get("chat_template"))
     try:
         import ray
 

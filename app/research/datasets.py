@@ -29,7 +29,7 @@ import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Request
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
@@ -57,14 +57,41 @@ from app.research.common import (
 from app.research.storage import Storage, StorageError
 
 
-class Row(BaseModel):
-    """One training or evaluation example."""
+class Message(BaseModel):
+    """One turn of a prompt conversation (OpenAI-style)."""
 
     model_config = ConfigDict(extra="forbid")
-    query: str = Field(min_length=1, max_length=100_000, validation_alias=AliasChoices("query", "prompt"))
-    """the prompt"""
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(max_length=100_000)
+
+
+class Row(BaseModel):
+    """One training or evaluation example: a query, or a conversation ending with a user turn."""
+
+    model_config = ConfigDict(extra="forbid")
+    query: str | None = Field(None, min_length=1, max_length=100_000, validation_alias=AliasChoices("query", "prompt"))
+    """the prompt; with `messages`, their last user turn (what rewards see)"""
+    messages: list[Message] | None = Field(None, min_length=1, max_length=256)
+    """instead of `query`: the conversation the policy is prompted with, through the model's chat template"""
     expected_outcome: str = Field(max_length=100_000, validation_alias=AliasChoices("expected_outcome", "answer"))
     """what the reward function compares the completion with"""
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> Row:
+        if (self.query is None) == (self.messages is None):
+            raise ValueError("give exactly one of query and messages")
+        if self.messages is not None:
+            if self.messages[-1].role != "user":
+                raise ValueError(f"messages must end with a user turn, got {self.messages[-1].role!r}")
+            self.query = self.messages[-1].content
+        return self
+
+    def engine_row(self) -> dict[str, Any]:
+        """The row as the engine's jsonl task reads it."""
+        row: dict[str, Any] = {"query": self.query, "expected_outcome": self.expected_outcome}
+        if self.messages is not None:
+            row["messages"] = [m.model_dump() for m in self.messages]
+        return row
 
 
 

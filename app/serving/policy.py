@@ -161,7 +161,12 @@ class PolicyEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
-        self.eos_id = self.tokenizer.eos_token_id
+        from grpo.sampling import stop_token_ids
+
+        # every stop token the model lists (generation_config: e.g. <|im_end|> and <|endoftext|>), not only the
+        # tokenizer's eos: an Instruct model ends its turn with a token the tokenizer may not call eos
+        self.stop_ids = frozenset(stop_token_ids(self.tokenizer, self.model.generation_config))
+        self.eos_id = stop_token_ids(self.tokenizer, self.model.generation_config)[0]
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.digest = weights_digest(self.model)
@@ -212,7 +217,7 @@ class PolicyEngine:
                 if finish[i] is not None:
                     continue
                 sampled[i] += 1
-                if tok[i] == self.eos_id:
+                if tok[i] in self.stop_ids:
                     finish[i] = "stop"
                 else:
                     tokens[i].append(tok[i])

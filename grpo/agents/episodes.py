@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from grpo.agents.environments import RESULT_CLOSE, RESULT_OPEN, TOOL_CLOSE, Action, StepResult, maybe_await
-from grpo.sampling import Rollout, left_pad, position_ids, sample_token, sampling_generator
+from grpo.sampling import PromptFormat, Rollout, left_pad, position_ids, sample_token, sampling_generator
 from grpo.tasks import Sample
 
 BATCH_GRACE_S = 0.005
@@ -69,7 +69,7 @@ class AgentSettings:
     environment: str
     tools: list[str] | None = None
     instructions: bool = True
-    chat_template: bool = False
+    chat_template: bool | None = None
     max_steps: int = 4
     max_new_tokens: int = 64
     max_total_tokens: int = 256
@@ -110,17 +110,15 @@ class TurnFormat:
     """How a prompt and an observation become text around the policy's turns.
 
     Plain (no chat template): the prompt as given, observations as `\\n<result>...</result>\\n`.
-    With `chat=True` the tokenizer's chat template renders the user turn and, for observations, the
-    text between the end of an assistant turn and the start of the next one around a `tool` message
-    (found by rendering with a marker), so a chat model sees its own format.
+    With a chat template (`chat` True, or None and the tokenizer has one) it renders the user turn and,
+    for observations, the text between the end of an assistant turn and the start of the next one around
+    a `tool` message (found by rendering with a marker), so a chat model sees its own format.
     """
 
     MARK = "\x00MARK\x00"
 
-    def __init__(self, tokenizer: Any, chat: bool = False):
-        if chat and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat_template: the tokenizer has no chat template")
-        self.tokenizer, self.chat = tokenizer, chat
+    def __init__(self, tokenizer: Any, chat: bool | None = None):
+        self.tokenizer, self.chat = tokenizer, PromptFormat(tokenizer, chat).chat  # None: when it has a template
 
     def prompt(self, text: str) -> str:
         if not self.chat:
@@ -157,8 +155,11 @@ class _Traj:
 class TurnGenerator:
     """Batched sampling of one turn for many contexts of different lengths (left-padded, KV-cached)."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, pad_id: int, eos_id: int, device: Any, stop: str = TOOL_CLOSE):
-        self.model, self.tokenizer, self.pad_id, self.eos_id, self.device = model, tokenizer, pad_id, eos_id, device
+    def __init__(self, model: Any, tokenizer: Any, *, pad_id: int, eos_ids: list[int], device: Any,
+                 stop: str = TOOL_CLOSE):
+        """`eos_ids`: every token that ends the policy's turn for good (sampling.stop_token_ids)."""
+        self.model, self.tokenizer, self.pad_id, self.device = model, tokenizer, pad_id, device
+        self.eos_ids = frozenset(eos_ids)
         self.stop = stop
         # Only a token whose text contains the stop string's last character can complete it: check
         # the decoded tail of a row only after one of those (cheap on any vocabulary).
@@ -189,7 +190,7 @@ class TurnGenerator:
             for i in alive.nonzero().flatten().tolist():
                 toks[i].append(int(tok[i]))
                 lps[i].append(float(lp[i]))
-                if toks[i][-1] == self.eos_id:
+                if toks[i][-1] in self.eos_ids:
                     reasons[i] = "eos"
                 elif self.stop_enders[toks[i][-1]] and self.tokenizer.decode(toks[i][-2 * len(self.stop):]).endswith(
                         self.stop):

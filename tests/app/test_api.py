@@ -103,6 +103,23 @@ def test_target_reward_reaches_the_engine_and_is_not_an_engine_key(client):
     assert "use config.target_reward" in moved["message"]
 
 
+def test_rows_may_be_conversations_and_reach_the_engine_as_messages(client):
+    from grpo.tasks import read_jsonl
+
+    convo = [{"role": "system", "content": "Answer with one digit."}, {"role": "user", "content": "digit 3:"}]
+    reply = start(client, training_data=[{"messages": convo, "expected_outcome": "3"}, *ROWS[:4]])["result"]
+    samples = read_jsonl(client.ctx.settings.runs_dir / reply["job_id"] / "data.jsonl")
+    assert samples[0].messages == (("system", "Answer with one digit."), ("user", "digit 3:"))
+    assert samples[0].prompt == "digit 3:" and samples[1].messages is None
+    for row, says in (({"messages": convo, "query": "x", "expected_outcome": "3"}, "exactly one of query and messages"),
+                      ({"expected_outcome": "3"}, "exactly one of query and messages"),
+                      ({"messages": convo[:1], "expected_outcome": "3"}, "must end with a user turn"),
+                      ({"messages": [{"role": "wizard", "content": "x"}], "expected_outcome": "3"},
+                       "training_data.0.messages.0.role")):
+        err = start(client, training_data=[row])["error"]
+        assert err["code"] == -32602 and says in err["message"] and "training_data.0" in err["message"], err
+
+
 def test_training_queries_alias_and_idempotency(client):
     a = start(client, training_queries=ROWS, idempotency_key="k-1")
     # the same key again: the same job, not a second one

@@ -1,0 +1,157 @@
+"""Instruct-shaped models: prompts through the chat template, every listed stop token ends a completion.
+
+The model is grpo.tiny's chat variant (Qwen2-shaped, ChatML template, generation_config listing <|im_end|>
+and <|eos|>), built offline like the base tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from grpo.rollout import RolloutWorker
+from grpo.sampling import PromptFormat, stop_token_ids
+from grpo.tasks import Sample, read_jsonl
+
+IM_END, EOS = 260, 257
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory) -> str:
+    from grpo.tiny import save_tiny_model
+
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2-chat", arch="qwen2", hidden_size=64,
+                               num_layers=2, chat=True))
+
+
+@pytest.fixture(scope="module")
+def chat_worker(chat_model_dir) -> RolloutWorker:
+    return RolloutWorker(chat_model_dir, torch_threads=1)
+
+
+def test_chat_model_lists_two_stop_tokens(chat_worker):
+    assert chat_worker.stop_ids == [IM_END, EOS]  # generation_config's list; the tokenizer's eos is only 257
+    assert chat_worker.tokenizer.eos_token_id == EOS
+
+
+def test_prompts_get_exactly_the_templates_ids(chat_worker):
+    tok = chat_worker.tokenizer
+    text = "digit 3:"
+    conversation = (("system", "Answer with one digit."), ("user", "digit 3:"))
+    got = chat_worker.encode_prompts([text, conversation])
+    assert got[0] == tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)
+    assert got[1] == tok.apply_chat_template([{"role": r, "content": c} for r, c in conversation],
+                                             add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert got[0][0] == 259 and got[0][-len("assistant\n") - 1] == 259  # <|im_start|>user ... <|im_start|>assistant
+    # forced raw text: the bytes as written, no template and no special tokens
+    raw = RolloutWorker.__new__(RolloutWorker)
+    raw.format, raw.max_prompt_tokens = PromptFormat(tok, chat=False), 256
+    assert raw.encode_prompts([text]) == [list(text.encode())]
+
+
+def test_base_model_keeps_raw_prompts_and_a_forced_template_fails(tiny_model_dir):
+    worker = RolloutWorker(tiny_model_dir)
+    assert worker.format.chat is False and worker.encode_prompts(["digit 3:"]) == [list(b"digit 3:")]
+    with pytest.raises(ValueError, match="chat_template: the tokenizer has no chat template"):
+        RolloutWorker(tiny_model_dir, chat_template=True)
+
+
+class _Force:
+    """Adds a large logit to one token, so even sampling at temperature 1 picks it."""
+
+    def __init__(self, model, token: int):
+        self.token, self.handle = token, model.lm_head.register_forward_hook(self)
+
+    def __call__(self, module, args, out):
+        out = out.clone()
+        out[..., self.token] += 1e4
+        return out
+
+
+@pytest.mark.parametrize("stop", [IM_END, EOS])
+def test_a_completion_stops_at_each_listed_stop_token(chat_worker, stop):
+    force = _Force(chat_worker.model, stop)
+    try:
+        ro = chat_worker.generate(["digit 3:", "digit 4:"], group_size=3, max_new_tokens=8, seed=0)
+    finally:
+        force.handle.remove()
+    assert ro.finish_reasons == ["stop"] * 6
+    assert ro.completion_ids.shape[1] == 1 and (ro.completion_ids[:, 0] == stop).all()
+    assert ro.completion_mask.all()  # the stop token is the completion's last trained token
+
+
+@pytest.mark.parametrize("stop", [IM_END, EOS])
+def test_agent_turns_and_the_policy_server_stop_at_each_listed_token(chat_worker, chat_model_dir, stop):
+    from app.serving.policy import GenRequest, PolicyEngine
+    from grpo.agents.episodes import TurnGenerator
+
+    turns = TurnGenerator(chat_worker.model, chat_worker.tokenizer, pad_id=chat_worker.pad_id,
+                          eos_ids=chat_worker.stop_ids, device=chat_worker.device)
+    force = _Force(chat_worker.model, stop)
+    try:
+        out = turns([chat_worker.encode_prompts(["digit 3:"])[0]], [8], temperature=1.0, top_p=1.0, gen=None)
+    finally:
+        force.handle.remove()
+    assert out[0][0] == [stop] and out[0][2] == "eos"
+
+    engine = PolicyEngine(chat_model_dir, device="cpu", torch_threads=1)
+    assert engine.stop_ids == {IM_END, EOS}
+    force = _Force(engine.model, stop)
+    try:
+        res = engine.generate([GenRequest(prompt_ids=engine.encode("digit 3:"), max_tokens=8, temperature=1.0,
+                                          top_p=1.0, n=2, stop=[])])
+    finally:
+        force.handle.remove()
+    assert res[0].finish_reasons == ["stop", "stop"] and res[0].texts == ["", ""]
+
+
+def test_stop_token_ids_reads_lists_ints_and_the_tokenizer():
+    class Tok:
+        eos_token_id = 5
+
+    class Gen:
+        eos_token_id = [7, 5]
+
+    assert stop_token_ids(Tok(), Gen()) == [7, 5]
+    Gen.eos_token_id = 9
+    assert stop_token_ids(Tok(), Gen()) == [9, 5]
+    assert stop_token_ids(Tok(), None) == [5]
+    Tok.eos_token_id = None
+    with pytest.raises(ValueError, match="no stop token"):
+        stop_token_ids(Tok(), None)
+
+
+def test_jsonl_rows_may_be_message_lists(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "digit 3:"}],
+             "expected_outcome": "3"},
+            {"query": "digit 4:", "expected_outcome": "4"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b = read_jsonl(path)
+    assert a == Sample("digit 3:", "3", (("system", "Be brief."), ("user", "digit 3:")))
+    assert a.input == (("system", "Be brief."), ("user", "digit 3:")) and b.input == "digit 4:"
+    for bad, field in (([], "non-empty list"), ([{"role": "user"}], r"\[0\] must be"),
+                       ([{"role": "wizard", "content": "x"}], r"\[0\] must be"),
+                       ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "end with a user")):
+        path.write_text(json.dumps({"messages": bad, "expected_outcome": "1"}) + "\n")
+        with pytest.raises(ValueError, match=f"rows.jsonl:1: field 'messages'.*{field}"):
+            read_jsonl(path)
+
+
+def test_sampling_log_probs_are_those_of_the_template_context(chat_worker):
+    """The rollout's prompt ids are the template's and its log-probs are the model's on exactly that context:
+    what the learner recomputes from prompt_ids + completion matches what was sampled."""
+    conversation = (("system", "Be brief."), ("user", "digit 3:"))
+    ro = chat_worker.generate([conversation], group_size=2, max_new_tokens=4, seed=1)
+    assert ro.prompt_ids[0] == chat_worker.encode_prompts([conversation])[0]
+    for row in range(2):
+        n = int(ro.completion_mask[row].sum())
+        completion = ro.completion_ids[row, :n].tolist()
+        ids = torch.tensor([ro.prompt_ids[0] + completion])
+        with torch.no_grad():
+            logits = chat_worker.model(input_ids=ids).logits[0, len(ro.prompt_ids[0]) - 1 : -1].float()
+        want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+        torch.testing.assert_close(ro.logprobs[row, :n], want, atol=1e-4, rtol=1e-4)
