@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     """the shortest a step is assumed to take when checking that a budget covers one step"""
     cancel_wait_s: float = Field(60.0, ge=0)
     """how long training.cancel waits for a running job to checkpoint and stop"""
+    deployment_reconcile_s: float = Field(30.0, ge=0)
+    """how often the dispatcher makes Serve run every policy deployment the database holds (a new cluster, a
+    Serve restart, an application deleted behind the API's back); 0 turns it off"""
     max_running_jobs: int = Field(2, ge=0)
     """the most jobs the dispatcher runs at once (0: it starts none); below it, resources decide"""
     cluster_capacity: dict[str, Annotated[float, Field(ge=0)]] = {}

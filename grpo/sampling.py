@@ -1,10 +1,12 @@
 """What sampling produces and the token-level pieces every sampler shares.
 
 `Rollout` is the batch of P prompts x G completions that rollout workers hand the learner;
-`left_pad`, `position_ids` and `sample_token` are the steps of a KV-cached decode that the single-turn
-sampler (grpo.rollout), the multi-turn episodes (grpo.agents.episodes) and the policy server
-(app.serving.policy) all take, so a fix to one lands in all; `sampling_generator` builds the seeded
-generator on the logits' device. Not here: models, tokenizers, Ray.
+`left_pad`, `position_ids` and `sample` (one sampling step: temperature, nucleus, seeded generators, the
+log-probs) are the steps of a KV-cached decode that the single-turn sampler (grpo.rollout), the multi-turn
+episodes (grpo.agents.episodes) and the policy server (app.serving.policy) all take, so a fix to one lands in
+all (tests/app/test_policy.py checks the three draw the same tokens for a seed); `sampling_generator` builds
+the seeded generator on the logits' device; `PromptFormat` and `stop_token_ids` say how a prompt becomes ids
+(chat template or raw text) and which tokens end a completion. Not here: models, Ray.
 """
 
 from __future__ import annotations
@@ -155,26 +157,47 @@ def sampling_generator(device: torch.device | str, seed: int | None) -> torch.Ge
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
-def sample_token(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """Sample one token per row; return it and its log-prob under the distribution it was drawn from.
+def sample(logits: Tensor, temperature: float | Tensor, top_p: float | Tensor, *,
+           generator: torch.Generator | None = None,
+           row_generators: list[torch.Generator | None] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The one sampling step every sampler takes: a token per row, with the row's own temperature and
+    nucleus mass (scalars apply to every row) and a seeded generator for the batch or per row.
 
-    logits (N, V) -> token (N,), log-prob (N,) float32. That distribution is softmax(logits / temperature)
-    cut to the top-p nucleus and renormalised: async training weights each token by pi_now / pi_sampler,
-    so it needs the sampler's own probability, which the full tempered one understates by the nucleus
-    mass. top_p == 1 gives the full tempered value; greedy (temperature 0) the argmax's untempered one.
+    logits (N, V) -> token (N,), its log-prob under the distribution it was drawn from (N,) float32, and the
+    tempered log-probs before the nucleus cut (N, V). The distribution drawn from is softmax(logits / T) cut
+    to the top-p nucleus and renormalised: async training weights each token by pi_now / pi_sampler, so it
+    needs the sampler's own probability, which the full tempered one understates by the nucleus mass; the
+    policy server reports the uncut ones, as OpenAI does. Temperature 0 is greedy: the argmax, with its
+    untempered log-prob, and it draws nothing from the generators. A row with its own generator draws from it
+    alone, so what it samples does not depend on its batch-mates.
     """
-    logp = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)  # (N, V)
-    if temperature <= 0.0:
+    n = logits.shape[0]
+    temps = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).expand(n)  # (N,)
+    nucleus = torch.as_tensor(top_p, dtype=torch.float32, device=logits.device).expand(n)  # (N,)
+    greedy = temps <= 0.0  # (N,)
+    logp = torch.log_softmax(logits.float() / torch.where(greedy, 1.0, temps)[:, None], dim=-1)  # (N, V)
+    drawn_logp = logp
+    if bool(greedy.all()):
         token = logp.argmax(dim=-1)  # (N,)
     else:
         probs = logp.exp()  # (N, V)
-        if top_p < 1.0:
+        if bool((nucleus < 1.0).any()):
             sorted_p, order = probs.sort(dim=-1, descending=True)  # (N, V)
-            outside = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # mass before this token already > p
-            sorted_p = sorted_p.masked_fill(outside, 0.0)
+            outside = (sorted_p.cumsum(dim=-1) - sorted_p > nucleus[:, None]) & (nucleus[:, None] < 1.0)
+            sorted_p = sorted_p.masked_fill(outside, 0.0)  # mass before this token already > p
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)  # (N, V)
             # Renormalise over the nucleus; only nucleus tokens are drawn, so the others' values never
             # leave this function. The top token is always kept, so the mass is > 0.
-            logp = logp - sorted_p.sum(dim=-1, keepdim=True).log()  # (N, V)
-        token = torch.multinomial(probs, 1, generator=gen).squeeze(-1)  # (N,)
-    return token, logp.gather(-1, token[:, None]).squeeze(-1)  # (N,), (N,)
+            drawn_logp = logp - sorted_p.sum(dim=-1, keepdim=True).log()  # (N, V)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (N,)
+        for i, g in enumerate(row_generators or []):
+            if g is not None:
+                token[i] = torch.multinomial(probs[i], 1, generator=g)[0]
+        token = torch.where(greedy, logp.argmax(dim=-1), token)  # (N,)
+    return token, drawn_logp.gather(-1, token[:, None]).squeeze(-1), logp
+
+
+def sample_token(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """`sample` with one temperature, nucleus and generator for the batch: token (N,), its log-prob (N,)."""
+    token, logp, _ = sample(logits, temperature, top_p, generator=gen)
+    return token, logp

@@ -28,6 +28,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,12 +270,34 @@ class Dispatcher:
         return True
 
     def serve_forever(self) -> None:
+        next_reconcile = 0.0
         while not self._stop.is_set():
             try:
                 self.tick()
             except Exception:  # a bad round must not kill the dispatcher; the next round retries
                 log.exception("dispatcher round failed")
+            every = self.settings.deployment_reconcile_s
+            if every and time.monotonic() >= next_reconcile:
+                next_reconcile = time.monotonic() + every
+                self.reconcile_deployments()
             self._stop.wait(self.poll_s)
+
+    def reconcile_deployments(self) -> dict[str, str]:
+        """Policy deployments the database holds and Serve lost are deployed again (app.serving.deployments)."""
+        import ray
+
+        if not ray.is_initialized():
+            return {}
+        from app.serving.deployments import reconcile
+
+        try:
+            done = reconcile(self.engine)
+        except Exception:
+            log.exception("reconciling the policy deployments failed")
+            return {}
+        for name, outcome in done.items():
+            log.warning("policy deployment %s was not running on Serve: %s", name, outcome)
+        return done
 
     def stop(self) -> None:
         self._stop.set()

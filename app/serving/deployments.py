@@ -126,8 +126,10 @@ def _resolve(s: Any, field: str, checkpoint_id: str | None, model: str | None) -
         return ckpt.path, ckpt.id
     assert model is not None
     local = model.startswith(("/", ".", "~")) or Path(model).exists()
-    if local and not (Path(model).expanduser() / "config.json").exists():
-        raise RPCError(VALIDATION_FAILED, f"{field}: no Hugging Face model directory at {model}", {"field": field})
+    here = Path(model).expanduser()
+    if local and not ((here / "config.json").exists() or (here / "adapter_config.json").exists()):
+        raise RPCError(VALIDATION_FAILED, f"{field}: no Hugging Face model (or PEFT adapter) directory at {model}",
+                       {"field": field})
     return (str(Path(model).expanduser().resolve()) if local else model), None
 
 
@@ -180,9 +182,7 @@ def _serve_apps() -> dict[str, Any] | None:
                  DEPLOYMENT_FAILED), permission="models:deploy",
                  summary="Serve a checkpoint (or two, by weight) with an OpenAI-compatible API on Ray Serve")
 def deploy(p: DeployParams, ctx: Context) -> dict[str, Any]:
-    from ray import serve
-
-    from app.serving.policy import VariantSpec, build_policy_app
+    from app.serving.policy import VariantSpec
 
     with db.session_scope(ctx.engine) as s:
         if p.variants:
@@ -210,11 +210,8 @@ def deploy(p: DeployParams, ctx: Context) -> dict[str, Any]:
             s.add(row)
     except Exception:  # the primary key: someone deployed the same name meanwhile
         raise RPCError(VALIDATION_FAILED, f"name: a deployment named {p.name} exists", {"field": "name"}) from None
-    application = build_policy_app(p.name, variants, replicas=p.replicas, autoscaling=spec["autoscaling"],
-                                   gpus_per_replica=gpus, cpus_per_replica=p.cpus_per_replica,
-                                   batching=p.batching, max_batch_size=p.max_batch_size)
     try:
-        serve._run(application, name=app_name(p.name), route_prefix=route_prefix(p.name), _blocking=False)
+        start_app(p.name, variants, spec)
     except Exception as e:
         with db.session_scope(ctx.engine) as s:
             stale = s.get(PolicyDeployment, p.name)
@@ -224,6 +221,51 @@ def deploy(p: DeployParams, ctx: Context) -> dict[str, Any]:
                        {"name": p.name}) from None
     with db.session_scope(ctx.engine) as s:
         return describe(s.get(PolicyDeployment, p.name), _serve_apps())
+
+
+def start_app(name: str, variants: list[Any], spec: dict[str, Any]) -> None:
+    """Deploy (or deploy again) one policy application on Serve without waiting for its replicas."""
+    from ray import serve
+
+    from app.serving.policy import VariantSpec, build_policy_app
+
+    variants = [v if isinstance(v, VariantSpec) else VariantSpec.model_validate(v) for v in variants]
+    application = build_policy_app(name, variants, replicas=spec["replicas"], autoscaling=spec["autoscaling"],
+                                   gpus_per_replica=spec["gpus_per_replica"], cpus_per_replica=spec["cpus_per_replica"],
+                                   batching=spec["batching"], max_batch_size=spec["max_batch_size"])
+    # serve.run waits for the replicas (model loads take minutes on a big model); the API answers at once
+    # and models.deployments shows the progress
+    serve._run(application, name=app_name(name), route_prefix=route_prefix(name), _blocking=False)
+
+
+def reconcile(engine: Any) -> dict[str, str]:
+    """Make Serve run what the database says is deployed. A policy application Serve does not have — a new
+    cluster after a RayService upgrade, a Serve restart, one deleted behind the API's back — is deployed again
+    from its row. -> {name: "redeployed" | "failed: <why>"} for each one that was missing. Needs Ray and a
+    running Serve (the API's own application); without them there is nothing to compare with."""
+    from sqlmodel import select
+
+    try:
+        apps = _serve_apps()
+    except Exception:  # Serve not started on this cluster
+        return {}
+    if apps is None:
+        return {}
+    with db.session_scope(engine) as s:
+        rows = [(r.name, list(r.variants), dict(r.spec)) for r in s.exec(select(PolicyDeployment))]
+    out: dict[str, str] = {}
+    for name, variants, spec in rows:
+        if app_name(name) in apps:
+            continue
+        with db.session_scope(engine) as s:  # undeployed meanwhile: leave it gone
+            if s.get(PolicyDeployment, name) is None:
+                continue
+        try:
+            start_app(name, variants, spec)
+            out[name] = "redeployed"
+        except Exception as e:  # kept in the database: models.deployments shows it not running, with the cause
+            out[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+    return out
 
 
 def _owned(s: Any, name: str) -> PolicyDeployment:
@@ -236,15 +278,14 @@ def _owned(s: Any, name: str) -> PolicyDeployment:
 @registry.method("models.undeploy", params=NameParams, mutates=True, errors=(NOT_FOUND,),
                  permission="models:deploy", summary="Stop serving a deployment and free its replicas")
 def undeploy(p: NameParams, ctx: Context) -> dict[str, Any]:
-    with db.session_scope(ctx.engine) as s:
-        row = _owned(s, p.name)
-        import ray
+    with db.session_scope(ctx.engine) as s:  # the row first: the reconcile must not bring back what goes
+        s.delete(_owned(s, p.name))
+    import ray
 
-        if ray.is_initialized():
-            from ray import serve
+    if ray.is_initialized():
+        from ray import serve
 
-            serve.delete(app_name(p.name), _blocking=False)
-        s.delete(row)
+        serve.delete(app_name(p.name), _blocking=False)
     return {"name": p.name, "status": "deleting"}
 
 

@@ -10,7 +10,10 @@ each request to one of its variants by weight (an A/B comparison of two checkpoi
 variant named in `model`.
 
 `build_policy_app` assembles the application; `app.serving.deployments` starts and stops it (models.deploy).
-Not covered: logprobs, penalties, tools/function calling, seeds.
+Requests may carry `seed` (each of the n completions its own seeded stream, so batch-mates change nothing),
+`logprobs` (completions: the number of alternatives; chat: `logprobs` and `top_logprobs`; not on streams) and
+`stop`; chat without `max_tokens` may use the rest of the model's context. Text is detokenised incrementally.
+Not covered: penalties, tools/function calling.
 """
 
 
@@ -31,6 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray import serve
 from torch import Tensor
 
+STREAM_ERROR = "\x00error "
+"""first item of a PolicyServer stream that could not start: the router turns it into an HTTP error"""
 MAX_BATCH_SIZE = 16
 """rows (requests x n) decoded together when batching is on"""
 BATCH_WAIT_S = 0.01
@@ -43,7 +48,8 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (penalties: 0)
     model: str | None = Field(None, max_length=256)
     """the deployment's name (weighted choice of a variant) or one variant's name"""
-    max_tokens: int = Field(16, ge=1, le=4096)
+    max_tokens: int | None = Field(None, ge=1, le=32_768)
+    """completions: 16 when left out (OpenAI's default); chat: the rest of the model's context"""
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=16)
@@ -51,6 +57,8 @@ class _Sampling(BaseModel):
     """up to 4 strings that end a completion (not included in it)"""
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    """the same seed, prompt and settings give the same completions (each of the n its own stream)"""
 
     @field_validator("stop")
     @classmethod
@@ -63,6 +71,12 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] = Field(min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    """the sampled tokens' log-probs and this many most likely alternatives at each position"""
+
+    @property
+    def top_k_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -73,8 +87,18 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
-    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=32_768)
     """the newer name of max_tokens; wins when both are sent"""
+    logprobs: bool = False
+    """the sampled tokens' log-probs"""
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    """with logprobs: this many most likely alternatives at each position"""
+
+    @property
+    def top_k_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequest("top_logprobs: needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class BadRequest(Exception):
@@ -114,6 +138,14 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     on_delta: Callable[[int, str, str | None], None] | None = None
     """called from the generating thread with (choice index, new text, finish reason or None)"""
+    seed: int | None = None
+    """row j of the request samples from its own generator seeded with (seed, j): batch-mates change nothing"""
+    logprobs: int | None = None
+    """None: no log-probs; k: each sampled token's log-prob and the k most likely alternatives"""
+
+
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]
+"""(token id, its log-prob, [(alternative id, log-prob)] most likely first)"""
 
 
 @dataclass
@@ -122,21 +154,52 @@ class GenResult:
     finish_reasons: list[str]  # n of "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[list[TokenLogprob]] | None = None
+    """per completion, per sampled token (the stop token included), when the request asked for them"""
 
 
-def sample_rows(logits: Tensor, temperature: Tensor, top_p: Tensor) -> Tensor:
-    """One token per row with the row's own temperature (0: greedy) and nucleus mass.
+class IncrementalDecoder:
+    """Text of a growing token list without decoding it all again at every token: only the tokens since the
+    last emitted text are decoded (with a few before them as context, which byte-level and SentencePiece
+    tokenizers need to place spaces), and text that ends in a partial UTF-8 character waits for its rest.
+    `text` always equals decoding every token pushed so far (once `finish` is called)."""
 
-    logits (N, V), temperature (N,), top_p (N,) -> tokens (N,)
-    """
-    greedy = temperature <= 0.0  # (N,)
-    scaled = logits.float() / torch.where(greedy, 1.0, temperature)[:, None]  # (N, V)
-    probs = torch.softmax(scaled, dim=-1)  # (N, V)
-    sorted_p, order = probs.sort(dim=-1, descending=True)  # (N, V)
-    outside = sorted_p.cumsum(dim=-1) - sorted_p > top_p[:, None]  # mass before this token already > p
-    probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(outside, 0.0))
-    sampled = torch.multinomial(probs, 1).squeeze(-1)  # (N,)
-    return torch.where(greedy, logits.argmax(dim=-1), sampled)
+    def __init__(self, tokenizer: Any):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+        self._prefix = self._read = 0  # ids[_prefix:_read] is context already in `text`
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        """Add a token; returns the text it completes ("" while a character is still partial)."""
+        self.ids.append(token)
+        before = self._decode(self.ids[self._prefix : self._read])
+        now = self._decode(self.ids[self._prefix :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            delta = now[len(before) :]
+            self._prefix, self._read = self._read, len(self.ids)
+            self.text += delta
+            return delta
+        return ""
+
+    def finish(self) -> str:
+        """Flush what is still held back (a partial character decodes as U+FFFD, as a full decode would)."""
+        rest = self._decode(self.ids[self._prefix :])[len(self._decode(self.ids[self._prefix : self._read])) :]
+        self._prefix = self._read = len(self.ids)
+        self.text += rest
+        return rest
+
+
+def sample_rows(logits: Tensor, temperature: Tensor, top_p: Tensor,
+                generators: list[torch.Generator | None] | None = None) -> tuple[Tensor, Tensor]:
+    """The engine's one sampling step (grpo.sampling.sample) with each row's own temperature (0: greedy),
+    nucleus and seeded generator: tokens (N,) and the tempered log-probs before the nucleus cut (N, V), which
+    are what OpenAI's logprobs report."""
+    from grpo.sampling import sample
+
+    token, _, logp = sample(logits, temperature, top_p, row_generators=generators)
+    return token, logp
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -171,6 +234,9 @@ class PolicyEngine:
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.digest = weights_digest(self.model)
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -207,26 +273,44 @@ class PolicyEngine:
         cache, logits = out.past_key_values, out.logits[:, -1]  # (N, V)
         attn, pos = mask, position_ids(mask)[:, -1]  # (N, Lp), (N,)
 
-        tokens: list[list[int]] = [[] for _ in range(n)]
+        # choice j of a seeded request: seed + j * 1000003, so choice 0 draws what the rollout sampler draws
+        # for the same seed (grpo.sampling.sampling_generator)
+        generators = [None if r.seed is None else
+                      torch.Generator(device=dev).manual_seed((r.seed + 1_000_003 * j) % 2**64) for r, j in rows]
+        decoders = [IncrementalDecoder(self.tokenizer) for _ in range(n)]
+        logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         sampled = [0] * n  # tokens sampled per row, the EOS included (the usage count)
         texts, sent = [""] * n, [0] * n  # decoded so far; characters already passed to on_delta
         finish: list[str | None] = [None] * n
         for _ in range(max(limit)):
-            tok = sample_rows(logits, temperature, top_p).tolist()  # (N,)
+            picked, logp = sample_rows(logits, temperature, top_p, generators)  # (N,), (N, V)
+            tok = picked.tolist()
+            want = [i for i, (r, _) in enumerate(rows) if r.logprobs is not None and finish[i] is None]
+            if want:  # one gather and one top-k for the rows that asked
+                k = max(rows[i][0].logprobs for i in want)
+                chosen = logp[want].gather(-1, picked[want][:, None]).squeeze(-1).tolist()
+                top = logp[want].topk(k, dim=-1) if k else None
+                for m, i in enumerate(want):
+                    alts = [] if top is None else list(zip(top.indices[m].tolist(), top.values[m].tolist(),
+                                                           strict=True))[: rows[i][0].logprobs]
+                    logprobs[i].append((tok[i], chosen[m], alts))
             for i, (req, j) in enumerate(rows):
                 if finish[i] is not None:
                     continue
                 sampled[i] += 1
+                dec = decoders[i]
                 if tok[i] in self.stop_ids:
                     finish[i] = "stop"
                 else:
-                    tokens[i].append(tok[i])
-                    texts[i] = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
-                    cut = min((texts[i].find(s) for s in req.stop if s in texts[i]), default=-1)
-                    if cut >= 0:
-                        texts[i], finish[i] = texts[i][:cut], "stop"
-                    elif len(tokens[i]) >= limit[i]:
+                    dec.push(tok[i])
+                    if len(dec.ids) >= limit[i]:
                         finish[i] = "length"
+                if finish[i] is not None:
+                    dec.finish()  # a character still partial at the end decodes as a full decode would
+                texts[i] = dec.text
+                cut = min((texts[i].find(s) for s in req.stop if s in texts[i]), default=-1)
+                if cut >= 0:
+                    texts[i], finish[i] = texts[i][:cut], "stop"
                 self._emit(req, j, i, texts, sent, finish[i])
             if all(f is not None for f in finish):
                 break
@@ -243,7 +327,8 @@ class PolicyEngine:
             span = range(i, i + req.n)
             results.append(GenResult(texts=[texts[k] for k in span], finish_reasons=[finish[k] or "length" for k in span],
                                      prompt_tokens=len(req.prompt_ids),
-                                     completion_tokens=sum(sampled[k] for k in span)))
+                                     completion_tokens=sum(sampled[k] for k in span),
+                                     logprobs=None if req.logprobs is None else [logprobs[k] for k in span]))
             i += req.n
         return results
 
@@ -265,15 +350,36 @@ class PolicyEngine:
 
 # ---- the Serve deployments ------------------------------------------------------------------------
 
-def _completion_reply(kind: str, rid: str, model: str, results: list[GenResult]) -> dict:
+def _logprobs(kind: str, tokens: list[TokenLogprob] | None, decode: Callable[[int], str]) -> dict | None:
+    """OpenAI's logprobs object: completions' {tokens, token_logprobs, top_logprobs, text_offset}, chat's
+    {content: [{token, logprob, bytes, top_logprobs}]}."""
+    if tokens is None:
+        return None
+    if kind == "completion":
+        texts = [decode(t) for t, _, _ in tokens]
+        offsets = [sum(len(x) for x in texts[:i]) for i in range(len(texts))]
+        return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in tokens],
+                "top_logprobs": [{decode(a): alp for a, alp in alts} for _, _, alts in tokens], "text_offset": offsets}
+
+    def entry(t: int, lp: float) -> dict:
+        text = decode(t)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]}
+                        for t, lp, alts in tokens]}
+
+
+def _completion_reply(kind: str, rid: str, model: str, results: list[GenResult],
+                      decode: Callable[[int], str] = str) -> dict:
     choices, index = [], 0
     for res in results:
-        for text, reason in zip(res.texts, res.finish_reasons, strict=True):
+        for k, (text, reason) in enumerate(zip(res.texts, res.finish_reasons, strict=True)):
+            lps = _logprobs(kind, res.logprobs[k] if res.logprobs is not None else None, decode)
             if kind == "completion":
-                choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": reason})
+                choices.append({"index": index, "text": text, "logprobs": lps, "finish_reason": reason})
             else:
                 choices.append({"index": index, "message": {"role": "assistant", "content": text},
-                                "logprobs": None, "finish_reason": reason})
+                                "logprobs": lps, "finish_reason": reason})
             index += 1
     prompt = sum(r.prompt_tokens for r in results)
     completion = sum(r.completion_tokens for r in results)
@@ -314,12 +420,17 @@ class PolicyServer:
         if isinstance(p, ChatRequest):
             prompts, max_tokens = [self.engine.chat_prompt(p.messages)], p.max_completion_tokens or p.max_tokens
         else:
-            prompts, max_tokens = [p.prompt] if isinstance(p.prompt, str) else p.prompt, p.max_tokens
+            prompts, max_tokens = [p.prompt] if isinstance(p.prompt, str) else p.prompt, p.max_tokens or 16
+        top_k = p.top_k_logprobs
+        if top_k is not None and p.stream:
+            raise BadRequest("logprobs: not available on a stream; ask without stream", param="logprobs")
         reqs = []
         for k, text in enumerate(prompts):
             ids = self.engine.encode(text)
-            self.engine.check_fits(ids, max_tokens, "messages" if kind == "chat" else f"prompt.{k}")
-            reqs.append(GenRequest(ids, max_tokens, p.temperature, p.top_p, p.n, p.stop))
+            # chat without a limit: the rest of the model's context, as OpenAI's chat does
+            limit = max_tokens or max(1, self.engine.max_context - len(ids))
+            self.engine.check_fits(ids, limit, "messages" if kind == "chat" else f"prompt.{k}")
+            reqs.append(GenRequest(ids, limit, p.temperature, p.top_p, p.n, p.stop, seed=p.seed, logprobs=top_k))
         return reqs
 
     async def complete(self, kind: str, body: dict) -> tuple[int, dict]:
@@ -330,15 +441,16 @@ class PolicyServer:
         except BadRequest as e:
             return e.status, e.body()
         results = await asyncio.gather(*(self._submit(r) for r in reqs))
-        return 200, _completion_reply(kind, f"cmpl-{uuid.uuid4().hex}", self.name, list(results))
+        return 200, _completion_reply(kind, f"cmpl-{uuid.uuid4().hex}", self.name, list(results),
+                                      decode=self.engine.token_text)
 
     async def stream(self, kind: str, body: dict) -> AsyncIterator[str]:
         """Server-sent events: one chunk per text delta, a final chunk per choice, then `[DONE]`."""
         try:
             p = parse_request(kind, body)
             reqs = self._requests(kind, p)
-        except BadRequest as e:
-            yield f"data: {json.dumps(e.body())}\n\n"
+        except BadRequest as e:  # the router answers it as an HTTP error: the stream never starts
+            yield STREAM_ERROR + json.dumps({"status": e.status, "body": e.body()})
             return
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -463,7 +575,17 @@ class PolicyRouter:
         server = self.servers[variant]
         if body.get("stream"):
             chunks = server.options(stream=True).stream.remote(kind, body)
-            return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
+            first = await chunks.__anext__()
+            if first.startswith(STREAM_ERROR):  # a stream that cannot start is an HTTP error, not a 200
+                err = json.loads(first[len(STREAM_ERROR):])
+                return JSONResponse(err["body"], status_code=err["status"], headers=headers)
+
+            async def events() -> AsyncIterator[str]:
+                yield first
+                async for chunk in chunks:
+                    yield chunk
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
         status, reply = await server.complete.remote(kind, body)
         return JSONResponse(reply, status_code=status, headers=headers)
 

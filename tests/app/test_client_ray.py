@@ -43,7 +43,8 @@ def stack(ray_session, tmp_path_factory, tiny_model_dir):
     home = tmp_path_factory.mktemp("sdk-home")
     env = {"RAYGRPO_HOME": str(home), "DATABASE_URL": f"sqlite:///{home / 'raygrpo.db'}", "REDIS_URL": "",
            "RAYGRPO_DEFAULT_MODEL": tiny_model_dir, "RAYGRPO_MAX_RUNNING_JOBS": "0",
-           "RAYGRPO_RATE_LIMITS": "auth.whoami=3", "RAYGRPO_CANCEL_WAIT_S": "1"}
+           "RAYGRPO_RATE_LIMITS": "auth.whoami=3", "RAYGRPO_CANCEL_WAIT_S": "1",
+           "RAYGRPO_DEPLOYMENT_RECONCILE_S": "2"}
     url = start(port=_free_port(), env=env)
     settings = Settings(home=home)
     tokens = {role: mint_token(settings, f"{role}-user", role) for role in ("admin", "viewer", "researcher")}
@@ -216,7 +217,7 @@ def test_deploy_models_serves_the_openai_api_and_undeploy_frees_it(admin, tiny_m
 
     with pytest.raises(sdk.NotFound, match="checkpoint not found"):
         admin.deploy("p1", checkpoint_id="ckpt_missing")
-    with pytest.raises(sdk.ValidationFailed, match="model: no Hugging Face model directory"):
+    with pytest.raises(sdk.ValidationFailed, match="model: no Hugging Face model \(or PEFT adapter\) directory"):
         admin.deploy("p1", model=str(tmp_path))
     with pytest.raises(sdk.InvalidParams, match="exactly one of"):
         admin.deploy("p1", model=tiny_model_dir, checkpoint_id="ckpt_x")
@@ -292,3 +293,92 @@ def test_deploy_models_serves_the_openai_api_and_undeploy_frees_it(admin, tiny_m
     while time.time() < deadline and httpx.get(admin.policy_url("p1") + "/models").status_code == 200:
         time.sleep(0.5)
     assert httpx.get(admin.policy_url("p1") + "/models").status_code != 200
+
+
+def test_a_deployed_lora_adapter_answers_the_openai_client_with_logprobs_seeds_and_stops(admin, tiny_model_dir,
+                                                                                       tmp_path):
+    """A PEFT adapter directory (what a LoRA run checkpoints) deploys on its base; the OpenAI surface: seeded
+    sampling repeats, log-probs come back, a stop string ends a chat, a stream that cannot start is an HTTP
+    400 (not an event on a 200), chat without max_tokens may use the rest of the context."""
+    pytest.importorskip("peft")
+    import openai
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpo.lora import add_adapter
+
+    adapter = tmp_path / "adapter"
+    policy = add_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                         {"r": 8, "lora_alpha": 16, "task_type": "CAUSAL_LM", "target_modules": ["q_proj", "v_proj"]})
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)  # an adapter that changes what the base says
+    policy.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(adapter)
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").exists()
+
+    admin.deploy("lora", model=str(adapter))
+    _wait_running(admin, "lora")
+    try:
+        oa = openai.OpenAI(base_url=admin.policy_url("lora"), api_key="unused", max_retries=0)
+        ask = dict(model="lora", prompt="digit 7:", max_tokens=6, temperature=1.0, n=2, logprobs=2, seed=1234)
+        a, b = oa.completions.create(**ask), oa.completions.create(**ask)
+        assert [c.text for c in a.choices] == [c.text for c in b.choices]
+        assert [c.logprobs.token_logprobs for c in a.choices] == [c.logprobs.token_logprobs for c in b.choices]
+        assert a.choices[0].text != a.choices[1].text or a.choices[0].logprobs.tokens != a.choices[1].logprobs.tokens
+        lp = a.choices[0].logprobs
+        assert "".join(lp.tokens) == a.choices[0].text and all(x <= 0 for x in lp.token_logprobs)
+        assert all(len(top) == 2 for top in lp.top_logprobs)
+        assert oa.completions.create(**{**ask, "seed": 99}).choices[0].text != a.choices[0].text or \
+            oa.completions.create(**{**ask, "seed": 98}).choices[0].text != a.choices[0].text
+
+        greedy = oa.chat.completions.create(model="lora", messages=[{"role": "user", "content": "digit 7"}],
+                                            max_tokens=12, temperature=0)
+        text = greedy.choices[0].message.content
+        assert len(text) >= 4
+        stopped = oa.chat.completions.create(model="lora", messages=[{"role": "user", "content": "digit 7"}],
+                                             max_tokens=12, temperature=0, stop=[text[2:4]], logprobs=True,
+                                             top_logprobs=1)
+        assert stopped.choices[0].message.content == text[: text.index(text[2:4])]
+        assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].logprobs.content
+        unbounded = oa.chat.completions.create(model="lora", messages=[{"role": "user", "content": "digit 7"}],
+                                               temperature=0, stop=[text[2:4]])
+        assert unbounded.choices[0].message.content == stopped.choices[0].message.content  # no 16-token default
+
+        with httpx.Client(timeout=60) as h:
+            r = h.post(admin.policy_url("lora") + "/completions",
+                       json={"model": "lora", "prompt": "x", "max_tokens": 0, "stream": True})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+            r = h.post(admin.policy_url("lora") + "/completions",
+                       json={"model": "lora", "prompt": "x", "max_tokens": 2, "stream": True, "logprobs": 1})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs", r.text
+    finally:
+        admin.undeploy("lora")
+
+
+def test_a_policy_application_lost_behind_the_apis_back_is_deployed_again(admin, tiny_model_dir):
+    """What a RayService upgrade (a new cluster) or a Serve restart does to a deployment: its row says it runs,
+    Serve has no application. The dispatcher's reconcile deploys it again from the row."""
+    from ray import serve
+
+    from app.serving.deployments import app_name
+
+    admin.deploy("lost", model=tiny_model_dir)
+    _wait_running(admin, "lost")
+    try:
+        serve.delete(app_name("lost"))  # behind the API's back; blocks until it is gone
+        assert app_name("lost") not in serve.status().applications
+        deadline, states = time.time() + 120, []
+        while time.time() < deadline:  # gone now, so "running" again can only be the redeploy
+            (dep,) = admin.deployments(name="lost").deployments
+            states.append(dep.status)
+            if dep.status == "running":
+                break
+            time.sleep(0.5)
+        assert states[-1] == "running", states[-5:]
+        with httpx.Client(timeout=60) as h:
+            r = h.post(admin.policy_url("lost") + "/completions", json={"prompt": "digit 7:", "max_tokens": 2})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
+    finally:
+        admin.undeploy("lost")

@@ -10,6 +10,7 @@ from app.serving.policy import (
     BadRequest,
     GenRequest,
     PolicyEngine,
+    _completion_reply,
     parse_request,
     sample_rows,
     weights_digest,
@@ -24,10 +25,11 @@ def engine(tiny_model_dir) -> PolicyEngine:
 def test_sample_rows_greedy_and_nucleus_per_row():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
-    greedy = sample_rows(logits, torch.tensor([0.0, 0.0, 1.0, 1.0]), torch.tensor([1.0, 1.0, 1e-6, 1e-6]))
+    greedy, logp = sample_rows(logits, torch.tensor([0.0, 0.0, 1.0, 1.0]), torch.tensor([1.0, 1.0, 1e-6, 1e-6]))
     # temperature 0 is argmax; a nucleus of (almost) no mass keeps only the most likely token
     assert torch.equal(greedy, logits.argmax(dim=-1))
-    draws = torch.stack([sample_rows(logits[:1].expand(200, -1), torch.ones(200), torch.full((200,), 0.9))])
+    torch.testing.assert_close(logp, torch.log_softmax(logits, -1))  # temperature 1 and greedy: the model's own
+    draws = torch.stack([sample_rows(logits[:1].expand(200, -1), torch.ones(200), torch.full((200,), 0.9))[0]])
     top = logits[0].softmax(-1).sort(descending=True)
     kept = top.indices[: int((top.values.cumsum(0) - top.values <= 0.9).sum())]
     assert set(draws.flatten().tolist()) <= set(kept.tolist()) and len(set(draws.flatten().tolist())) > 1
@@ -77,3 +79,74 @@ def test_requests_are_validated_with_the_field_named(engine):
     with pytest.raises(BadRequest, match="context"):
         engine.check_fits(engine.encode("x" * 10), 4096, "prompt")
     assert engine.chat_prompt(chat.messages).endswith("assistant:")
+
+
+def test_incremental_detokenisation_equals_a_full_decode(engine):
+    """Byte tokens split multi-byte characters: the decoder holds a partial one back and never re-decodes all."""
+    from app.serving.policy import IncrementalDecoder
+
+    tok = engine.tokenizer
+    for text in ["digit 3: 333", "naïve café — ✓ 日本語 🙂 end", "a\nb\tc  d"]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        dec, pieces = IncrementalDecoder(tok), []
+        for i in ids:
+            pieces.append(dec.push(i))
+            assert "\ufffd" not in pieces[-1]
+        pieces.append(dec.finish())
+        assert "".join(pieces) == dec.text == tok.decode(ids, skip_special_tokens=True) == text
+    cut = IncrementalDecoder(tok)  # a stream that ends inside a character: what a full decode gives
+    for i in list("é".encode())[:1]:
+        assert cut.push(i) == ""
+    cut.finish()
+    assert cut.text == tok.decode(list("é".encode())[:1])
+
+
+def test_a_seed_makes_sampling_repeatable_whatever_the_batch(engine):
+    ids = engine.encode("digit 3:")
+
+    def sample(*others: GenRequest) -> list[str]:
+        return engine.generate([GenRequest(ids, 8, 1.0, 1.0, n=3, seed=42), *others])[0].texts
+
+    alone = sample()
+    assert sample(GenRequest(engine.encode("hello"), 5, 1.0, 1.0, n=4)) == alone  # batch-mates change nothing
+    assert len(set(alone)) > 1  # each of the n its own stream
+    assert engine.generate([GenRequest(ids, 8, 1.0, 1.0, n=3, seed=43)])[0].texts != alone
+
+
+def test_logprobs_are_the_sampled_tokens_and_the_top_alternatives(engine):
+    ids = engine.encode("digit 3:")
+    (res,) = engine.generate([GenRequest(ids, 5, 0.0, 1.0, logprobs=3)])
+    (rows,) = res.logprobs
+    assert len(rows) == 5 and engine.tokenizer.decode([t for t, _, _ in rows]) == res.texts[0]
+    with torch.no_grad():
+        logits = engine.model(input_ids=torch.tensor([ids + [t for t, _, _ in rows]])).logits[0]
+    want = torch.log_softmax(logits.float(), -1)[len(ids) - 1 : -1]
+    for pos, (t, lp, alts) in enumerate(rows):
+        assert lp == pytest.approx(float(want[pos, t]), abs=1e-4)
+        assert [a for a, _ in alts] == want[pos].topk(3).indices.tolist() and alts[0][0] == t  # greedy: the top
+    reply = _completion_reply("chat", "x", "m", [res], decode=engine.token_text)
+    content = reply["choices"][0]["logprobs"]["content"]
+    assert [c["logprob"] for c in content] == [lp for _, lp, _ in rows] and len(content[0]["top_logprobs"]) == 3
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.8, 0.9)])
+def test_rollouts_agent_turns_and_the_policy_server_draw_the_same_tokens_for_a_seed(engine, tiny_model_dir,
+                                                                                    temperature, top_p):
+    """One sampling step (grpo.sampling.sample) behind all three samplers: the same model, prompt and seed give
+    the same tokens whichever path samples them."""
+    from grpo.agents.episodes import TurnGenerator
+    from grpo.rollout import RolloutWorker
+    from grpo.sampling import sampling_generator
+
+    worker = RolloutWorker(tiny_model_dir, torch_threads=1)
+    ids = engine.encode("digit 3:")
+    ro = worker.generate(["digit 3:"], group_size=1, max_new_tokens=10, temperature=temperature, top_p=top_p, seed=7)
+    rollout = ro.completion_ids[0][ro.completion_mask[0]].tolist()
+    turns = TurnGenerator(worker.model, worker.tokenizer, pad_id=worker.pad_id, eos_ids=worker.stop_ids,
+                          device=worker.device)
+    (agent, _, _), = turns([ids], [10], temperature=temperature, top_p=top_p, gen=sampling_generator("cpu", 7))
+    (served,) = engine.generate([GenRequest(ids, 10, temperature, top_p, seed=7, logprobs=0)])
+    server = [t for t, _, _ in served.logprobs[0]]
+    assert len(rollout) >= 3 and rollout == agent == server
+    other = worker.generate(["digit 3:"], group_size=1, max_new_tokens=10, temperature=temperature, top_p=top_p, seed=8)
+    assert other.completion_ids[0][other.completion_mask[0]].tolist() != rollout  # the seed is what decides
