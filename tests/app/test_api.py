@@ -120,6 +120,19 @@ def test_rows_may_be_conversations_and_reach_the_engine_as_messages(client):
         assert err["code"] == -32602 and says in err["message"] and "training_data.0" in err["message"], err
 
 
+def test_lora_settings_reach_the_engine(client):
+    pytest.importorskip("peft")
+    reply = start(client, config={"reward": "digit", "lora_rank": 8, "lora_alpha": 32,
+                                  "lora_target_modules": ["q_proj", "v_proj"]})["result"]
+    with db.session_scope(client.ctx.engine) as s:
+        cfg = db.get_job(s, job_id=reply["job_id"]).engine_config
+    assert (cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_target_modules"]) == (8, 32.0, ["q_proj", "v_proj"])
+    moved = start(client, config={"reward": "digit", "engine": {"lora_rank": 8}})["error"]
+    assert moved["code"] == -40002 and "use config.lora_rank" in moved["message"]
+    fsdp = start(client, config={"reward": "digit", "lora_rank": 8, "engine": {"strategy": "fsdp"}})["error"]
+    assert fsdp["code"] == -40002 and fsdp["data"]["field"] == "config.lora_rank", fsdp
+
+
 def test_training_queries_alias_and_idempotency(client):
     a = start(client, training_queries=ROWS, idempotency_key="k-1")
     # the same key again: the same job, not a second one
