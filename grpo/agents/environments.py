@@ -11,7 +11,8 @@ decoded text *and* the exact token ids it sampled, and appends the observation's
 `observation_ids` if it gives them, else the observation text tokenised once) to the trajectory. The
 trainer trains on those very ids; nothing is re-tokenised from decoded text.
 
-Tool calls (`ToolEnvironment`): an action that contains `<tool>...</tool>` calls a tool. Inside the
+Tool calls (`ToolEnvironment`): an action that contains `<tool>...</tool>` (or `<tool_call>...</tool_call>`,
+the tags of chat templates that take `tools=`) calls a tool. Inside the
 tags is one JSON object `{"name": "<tool>", "arguments": {...}}`, parsed strictly (`parse_tool_call`):
 no other keys, arguments an object, nothing after `</tool>`. An action without `<tool>` is the final
 answer and ends the episode with the outcome reward. A malformed call, an unknown tool, a tool that
@@ -46,6 +47,9 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 from grpo.tasks import CODE_PROBLEMS, Dataset, Sample
 
 TOOL_OPEN, TOOL_CLOSE = "<tool>", "</tool>"
+TEMPLATE_TOOL_OPEN, TEMPLATE_TOOL_CLOSE = "<tool_call>", "</tool_call>"
+"""the call tags of chat templates that take `tools=` (Qwen2.5, Hermes): accepted as well as ours"""
+TOOL_TAGS = ((TOOL_OPEN, TOOL_CLOSE), (TEMPLATE_TOOL_OPEN, TEMPLATE_TOOL_CLOSE))
 RESULT_OPEN, RESULT_CLOSE = "<result>", "</result>"
 MAX_OBSERVATION_CHARS = 2000
 """tool output beyond this is cut (and says so): an observation must not eat the token budget"""
@@ -107,17 +111,20 @@ def parse_tool_call(text: str) -> ToolCall | None:
     Strict: exactly one `<tool>{json}</tool>` at the end of the action (text before it is allowed,
     e.g. reasoning), the JSON an object with exactly the keys "name" (a non-empty string) and
     "arguments" (an object). Anything else raises ToolCallError with a message for the model.
+    `<tool_call>...</tool_call>`, what chat templates that take `tools=` teach (Qwen2.5, Hermes), is read
+    the same way.
     """
-    if TOOL_OPEN not in text:
+    found = [(text.index(o), o, c) for o, c in TOOL_TAGS if o in text]
+    if not found:
         return None
-    start = text.index(TOOL_OPEN)
-    end = text.find(TOOL_CLOSE, start)
+    start, tool_open, tool_close = min(found)
+    end = text.find(tool_close, start)
     if end < 0:
-        raise ToolCallError(f"tool call not closed: expected {TOOL_CLOSE}")
-    if text[end + len(TOOL_CLOSE):].strip():
-        raise ToolCallError(f"text after {TOOL_CLOSE}: a tool call must end the turn")
-    body = text[start + len(TOOL_OPEN):end]
-    if TOOL_OPEN in body:
+        raise ToolCallError(f"tool call not closed: expected {tool_close}")
+    if text[end + len(tool_close):].strip():
+        raise ToolCallError(f"text after {tool_close}: a tool call must end the turn")
+    body = text[start + len(tool_open):end]
+    if any(o in body for o, _ in TOOL_TAGS):
         raise ToolCallError("one tool call per turn")
     try:
         obj = json.loads(body)
@@ -153,6 +160,14 @@ class Tool:
     def describe(self) -> str:
         args = ", ".join(f'"{k}": {v}' for k, v in self.parameters.items())
         return f"- {self.name}: {self.description}. arguments: {{{args}}}"
+
+    def spec(self) -> dict[str, Any]:
+        """The tool as an OpenAI function spec, for a chat template's `tools=`."""
+        return {"type": "function", "function": {
+            "name": self.name, "description": self.description,
+            "parameters": {"type": "object", "required": list(self.parameters),
+                           "properties": {k: {"type": "string", "description": v} for k, v in self.parameters.items()}},
+        }}
 
 
 class ToolEnvironment:
@@ -195,6 +210,10 @@ class ToolEnvironment:
     def demonstration(cls, sample: Sample) -> list[str]:
         """A good sequence of actions for `sample` (tool calls, then the answer)."""
         raise NotImplementedError(f"environment {cls.name!r} has no demonstrations for the warm-up")
+
+    def tool_specs(self) -> list[dict[str, Any]]:
+        """The offered tools as OpenAI function specs (what a chat template that takes `tools=` renders)."""
+        return [t.spec() for t in self.tools.values()]
 
     # -- the episode ----------------------------------------------------------------------------
     def reset(self, sample: Sample) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grpo.agents.environments import RESULT_CLOSE, RESULT_OPEN, TOOL_CLOSE, Action, StepResult, maybe_await
+from grpo.agents.environments import RESULT_CLOSE, RESULT_OPEN, TOOL_TAGS, Action, StepResult, maybe_await
 from grpo.sampling import PromptFormat, Rollout, left_pad, position_ids, sample_token, sampling_generator
 from grpo.tasks import Sample
 
@@ -119,12 +119,24 @@ class TurnFormat:
 
     def __init__(self, tokenizer: Any, chat: bool | None = None):
         self.tokenizer, self.chat = tokenizer, PromptFormat(tokenizer, chat).chat  # None: when it has a template
+        # A template that renders `tools` gets the environment's tools that way (and teaches its own call
+        # tags, which parse_tool_call reads); otherwise the environment writes our instructions itself.
+        self.template_tools = self.chat and "tools" in str(getattr(tokenizer, "chat_template", "") or "")
 
-    def prompt(self, text: str) -> str:
+    def tools_for(self, env: Any) -> list[dict[str, Any]] | None:
+        """The environment's tools for the template, when both take part; switches off the environment's own
+        written instructions then (call before its reset)."""
+        if not self.template_tools or not callable(getattr(env, "tool_specs", None)):
+            return None
+        if getattr(env, "instructions", False):
+            env.instructions = False
+        return env.tool_specs()
+
+    def prompt(self, text: str, tools: list[dict[str, Any]] | None = None) -> str:
         if not self.chat:
             return text
         return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                  add_generation_prompt=True)
+                                                  add_generation_prompt=True, **({"tools": tools} if tools else {}))
 
     def observation(self, text: str) -> str:
         if not self.chat:
@@ -150,22 +162,27 @@ class _Traj:
     last_observation: str = ""
     turn_started: float = 0.0
     finish: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    """the environment's tools as the chat template takes them (None: our written instructions, if any)"""
 
 
 class TurnGenerator:
     """Batched sampling of one turn for many contexts of different lengths (left-padded, KV-cached)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, pad_id: int, eos_ids: list[int], device: Any,
-                 stop: str = TOOL_CLOSE):
-        """`eos_ids`: every token that ends the policy's turn for good (sampling.stop_token_ids)."""
+                 stops: tuple[str, ...] = tuple(c for _, c in TOOL_TAGS)):
+        """`eos_ids`: every token that ends the policy's turn for good (sampling.stop_token_ids); `stops`: the
+        strings that end a turn with a tool call (ours and the chat templates' closing tags)."""
         self.model, self.tokenizer, self.pad_id, self.device = model, tokenizer, pad_id, device
         self.eos_ids = frozenset(eos_ids)
-        self.stop = stop
-        # Only a token whose text contains the stop string's last character can complete it: check
+        self.stops = stops
+        # Only a token whose text contains a stop string's last character can complete it: check
         # the decoded tail of a row only after one of those (cheap on any vocabulary).
         vocab = len(tokenizer)
+        enders = {s[-1] for s in stops}
         self.stop_enders = torch.tensor(
-            [self.stop[-1] in tokenizer.decode([i]) for i in range(vocab)], dtype=torch.bool)
+            [any(e in tokenizer.decode([i]) for e in enders) for i in range(vocab)], dtype=torch.bool)
+        self._tail = 2 * max(len(s) for s in stops)
 
     @torch.inference_mode()
     def __call__(self, contexts: list[list[int]], limits: list[int], *, temperature: float, top_p: float,
@@ -192,8 +209,8 @@ class TurnGenerator:
                 lps[i].append(float(lp[i]))
                 if toks[i][-1] in self.eos_ids:
                     reasons[i] = "eos"
-                elif self.stop_enders[toks[i][-1]] and self.tokenizer.decode(toks[i][-2 * len(self.stop):]).endswith(
-                        self.stop):
+                elif self.stop_enders[toks[i][-1]] and self.tokenizer.decode(toks[i][-self._tail:]).endswith(
+                        self.stops):
                     reasons[i] = "stop"
                 if reasons[i] != "length" or len(toks[i]) >= limits[i]:
                     alive[i] = False
@@ -284,10 +301,10 @@ async def run_episodes(
             except Exception as e:  # an environment that cannot start: the trajectory is empty
                 t.records.append({"step": 0, "error": f"reset failed: {type(e).__name__}: {e}"[:300],
                                   "timestamp": _now()})
-                t.prompt_ids = encode(fmt.prompt(t.sample.prompt))[-max_prompt_tokens:]
+                t.prompt_ids = encode(fmt.prompt(t.sample.prompt, t.tools))[-max_prompt_tokens:]
                 finish(t, "env_error")
                 return
-            t.prompt_ids = encode(fmt.prompt(first))[-max_prompt_tokens:]
+            t.prompt_ids = encode(fmt.prompt(first, t.tools))[-max_prompt_tokens:]
             t.last_observation = first
             ready.append(t)
         elif kind == "generate":
@@ -353,6 +370,7 @@ async def run_episodes(
             t = queue.popleft()
             live += 1
             t.env = make_env()
+            t.tools = fmt.tools_for(t.env)  # before reset: the template, not the env, then states the tools
             tasks[asyncio.ensure_future(reset(t))] = ("reset", t)
         if ready and not generating:
             # Let environment steps that are about to finish join this batch (a fast tool answers in

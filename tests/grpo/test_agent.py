@@ -358,7 +358,8 @@ def test_outcome_credit_gives_every_token_the_group_advantage(tok):
 
 
 def test_python_environment_runs_code_and_tests_in_the_sandbox(tok, monkeypatch):
-    monkeypatch.setattr(PythonEnv, "timeout_s", 1.0)  # the sandbox's own limit ends the busy loop
+    monkeypatch.setattr(PythonEnv, "timeout_s", 3.0)  # the sandbox's own limit ends the busy loop (and a loaded
+    # machine still starts `print(6*7)` within it: at 1 s it timed out while the whole suite ran alongside)
     ds = PythonEnv.load_dataset(8, 0)
     s = ds.train[0]
     ro = play(tok, [s], [[format_tool_call("python", code="print(6*7)"),

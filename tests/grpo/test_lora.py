@@ -122,7 +122,7 @@ def test_lora_learns_the_digit_task_on_two_workers_and_its_checkpoint_loads_with
                      prompts_per_step=16, group_size=8, max_new_tokens=6, learning_rate=2e-3, kl_coef=0.0,
                      loss_agg="token-mean", lora_rank=8, lora_target_modules=ATTENTION_AND_HEAD,
                      num_policy_workers=2, eval_size=10, checkpoint_interval=100, target_reward=0.8,
-                     target_window=20, cpus_per_worker=1, cpus_per_reward_worker=0.5)
+                     target_window=20, cpus_per_worker=1, cpus_per_reward_worker=0.5, lora_merged_export=True)
     handles = build_actors(cfg)
     try:
         result = run(cfg, handles=handles)
@@ -156,6 +156,13 @@ def test_lora_learns_the_digit_task_on_two_workers_and_its_checkpoint_loads_with
         # evaluation and models.deploy open a checkpoint with AutoModelForCausalLM: the adapter on its base
         assert RolloutWorker(str(ckpt)).generate(prompts, group_size=1, max_new_tokens=cfg.max_new_tokens,
                                                  temperature=0.0).texts == served
+        # the merged export is an ordinary model computing what base + adapter compute (to rounding)
+        merged = ckpt / "merged"
+        assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+        ids = torch.tensor([list(b"digit 7:"), list(b"digit 2:")])
+        with torch.no_grad():
+            torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(str(merged))(input_ids=ids).logits,
+                                       loaded.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
     finally:
         for h in handles["rollout_actors"] + handles["reward_actors"] + [handles["weight_board"], handles["monitor"]]:
             ray.kill(h)

@@ -155,3 +155,74 @@ def test_sampling_log_probs_are_those_of_the_template_context(chat_worker):
             logits = chat_worker.model(input_ids=ids).logits[0, len(ro.prompt_ids[0]) - 1 : -1].float()
         want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
         torch.testing.assert_close(ro.logprobs[row, :n], want, atol=1e-4, rtol=1e-4)
+
+
+# ---- tools through the chat template -------------------------------------------------------------
+
+
+def test_template_tool_calls_parse_like_ours():
+    from grpo.agents.environments import ToolCall, ToolCallError, parse_tool_call
+
+    assert parse_tool_call('<tool_call>{"name": "calc", "arguments": {"expr": "2*3"}}</tool_call>') == \
+        ToolCall("calc", {"expr": "2*3"})
+    assert parse_tool_call('think first <tool>{"name": "calc", "arguments": {}}</tool>') == ToolCall("calc", {})
+    assert parse_tool_call("the answer is 6") is None
+    with pytest.raises(ToolCallError, match="expected </tool_call>"):
+        parse_tool_call('<tool_call>{"name": "calc", "arguments": {}}')
+    with pytest.raises(ToolCallError, match="text after </tool_call>"):
+        parse_tool_call('<tool_call>{"name": "calc", "arguments": {}}</tool_call> and more')
+    with pytest.raises(ToolCallError, match="one tool call per turn"):
+        parse_tool_call('<tool_call>{"name": "calc", <tool>x</tool>}</tool_call>')
+
+
+def test_a_template_that_takes_tools_gets_them_and_the_environment_writes_no_instructions(chat_worker,
+                                                                                          tiny_model_dir):
+    from grpo.agents.environments import make_environment
+    from grpo.agents.episodes import TurnFormat
+
+    tok = chat_worker.tokenizer
+    env = make_environment("calculator")
+    sample = env.load_dataset(eval_size=0, seed=0).train[0]
+    fmt = TurnFormat(tok)
+    assert fmt.chat and fmt.template_tools
+    tools = fmt.tools_for(env)
+    assert [t["function"]["name"] for t in tools] == ["calc"] and tools[0]["function"]["parameters"]["required"]
+    first = env.reset(sample)
+    assert first == sample.prompt  # the template states the tools, not our written instructions
+    assert fmt.prompt(first, tools) == tok.apply_chat_template([{"role": "user", "content": sample.prompt}],
+                                                              tools=tools, add_generation_prompt=True,
+                                                              tokenize=False)
+    assert '"name": "calc"' in fmt.prompt(first, tools)
+
+    plain = make_environment("calculator")  # a base model without a template: our instructions, as before
+    base = TurnFormat(RolloutWorker(tiny_model_dir).tokenizer)
+    assert base.tools_for(plain) is None and "<tool>" in plain.reset(sample)
+
+
+class _Spell:
+    """Forces the model to spell `text` (a byte tokenizer: one token a byte), one token per forward."""
+
+    def __init__(self, model, text: bytes):
+        self.ids, self.i = list(text), 0
+        self.handle = model.lm_head.register_forward_hook(self)
+
+    def __call__(self, module, args, out):
+        out = out.clone()
+        out[:, -1, self.ids[min(self.i, len(self.ids) - 1)]] += 1e4
+        self.i += 1
+        return out
+
+
+@pytest.mark.parametrize("close", ["</tool>", "</tool_call>"])
+def test_an_agent_turn_ends_at_either_closing_tag(chat_worker, close):
+    from grpo.agents.episodes import TurnGenerator
+
+    turns = TurnGenerator(chat_worker.model, chat_worker.tokenizer, pad_id=chat_worker.pad_id,
+                          eos_ids=chat_worker.stop_ids, device=chat_worker.device)
+    spell = _Spell(chat_worker.model, b"x" + close.encode() + b"more text")
+    try:
+        ((ids, _, reason),) = turns([chat_worker.encode_prompts(["q"])[0]], [40], temperature=1.0, top_p=1.0,
+                                    gen=None)
+    finally:
+        spell.handle.remove()
+    assert bytes(ids).decode() == "x" + close and reason == "stop"
