@@ -233,9 +233,11 @@ def start_app(name: str, variants: list[Any], spec: dict[str, Any]) -> None:
     application = build_policy_app(name, variants, replicas=spec["replicas"], autoscaling=spec["autoscaling"],
                                    gpus_per_replica=spec["gpus_per_replica"], cpus_per_replica=spec["cpus_per_replica"],
                                    batching=spec["batching"], max_batch_size=spec["max_batch_size"])
-    # serve.run waits for the replicas (model loads take minutes on a big model); the API answers at once
-    # and models.deployments shows the progress
-    serve._run(application, name=app_name(name), route_prefix=route_prefix(name), _blocking=False)
+    # serve.run waits for the replicas (model loads take minutes on a big model); run_many, Serve's exported
+    # developer API, can hand the application over without waiting: the API answers at once and
+    # models.deployments shows the progress
+    serve.run_many([serve.RunTarget(application, name=app_name(name), route_prefix=route_prefix(name))],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
 
 
 def reconcile(engine: Any) -> dict[str, str]:

@@ -13,7 +13,8 @@ variant named in `model`.
 Requests may carry `seed` (each of the n completions its own seeded stream, so batch-mates change nothing),
 `logprobs` (completions: the number of alternatives; chat: `logprobs` and `top_logprobs`; not on streams) and
 `stop`; chat without `max_tokens` may use the rest of the model's context. Text is detokenised incrementally.
-Not covered: penalties, tools/function calling.
+Chat takes `tools` (rendered by the model's template; a reply that ends with a call comes back as
+`tool_calls`, non-streaming). Not covered: penalties.
 """
 
 
@@ -82,7 +83,28 @@ class CompletionRequest(_Sampling):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str = Field(max_length=1_000_000)
+    content: str | None = Field(None, max_length=1_000_000)
+    """None only on an assistant turn that called tools"""
+    tool_calls: list[dict[str, Any]] | None = Field(None, max_length=64)
+    tool_call_id: str | None = Field(None, max_length=256)
+
+    def turn(self) -> dict[str, Any]:
+        """The message as a chat template takes it (tool calls' arguments as objects, as templates expect)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content or ""}
+        if self.tool_calls:
+            calls = []
+            for c in self.tool_calls:
+                fn = dict(c.get("function") or {})
+                if isinstance(fn.get("arguments"), str):
+                    try:
+                        fn["arguments"] = json.loads(fn["arguments"])
+                    except json.JSONDecodeError:
+                        pass
+                calls.append({**c, "function": fn})
+            out["tool_calls"] = calls
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class ChatRequest(_Sampling):
@@ -91,6 +113,11 @@ class ChatRequest(_Sampling):
     """the newer name of max_tokens; wins when both are sent"""
     logprobs: bool = False
     """the sampled tokens' log-probs"""
+    tools: list[dict[str, Any]] | None = Field(None, min_length=1, max_length=128)
+    """OpenAI function specs, rendered by the model's chat template; a reply that calls one comes back as
+    `message.tool_calls` with `finish_reason: "tool_calls"`"""
+    tool_choice: str | dict[str, Any] | None = None
+    """accepted for compatibility: the model decides (only "auto" behaviour)"""
     top_logprobs: int | None = Field(None, ge=0, le=20)
     """with logprobs: this many most likely alternatives at each position"""
 
@@ -241,11 +268,15 @@ class PolicyEngine:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def chat_prompt(self, messages: list[ChatMessage]) -> str:
-        """The tokenizer's chat template when it has one; otherwise `role: content` lines."""
-        turns = [{"role": m.role, "content": m.content} for m in messages]
+    def chat_prompt(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> str:
+        """The tokenizer's chat template when it has one (with `tools` where given); otherwise `role: content`
+        lines, and tools are refused (nothing would tell the model about them)."""
+        turns = [m.turn() for m in messages]
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True,
+                                                      **({"tools": tools} if tools else {}))
+        if tools:
+            raise BadRequest("tools: this model has no chat template to present tools with", param="tools")
         return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
 
     def check_fits(self, prompt_ids: list[int], max_tokens: int, param: str) -> None:
@@ -369,8 +400,25 @@ def _logprobs(kind: str, tokens: list[TokenLogprob] | None, decode: Callable[[in
                         for t, lp, alts in tokens]}
 
 
+def _tool_call(text: str) -> dict[str, Any] | None:
+    """An assistant message with OpenAI `tool_calls` when the text ends with a well-formed call (the tags a
+    tool-taking template teaches, `<tool_call>{...}</tool_call>`, or ours); None otherwise."""
+    from grpo.agents.environments import TOOL_TAGS, ToolCallError, parse_tool_call
+
+    try:
+        call = parse_tool_call(text)
+    except ToolCallError:
+        return None
+    if call is None:
+        return None
+    before = min(text.index(o) for o, _ in TOOL_TAGS if o in text)
+    return {"role": "assistant", "content": text[:before].strip() or None,
+            "tool_calls": [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                            "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}]}
+
+
 def _completion_reply(kind: str, rid: str, model: str, results: list[GenResult],
-                      decode: Callable[[int], str] = str) -> dict:
+                      decode: Callable[[int], str] = str, tools: bool = False) -> dict:
     choices, index = [], 0
     for res in results:
         for k, (text, reason) in enumerate(zip(res.texts, res.finish_reasons, strict=True)):
@@ -378,8 +426,10 @@ def _completion_reply(kind: str, rid: str, model: str, results: list[GenResult],
             if kind == "completion":
                 choices.append({"index": index, "text": text, "logprobs": lps, "finish_reason": reason})
             else:
-                choices.append({"index": index, "message": {"role": "assistant", "content": text},
-                                "logprobs": lps, "finish_reason": reason})
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if tools and (call := _tool_call(text)) is not None:
+                    message, reason = call, "tool_calls"
+                choices.append({"index": index, "message": message, "logprobs": lps, "finish_reason": reason})
             index += 1
     prompt = sum(r.prompt_tokens for r in results)
     completion = sum(r.completion_tokens for r in results)
@@ -418,7 +468,7 @@ class PolicyServer:
 
     def _requests(self, kind: str, p: CompletionRequest | ChatRequest) -> list[GenRequest]:
         if isinstance(p, ChatRequest):
-            prompts, max_tokens = [self.engine.chat_prompt(p.messages)], p.max_completion_tokens or p.max_tokens
+            prompts, max_tokens = [self.engine.chat_prompt(p.messages, p.tools)], p.max_completion_tokens or p.max_tokens
         else:
             prompts, max_tokens = [p.prompt] if isinstance(p.prompt, str) else p.prompt, p.max_tokens or 16
         top_k = p.top_k_logprobs
@@ -442,7 +492,7 @@ class PolicyServer:
             return e.status, e.body()
         results = await asyncio.gather(*(self._submit(r) for r in reqs))
         return 200, _completion_reply(kind, f"cmpl-{uuid.uuid4().hex}", self.name, list(results),
-                                      decode=self.engine.token_text)
+                                      decode=self.engine.token_text, tools=bool(getattr(p, "tools", None)))
 
     async def stream(self, kind: str, body: dict) -> AsyncIterator[str]:
         """Server-sent events: one chunk per text delta, a final chunk per choice, then `[DONE]`."""

@@ -226,3 +226,35 @@ def test_an_agent_turn_ends_at_either_closing_tag(chat_worker, close):
     finally:
         spell.handle.remove()
     assert bytes(ids).decode() == "x" + close and reason == "stop"
+
+
+def test_the_policy_server_renders_tools_and_returns_tool_calls(chat_model_dir, tiny_model_dir):
+    import json as _json
+
+    from app.serving.policy import BadRequest, GenResult, PolicyEngine, _completion_reply, parse_request
+
+    engine = PolicyEngine(chat_model_dir, device="cpu", torch_threads=1)
+    calc = {"type": "function", "function": {"name": "calc", "description": "arithmetic",
+                                             "parameters": {"type": "object", "properties": {"expr": {"type": "string"}}}}}
+    req = parse_request("chat", {"messages": [
+        {"role": "user", "content": "2*3?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "calc", "arguments": '{"expr": "2*3"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "6"}], "tools": [calc]})
+    prompt = engine.chat_prompt(req.messages, req.tools)
+    assert prompt == engine.tokenizer.apply_chat_template([m.turn() for m in req.messages], tools=[calc],
+                                                         tokenize=False, add_generation_prompt=True)
+    assert '"name": "calc"' in prompt and "<|im_start|>tool\n6<|im_end|>" in prompt
+
+    called = GenResult(texts=['sure <tool_call>{"name": "calc", "arguments": {"expr": "7*8"}}</tool_call>'],
+                       finish_reasons=["stop"], prompt_tokens=3, completion_tokens=9)
+    choice = _completion_reply("chat", "x", "m", [called], tools=True)["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "sure"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "calc" and _json.loads(call["function"]["arguments"]) == {"expr": "7*8"}
+    plain = _completion_reply("chat", "x", "m", [called], tools=False)["choices"][0]  # no tools asked: text
+    assert plain["finish_reason"] == "stop" and "tool_calls" not in plain["message"]
+
+    with pytest.raises(BadRequest, match="tools: this model has no chat template") as err:
+        PolicyEngine(tiny_model_dir, device="cpu", torch_threads=1).chat_prompt(req.messages, req.tools)
+    assert err.value.param == "tools"
