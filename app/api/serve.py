@@ -37,8 +37,10 @@ class TrainingAPI:
     def __init__(self) -> None:
         from app.data.db import get_engine
         from app.jobs.dispatcher import ensure_dispatcher
+        from app.serving.deployments import reconcile
 
-        self.dispatcher = ensure_dispatcher(get_settings())
+        # the dispatcher also keeps Serve running every policy deployment the database holds
+        self.dispatcher = ensure_dispatcher(get_settings(), periodic=[reconcile])
         self.engine = get_engine(get_settings().db_url)  # the same cached engine the app uses
 
     def check_health(self) -> None:

@@ -29,7 +29,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -235,9 +235,11 @@ def database_env(settings: Settings) -> dict[str, str]:
 class Dispatcher:
     def __init__(self, settings: Settings, *, jobs_client: Any = None,
                  capacity: Callable[[], ClusterResources] | None = None, poll_s: float = 1.0,
-                 autostart: bool = False):
+                 autostart: bool = False, periodic: Sequence[Callable[[Any], dict[str, str]]] = ()):
         """`jobs_client`: the Ray Jobs API (a JobSubmissionClient); `capacity`: what the cluster can
-        hold (`ray_cluster_resources` of the cluster this runs on). Tests pass fakes of both."""
+        hold (`ray_cluster_resources` of the cluster this runs on). Tests pass fakes of both.
+        `periodic`: reconcilers the composition root hands in (the policy deployments'), each called with the
+        database engine at start and every `deployment_reconcile_s`; -> {name: what was done}."""
         from app.api.context import Context
 
         ctx = Context.open(settings)
@@ -255,6 +257,7 @@ class Dispatcher:
 
         self.webhooks = Webhooks.from_settings(settings)
         self.poll_s = poll_s
+        self.periodic = list(periodic)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if autostart:  # as an actor: also after Ray restarts it, reconcile and loop again
@@ -277,24 +280,19 @@ class Dispatcher:
             except Exception:  # a bad round must not kill the dispatcher; the next round retries
                 log.exception("dispatcher round failed")
             every = self.settings.deployment_reconcile_s
-            if every and time.monotonic() >= next_reconcile:
+            if every and self.periodic and time.monotonic() >= next_reconcile:
                 next_reconcile = time.monotonic() + every
-                self.reconcile_deployments()
+                self.run_periodic()
             self._stop.wait(self.poll_s)
 
-    def reconcile_deployments(self) -> dict[str, str]:
-        """Policy deployments the database holds and Serve lost are deployed again (app.serving.deployments)."""
-        import ray
-
-        if not ray.is_initialized():
-            return {}
-        from app.serving.deployments import reconcile
-
-        try:
-            done = reconcile(self.engine)
-        except Exception:
-            log.exception("reconciling the policy deployments failed")
-            return {}
+    def run_periodic(self) -> dict[str, str]:
+        """The reconcilers once (e.g. policy deployments the database holds and Serve lost, deployed again)."""
+        done: dict[str, str] = {}
+        for fn in self.periodic:
+            try:
+                done |= fn(self.engine) or {}
+            except Exception:  # one failing round is logged; the next one tries again
+                log.exception("reconciler %s failed", getattr(fn, "__qualname__", fn))
         for name, outcome in done.items():
             log.warning("policy deployment %s was not running on Serve: %s", name, outcome)
         return done
@@ -543,12 +541,12 @@ class Dispatcher:
         return {"requeued": requeued, "finalised": finalised}
 
 
-def ensure_dispatcher(settings: Settings) -> Any:
+def ensure_dispatcher(settings: Settings, periodic: Sequence[Callable[[Any], dict[str, str]]] = ()) -> Any:
     """The named dispatcher actor, created if missing (detached: it outlives the Serve replica)."""
     import ray
 
     cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(Dispatcher)
     actor = cls.options(name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote(
-        settings, autostart=True)
+        settings, autostart=True, periodic=list(periodic))
     ray.get(actor.ping.remote())
     return actor
