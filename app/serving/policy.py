@@ -389,8 +389,14 @@ def _logprobs(kind: str, tokens: list[TokenLogprob] | None, decode: Callable[[in
     if kind == "completion":
         texts = [decode(t) for t, _, _ in tokens]
         offsets = [sum(len(x) for x in texts[:i]) for i in range(len(texts))]
-        return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in tokens],
-                "top_logprobs": [{decode(a): alp for a, alp in alts} for _, _, alts in tokens], "text_offset": offsets}
+        tops = []
+        for _, _, alts in tokens:  # keyed by text, as OpenAI's are: two ids with one text keep the likelier
+            top: dict[str, float] = {}
+            for a, alp in alts:
+                top.setdefault(decode(a), alp)
+            tops.append(top)
+        return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in tokens], "top_logprobs": tops,
+                "text_offset": offsets}
 
     def entry(t: int, lp: float) -> dict:
         text = decode(t)

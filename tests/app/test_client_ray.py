@@ -308,6 +308,7 @@ def test_a_deployed_lora_adapter_answers_the_openai_client_with_logprobs_seeds_a
     from grpo.lora import add_adapter
 
     adapter = tmp_path / "adapter"
+    torch.manual_seed(0)  # the adapter's weights, so what this test sees is the same every run
     policy = add_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                          {"r": 8, "lora_alpha": 16, "task_type": "CAUSAL_LM", "target_modules": ["q_proj", "v_proj"]})
     with torch.no_grad():
@@ -329,7 +330,8 @@ def test_a_deployed_lora_adapter_answers_the_openai_client_with_logprobs_seeds_a
         assert a.choices[0].text != a.choices[1].text or a.choices[0].logprobs.tokens != a.choices[1].logprobs.tokens
         lp = a.choices[0].logprobs
         assert "".join(lp.tokens) == a.choices[0].text and all(x <= 0 for x in lp.token_logprobs)
-        assert all(len(top) == 2 for top in lp.top_logprobs)
+        # two alternatives, keyed by text: a byte tokenizer's partial UTF-8 bytes share one ("\ufffd")
+        assert all(1 <= len(top) <= 2 for top in lp.top_logprobs) and any(len(top) == 2 for top in lp.top_logprobs)
         assert oa.completions.create(**{**ask, "seed": 99}).choices[0].text != a.choices[0].text or \
             oa.completions.create(**{**ask, "seed": 98}).choices[0].text != a.choices[0].text
 

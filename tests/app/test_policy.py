@@ -150,3 +150,11 @@ def test_rollouts_agent_turns_and_the_policy_server_draw_the_same_tokens_for_a_s
     assert len(rollout) >= 3 and rollout == agent == server
     other = worker.generate(["digit 3:"], group_size=1, max_new_tokens=10, temperature=temperature, top_p=top_p, seed=8)
     assert other.completion_ids[0][other.completion_mask[0]].tolist() != rollout  # the seed is what decides
+
+
+def test_completion_top_logprobs_keyed_by_text_keep_the_likelier_of_two_ids_with_one_text():
+    from app.serving.policy import _logprobs
+
+    out = _logprobs("completion", [(65, -0.1, [(65, -0.1), (200, -1.0), (201, -2.0)])],
+                    decode=lambda t: "A" if t == 65 else "\ufffd")
+    assert out["top_logprobs"] == [{"A": -0.1, "\ufffd": -1.0}] and out["tokens"] == ["A"]
