@@ -42,6 +42,13 @@ class Reporter(Protocol):
     # (re)starts after `step`; what was stored for later steps belongs to an attempt that was lost.
 
 
+def notify_waiting(reporters: list[Any], reason: str | None) -> None:
+    """Optional `on_waiting(reason)`: the run waits for resources and holds none (None: it has them now)."""
+    for r in reporters:
+        if hasattr(r, "on_waiting"):
+            r.on_waiting(reason)
+
+
 def notify_resume(reporters: list[Any], step: int) -> None:
     for r in reporters:
         if hasattr(r, "on_resume"):

@@ -20,12 +20,14 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from grpo.config import ConfigError, GRPOConfig, load_config
-from grpo.report import LocalReporter, RayMetricsReporter, Reporter, RunMonitor, notify_resume
+from grpo.gang import Booking
+from grpo.report import LocalReporter, RayMetricsReporter, Reporter, RunMonitor, notify_resume, notify_waiting
 
 log = logging.getLogger("grpo.run")
 
@@ -161,12 +163,24 @@ def cost_usd(cfg: GRPOConfig, seconds: float) -> float:
     return seconds / 3600.0 * (required_cpus(cfg) * cfg.cpu_hour_usd + gpus * cfg.gpu_hour_usd)
 
 
-def build_actors(cfg: GRPOConfig, *, wait: bool = True) -> dict[str, Any]:
+def actor_bundles(cfg: GRPOConfig) -> list[dict[str, float]]:
+    """The placement group bundles of a run's actors: one per rollout actor, then one per reward actor
+    (none for actors that need no resources: Ray refuses an empty bundle)."""
+    rollout = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
+    bundles = [rollout] * cfg.num_rollout_workers if any(rollout.values()) else []
+    if cfg.cpus_per_reward_worker:
+        bundles += [{"CPU": cfg.cpus_per_reward_worker}] * cfg.num_reward_workers
+    return bundles
+
+
+def build_actors(cfg: GRPOConfig, *, wait: bool = True, placement_group: Any = None) -> dict[str, Any]:
     """Rollout actors, reward actors, weight board and monitor. Rollout and reward actors restart
     when killed and their in-flight calls are retried, so a lost actor costs time, not the run.
     With wait=False the handles come back at once and `handles["ready"]` holds the calls that finish when
-    every actor is up (constructor errors surface there)."""
+    every actor is up (constructor errors surface there). With a `placement_group` (bundles as
+    `actor_bundles` lists them) each actor takes its own bundle, so the actors start all or none."""
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from grpo.rewards import RewardWorker
     from grpo.rollout import RolloutWorker, WeightBoard
@@ -178,13 +192,22 @@ def build_actors(cfg: GRPOConfig, *, wait: bool = True) -> dict[str, Any]:
         num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker, max_restarts=-1, max_task_retries=-1
     )(RolloutWorker)
     reward_cls = ray.remote(num_cpus=cfg.cpus_per_reward_worker, max_restarts=-1, max_task_retries=-1)(RewardWorker)
+    bundle = iter(range(len(actor_bundles(cfg)))) if placement_group is not None else None
+
+    def placed(cls: Any, needs: bool) -> Any:
+        if bundle is None or not needs:
+            return cls
+        return cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=placement_group, placement_group_bundle_index=next(bundle)))
+
+    rollout_needs = bool(cfg.cpus_per_worker or cfg.gpus_per_worker)
     rollout_actors = [
-        rollout_cls.remote(cfg.model, cfg.tokenizer, dtype=cfg.dtype, torch_threads=cfg.torch_threads,
+        placed(rollout_cls, rollout_needs).remote(cfg.model, cfg.tokenizer, dtype=cfg.dtype, torch_threads=cfg.torch_threads,
                            max_prompt_tokens=cfg.max_prompt_tokens, weight_board=board, chat_template=cfg.chat_template,
                            lora=cfg.lora_config())
         for _ in range(cfg.num_rollout_workers)
     ]
-    reward_actors = [reward_cls.remote(reward_spec, cfg.reward_timeout_s, cfg.reward_source)
+    reward_actors = [placed(reward_cls, bool(cfg.cpus_per_reward_worker)).remote(reward_spec, cfg.reward_timeout_s, cfg.reward_source)
                      for _ in range(cfg.num_reward_workers)]
     # Surface constructor errors (bad model files, unimportable reward) now, not mid-step.
     ready = [a.ping.remote() for a in rollout_actors] + [a.score.remote([]) for a in reward_actors]
@@ -371,12 +394,39 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
         signal.signal(signal.SIGINT, on_sigterm)
 
     owned = handles is None
+    # Gang reservation (grpo.gang): book the whole demand before asking Ray for anything; while the
+    # cluster cannot hold it next to the runs starting, hold nothing and wait (a stop ends the wait).
+    demand = {"CPU": required_cpus(cfg) if owned else cfg.num_policy_workers * cfg.cpus_per_worker,
+              "GPU": required_gpus(cfg) if owned else cfg.num_policy_workers * cfg.gpus_per_worker}
+    booking = Booking(job_id or f"{cfg.run_name}-{uuid.uuid4().hex[:8]}", demand)
+    waited = ""
+    while not booking.try_book():
+        if booking.reason != waited:
+            waited = booking.reason
+            log.info("%s", waited)
+            notify_waiting(reporters, waited)
+        if reason := check_stop():
+            summary = RunResult(status=reason, steps=0, last_metrics={}, cost_usd=0.0)
+            for r in reporters:
+                r.on_end(reason, error=None, summary={"steps": 0, "checkpoint": None, "best_checkpoints": [],
+                                                      "checkpoint_scores": {}, "cost_usd": 0.0, "last_metrics": {}})
+            return summary
+        time.sleep(poll_s)
+    if waited:
+        log.info("resources booked after %.1f s of waiting", time.time() - t0)
+        notify_waiting(reporters, None)
     ready: list[Any] = []
+    actor_pg = None
     if owned:
         # The actors and Ray Train's worker group start together: each loads torch and the model in its
         # own process, and waiting for one before asking for the other made start-up their sum. The
-        # train loop's first calls on an actor still starting queue until it is up.
-        handles = build_actors(cfg, wait=False)
+        # train loop's first calls on an actor still starting queue until it is up. The actors share one
+        # placement group, so they are placed all together or not at all.
+        from ray.util.placement_group import placement_group
+
+        if bundles := actor_bundles(cfg):
+            actor_pg = placement_group(bundles, strategy="PACK", name=f"raygrpo-actors-{booking.run}")
+        handles = build_actors(cfg, wait=False, placement_group=actor_pg)
         ready = handles.pop("ready")
     monitor = handles["monitor"]
     evaluating = cfg.eval_size > 0
@@ -453,6 +503,7 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
             if progress is None:
                 progress = _Progress(cfg.num_steps, int(m["step"]) - 1)
                 log.info("first step %.1f s after the start", time.time() - t0)
+                booking.release()  # its workers train and its actors are up (or coming): Ray counts them now
             progress.update(m, cost)
             for r in reporters:
                 r.on_step(m)
@@ -516,9 +567,14 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
             "checkpoint_scores": summary.checkpoint_scores, "cost_usd": summary.cost_usd,
             "last_metrics": summary.last_metrics,
         })
+    booking.release()
     if owned:
         for h in handles["rollout_actors"] + handles["reward_actors"] + [handles["weight_board"], monitor]:
             ray.kill(h)
+        if actor_pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(actor_pg)
     return summary
 
 

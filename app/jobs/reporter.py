@@ -105,6 +105,20 @@ class DBReporter:
         with session_scope(self.engine) as s:
             add_trajectories(s, job_id=self.job_id, rows=rows)
 
+    def on_waiting(self, reason: str | None) -> None:
+        """The run waits for resources, holding none (grpo.gang): shown as its `admission` by get_status."""
+        from app.data.db import get_job, session_scope, set_status
+        from app.data.tables import utcnow
+
+        with session_scope(self.engine) as s:
+            job = get_job(s, job_id=self.job_id)
+            if job is None:
+                return
+            admission = {**((job.metrics or {}).get("admission") or {}),
+                         "decision": "waiting" if reason else "started",
+                         "reason": reason or "the run booked everything it needs", "decided_at": utcnow().isoformat()}
+            set_status(s, job_id=self.job_id, status=job.status, metrics={**(job.metrics or {}), "admission": admission})
+
     def on_resume(self, step: int) -> None:
         """The run (re)started after `step`: trajectories an earlier attempt stored for later steps go, so
         the re-run steps are stored once."""

@@ -419,14 +419,16 @@ def status_of(job: TrainingJob, best: Any | None) -> dict[str, Any]:
 
 # The dispatcher's decision that belongs with each state: a queued job shows why it waits, a running job
 # why it started (until its first step's metrics replace it), a refused job why it can never run here.
-ADMISSION_OF_STATUS = {JobStatus.queued: "waiting", JobStatus.running: "started", JobStatus.failed: "refused"}
+# A running job may still wait: its run books its whole demand first (grpo.gang) and holds nothing until then.
+ADMISSION_OF_STATUS = {JobStatus.queued: ("waiting",), JobStatus.running: ("started", "waiting"),
+                       JobStatus.failed: ("refused",)}
 
 
 def admission_of(job: TrainingJob) -> dict[str, Any] | None:
     """The dispatcher's last admission decision on the job ({decision, reason, demand, decided_at}), or None
     when it has made none that fits the job's state (a queued job behind the next one to start)."""
     admission = (job.metrics or {}).get("admission")
-    if not isinstance(admission, dict) or admission.get("decision") != ADMISSION_OF_STATUS.get(job.status):
+    if not isinstance(admission, dict) or admission.get("decision") not in ADMISSION_OF_STATUS.get(job.status, ()):
         return None
     return admission
 

@@ -240,6 +240,26 @@ def test_cancel_a_queued_job_then_cannot_cancel_again(client):
         assert job not in client.ctx.queue.queued()
 
 
+def test_a_run_waiting_for_resources_shows_it_in_get_status(client):
+    """grpo.gang: a run that cannot book what it needs yet holds nothing and says why, until it can."""
+    from app.jobs.reporter import DBReporter
+    from grpo.config import GRPOConfig
+
+    job = start(client)["result"]["job_id"]
+    with db.session_scope(client.ctx.engine) as s:
+        db.mark_running(s, job_id=job, ray_submission_id=job)
+    rep = DBReporter(cfg=GRPOConfig(model=client.ctx.settings.default_model), job_id=job,
+                     db_url=client.ctx.settings.db_url)
+    rep.on_waiting("waiting for resources: needs 6 CPU; free 2 CPU")
+    status = call(client, "training.get_status", {"job_id": job})["result"]
+    assert status["status"] == "running" and status["admission"]["decision"] == "waiting"
+    assert status["admission"]["reason"] == "waiting for resources: needs 6 CPU; free 2 CPU"
+    assert Decimal(status["cost_usd"]) == 0
+    rep.on_waiting(None)
+    admission = call(client, "training.get_status", {"job_id": job})["result"]["admission"]
+    assert admission["decision"] == "started" and "booked" in admission["reason"]
+
+
 def test_progress_trajectories_and_checkpoints_recorded_by_a_run_show_through_the_api(client, tmp_path):
     from app.jobs.reporter import DBReporter
     from grpo.config import GRPOConfig

@@ -372,7 +372,7 @@ def _no_placement_group_left(timeout_s: float = 60.0) -> bool:
 
 @pytest.mark.ray
 @pytest.mark.parametrize(("where", "held"), [
-    ("the rollout actors wait for CPUs", 7),  # 1 CPU free: one 1-CPU rollout actor starts, the rest wait
+    ("the rollout actors wait for CPUs", 7),  # 1 CPU free: the actors' placement group (3 CPUs) waits
     ("the Ray Train worker group waits for CPUs", 4),  # actors take 3 of the 4 free, 2 workers x 1 wait
 ])
 def test_a_cancel_ends_a_run_that_waits_for_resources(ray_session, tiny_model_dir, tmp_path, where, held):
@@ -395,6 +395,38 @@ def test_a_cancel_ends_a_run_that_waits_for_resources(ray_session, tiny_model_di
     assert result.status == status == "cancelled" and result.steps == 0 and error is None, (where, result)
     assert ended_at - reporter.cancelled_at < 10, where  # seconds, not the worker group's start timeout
     assert _no_placement_group_left(), where
+
+
+@pytest.mark.ray
+def test_two_ray_job_runs_that_fit_only_one_at_a_time_both_complete(ray_session, tiny_model_dir, tmp_path):
+    """Two `ray job submit` runs at once, each needing 6 of the 8 CPUs (4 for actors, 2 for workers). Asked
+    for piecemeal, both got their actors (8 CPUs) and both worker groups waited forever. Booked whole
+    (grpo.gang), one waits holding nothing while the other trains, then runs."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(os.environ["RAYGRPO_TEST_DASHBOARD_URL"])
+    sids = []
+    for name in ("gang-a", "gang-b"):
+        cfg = _cfg(tiny_model_dir, tmp_path, run_name=name, num_steps=3, num_policy_workers=2, num_rollout_workers=2,
+                   num_reward_workers=4)  # 2 + 2 + 4 x 0.5 = 6 CPUs
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps(cfg.model_dump(mode="json")))
+        sids.append(client.submit_job(entrypoint=f"{sys.executable} -m grpo.run --config {path}"))
+    deadline = time.time() + 280  # less than Ray Train's 300 s worker-group start timeout: a deadlock fails
+    while time.time() < deadline and not all(client.get_job_status(s).is_terminal() for s in sids):
+        time.sleep(1.0)
+    logs = [client.get_job_logs(s) for s in sids]
+    statuses = [str(client.get_job_status(s)) for s in sids]
+    if statuses != ["SUCCEEDED"] * 2:
+        for s in sids:
+            client.stop_job(s)
+    assert statuses == ["SUCCEEDED", "SUCCEEDED"], "\n----\n".join(text[-3000:] for text in logs)
+    waited = [text for text in logs if "waiting for resources" in text]
+    assert len(waited) == 1, "exactly one run waited for the other, holding nothing"
+    assert "resources booked after" in waited[0]
+    for name in ("gang-a", "gang-b"):
+        assert [r["step"] for r in _rows(tmp_path / "runs" / name / "metrics.jsonl")] == [1, 2, 3]
+    assert _no_placement_group_left()
 
 
 @pytest.mark.ray
