@@ -152,7 +152,7 @@ class RolloutWorker:
     @torch.inference_mode()
     def generate(
         self,
-        prompts: list[Prompt],
+        prompts: list[Prompt] | None,
         *,
         group_size: int,
         max_new_tokens: int,
@@ -160,8 +160,9 @@ class RolloutWorker:
         top_p: float = 1.0,
         seed: int | None = None,
         min_version: int = 0,
+        prompt_ids: list[list[int]] | None = None,
     ) -> Rollout:
-        """Sample `group_size` completions for each prompt.
+        """Sample `group_size` completions for each prompt (or each of `prompt_ids`, already tokenized).
 
         `min_version` lets a caller insist on a policy at least that new: a worker that holds an
         older one (it was restarted and came back with the initial weights, or missed a publish)
@@ -173,10 +174,13 @@ class RolloutWorker:
         gen = None
         if seed is not None and temperature > 0:
             gen = torch.Generator(device=self.device).manual_seed(seed)
-        prompt_ids = self.encode_prompts(prompts)
+        if prompt_ids is None:
+            prompt_ids = self.encode_prompts(prompts)
+        else:
+            prompt_ids = [list(p)[-self.max_prompt_tokens :] for p in prompt_ids]
         ids, mask = left_pad(prompt_ids, self.pad_id)  # (P, Lp)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        n = len(prompts) * group_size
+        n = len(prompt_ids) * group_size
 
         # 1. prefill each prompt once, then copy its KV cache to the G members of its group
         from transformers import DynamicCache

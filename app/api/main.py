@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 import app.api.admin  # noqa: F401  registers the auth.* and audit.* methods
+import app.jobs.sessions  # noqa: F401  sessions.* (training sessions: your own loop on the cluster)
 import app.jobs.training  # noqa: F401  training.*
 import app.research.catalog  # noqa: F401  the research registry: models.*, prompts.*
 import app.research.datasets  # noqa: F401  datasets.* (and the dataset file routes)

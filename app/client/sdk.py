@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -34,7 +36,9 @@ from app.api import jsonrpc as codes
 T = TypeVar("T")
 FINAL = ("completed", "failed", "cancelled")
 MUTATING = {"training.start_grpo", "training.cancel", "training.pause", "training.resume", "auth.create_api_key",
-            "auth.revoke_api_key", "models.deploy", "models.undeploy"}
+            "auth.revoke_api_key", "models.deploy", "models.undeploy", "sessions.create", "sessions.close",
+            "sessions.forward_backward", "sessions.optim_step", "sessions.save_state", "sessions.load_state",
+            "sessions.save_weights"}
 """methods a retry could apply twice: retried only when the request surely never left, unless keyed"""
 KEYED = {"training.start_grpo"}
 """changing methods the server deduplicates by `idempotency_key`: the SDK sets a key on every call that has
@@ -457,6 +461,101 @@ class Client(_Transport, _Methods):
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {status.status} after {timeout_s}s")
             time.sleep(poll_s)
+
+
+    # sessions.*: your own training loop on the cluster
+    def create_session(self, *, base_model: str | None = None, num_workers: int | None = None,
+                       lora_rank: int | None = None, idle_timeout_s: float | None = None,
+                       max_budget_usd: str | float | None = None, wait_s: float = 600.0, poll_s: float = 0.5,
+                       **options: Any) -> TrainingSession:
+        """Start a training session and wait until it is active (its workers and sampler loaded)."""
+        reply = self._call("sessions.create", _params(
+            base_model=base_model, num_workers=num_workers, lora_rank=lora_rank, idle_timeout_s=idle_timeout_s,
+            max_budget_usd=None if max_budget_usd is None else str(max_budget_usd), **options))
+        session = TrainingSession(self, reply["session_id"])
+        deadline = time.monotonic() + wait_s
+        while (info := session.info())["status"] in ("starting", "waiting"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"session {session.id} still {info['status']} after {wait_s}s: {info.get('error')}")
+            time.sleep(poll_s)
+        if info["status"] != "active":
+            raise RaygrpoError(f"session {session.id} is {info['status']}: {info.get('error')}", method="sessions.create")
+        return session
+
+    def session(self, session_id: str) -> TrainingSession:
+        """An existing session of yours (for example after `save_state` in another process)."""
+        return TrainingSession(self, session_id)
+
+
+class TrainingSession:
+    """A training session: the primitives return futures, so a loop can send the next call before the last
+    one answered. Training calls (forward_backward, optim_step, save_state, load_state, save_weights) are
+    numbered here and run on the server in that order; `sample` runs on the weights of every training call
+    sent before it.
+
+        s = client.create_session(base_model="Qwen/Qwen2.5-0.5B", lora_rank=16)
+        out = s.sample(["2 + 2 ="], num_samples=8, max_tokens=16).result()
+        s.forward_backward(rows, "ppo")
+        s.optim_step(learning_rate=1e-5).result()
+    """
+
+    def __init__(self, client: Client, session_id: str, *, max_in_flight: int = 8):
+        self.client, self.id = client, session_id
+        self._pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix=f"session-{session_id[-6:]}")
+        self._lock = threading.Lock()
+        self._seq = 0
+
+    def __repr__(self) -> str:
+        return f"TrainingSession({self.id!r})"
+
+    def __enter__(self) -> TrainingSession:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _submit(self, method: str, params: dict[str, Any], *, ordered: bool) -> Future:
+        with self._lock:  # numbered and handed to the pool together: seq order is submission order
+            if ordered:
+                self._seq += 1
+                params = {**params, "seq": self._seq}
+            elif self._seq:
+                params = {**params, "after_seq": self._seq}
+            return self._pool.submit(self.client._call, method, {"session_id": self.id, **params})
+
+    def forward_backward(self, data: list[dict[str, Any]], loss_fn: str,
+                         loss_config: dict[str, Any] | None = None) -> Future:
+        """Future of {logprobs: [[...] per row], metrics: {loss, clip_fraction, ...}}."""
+        return self._submit("sessions.forward_backward", _params(data=data, loss_fn=loss_fn, loss_config=loss_config),
+                            ordered=True)
+
+    def optim_step(self, **adam: Any) -> Future:
+        """Future of {step, metrics}; `adam`: learning_rate, beta1, beta2, eps, weight_decay, max_grad_norm."""
+        return self._submit("sessions.optim_step", {"adam": adam}, ordered=True)
+
+    def sample(self, prompts: list[str] | None = None, *, prompt_tokens: list[list[int]] | None = None,
+               num_samples: int = 1, max_tokens: int | None = None, temperature: float | None = None,
+               top_p: float | None = None, seed: int | None = None) -> Future:
+        """Future of {samples: [{prompt_index, prompt_tokens, tokens, logprobs, text, finish_reason}], ...}."""
+        return self._submit("sessions.sample", _params(
+            prompts=prompts, prompt_tokens=prompt_tokens, num_samples=num_samples, max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, seed=seed), ordered=False)
+
+    def save_state(self, name: str) -> Future:
+        return self._submit("sessions.save_state", {"name": name}, ordered=True)
+
+    def load_state(self, state_id: str) -> Future:
+        return self._submit("sessions.load_state", {"state_id": state_id}, ordered=True)
+
+    def save_weights(self, name: str) -> Future:
+        return self._submit("sessions.save_weights", {"name": name}, ordered=True)
+
+    def info(self) -> dict[str, Any]:
+        return self.client._call("sessions.get", {"session_id": self.id})
+
+    def close(self) -> dict[str, Any]:
+        self._pool.shutdown(wait=True)
+        return self.client._call("sessions.close", {"session_id": self.id})
 
 
 class AsyncClient(_Transport, _Methods):

@@ -250,6 +250,28 @@ class PolicyDeployment(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
+class TrainingSession(SQLModel, table=True):
+    """A training session (sessions.*): a model held on the cluster for a client's own loop (grpo.session).
+    The row is what was asked and what it cost; the live state is the session's host actor on Ray."""
+
+    __tablename__ = "training_sessions"
+
+    id: str = Field(default_factory=lambda: new_id("ses"), primary_key=True, max_length=64)
+    owner: str = Field(index=True, max_length=256)
+    status: str = Field(default="starting", index=True, max_length=16)
+    """starting | waiting | active | closed | expired | failed | budget_exceeded"""
+    base_model: str = Field(max_length=1024)
+    spec: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    """what grpo.session.SessionHost was started with (workers, LoRA, idle timeout, limits)"""
+    budget_usd: Decimal | None = Field(default=None, sa_column=Column(MONEY, nullable=True))
+    cost_usd: Decimal = Field(default=Decimal("0"), sa_column=Column(MONEY, nullable=False, server_default="0"))
+    steps: int = 0
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    last_used_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    ended_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
 # ---- research registry (app.research): experiments, runs, metric series, models, datasets, prompts, evaluations
 
 class ExperimentStatus(StrEnum):
