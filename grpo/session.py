@@ -68,7 +68,9 @@ class Limits:
 
 def check_batch(data: Any, loss_fn: str, loss_config: dict[str, Any], limits: Limits) -> float:
     """Validate a forward_backward batch; returns its total weight (the token-mean denominator)."""
-    if loss_fn not in LOSS_FNS:
+    if not isinstance(loss_config, dict):
+        raise SessionInputError("loss_config", "an object (clip_low, clip_high, normalize)")
+    if not isinstance(loss_fn, str) or loss_fn not in LOSS_FNS:
         raise SessionInputError("loss_fn", f"unknown loss {loss_fn!r}; one of {', '.join(LOSS_FNS)}")
     unknown = set(loss_config) - {"clip_low", "clip_high", "normalize"}
     if unknown:
@@ -301,6 +303,7 @@ class SessionHost:
         self.sampler: Any = None
         self.pg: Any = None
         self.version = 0  # optimizer steps taken
+        self.generation = 0  # changes of the weights (steps and loads): what a policy server following it compares
         self.sampler_version = 0
         self.done_seq = 0  # every numbered call up to this one is done
         self.finished: set[int] = set()  # done (or skipped) after a gap
@@ -409,7 +412,8 @@ class SessionHost:
         return getattr(self, "spent_s", None) or (time.monotonic() - self.held_since)
 
     def status(self) -> dict[str, Any]:
-        return {"state": self.state, "error": self.error, "version": self.version, "sampler_version": self.sampler_version,
+        return {"state": self.state, "error": self.error, "version": self.version, "generation": self.generation,
+                "sampler_version": self.sampler_version,
                 "done_seq": self.done_seq, "held_s": round(self.held_seconds(), 3),
                 "idle_s": round(time.monotonic() - self.last_used, 3),
                 "vocab_size": self.limits.vocab_size if self.limits else None}
@@ -488,6 +492,7 @@ class SessionHost:
         def go() -> dict[str, Any]:
             outs = ray.get([w.optim_step.remote(adam) for w in self.workers])
             self.version = int(outs[0]["step"])
+            self.generation += 1
             return {"step": self.version, "metrics": {"grad_norm": outs[0]["grad_norm"],
                                                       "learning_rate": outs[0]["learning_rate"]}}
 
@@ -553,6 +558,7 @@ class SessionHost:
         def go() -> dict[str, Any]:
             steps = ray.get([w.load_state.remote(path) for w in self.workers])
             self.version = int(steps[0])
+            self.generation += 1
             self.sampler_version = -1  # the sampler takes the loaded weights at the next sample
             return {"step": self.version}
 
@@ -573,10 +579,10 @@ class SessionHost:
         return ray.get(self.workers[0].optimizer_state.remote())
 
     def weights_ref(self) -> tuple[int, Any]:
-        """(version, object ref of the latest weights) for a policy server following this session."""
+        """(generation, object ref of the newest weights) for a policy server following this session."""
         with self.train_lock:
             self._check_active()
-            return self.version, self.workers[0].weights.remote()
+            return self.generation, self.workers[0].weights.remote()
 
 
 def start_host(session_id: str, spec: dict[str, Any]) -> Any:

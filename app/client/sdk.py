@@ -318,12 +318,13 @@ class _Methods:
 
     # models.* (serving)
     def deploy(self, name: str, *, checkpoint_id: str | None = None, model: str | None = None,
-               variants: list[dict[str, Any]] | None = None, replicas: int | None = None,
+               session_id: str | None = None, variants: list[dict[str, Any]] | None = None, replicas: int | None = None,
                autoscaling: dict[str, Any] | None = None, gpus_per_replica: float | None = None,
                cpus_per_replica: float | None = None, batching: bool | None = None,
                max_batch_size: int | None = None) -> Deployment:
         return self._call("models.deploy", _params(
-            name=name, checkpoint_id=checkpoint_id, model=model, variants=variants, replicas=replicas,
+            name=name, checkpoint_id=checkpoint_id, model=model, session_id=session_id, variants=variants,
+            replicas=replicas,
             autoscaling=autoscaling, gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
             batching=batching, max_batch_size=max_batch_size), Deployment)
 

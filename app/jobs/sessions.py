@@ -55,10 +55,13 @@ class SessionParams(_Params):
     session_id: str = Field(max_length=64)
 
 
+# The training calls' own inputs are checked in the call, not by the schema: a numbered call refused by the
+# schema would never reach the session, and the calls numbered after it would wait for it.
+
 class ForwardBackwardParams(SessionParams):
-    data: list[dict[str, Any]] = Field(description="rows: {tokens, weights?, advantages?, logprobs?}")
-    loss_fn: str = Field(description="cross_entropy | importance_sampling | ppo | grpo")
-    loss_config: dict[str, Any] = Field(default_factory=dict)
+    data: Any = Field(description="rows: [{tokens, weights?, advantages?, logprobs?}]")
+    loss_fn: Any = Field(description="cross_entropy | importance_sampling | ppo | grpo")
+    loss_config: Any = Field(default_factory=dict, description="clip_low, clip_high, normalize (token-mean | sum)")
     seq: int | None = Field(None, ge=1)
 
 
@@ -97,7 +100,7 @@ class SampleParams(SessionParams):
 
 
 class SaveParams(SessionParams):
-    name: str = Field(pattern=NAME)
+    name: Any = Field(description="letters, digits, '.', '_', '-'; 64 at most")
     seq: int | None = Field(None, ge=1)
 
 
@@ -186,11 +189,11 @@ def _open(ctx: Context, session_id: str) -> tuple[Any, TrainingSession]:
     """The host of an active session the caller owns, or a clear error."""
     from grpo.session import get_host
 
-    _ray()
     with db.session_scope(ctx.engine) as s:
         row = _row(s, session_id)
         final, status, error = row.status in FINAL, row.status, row.error
         over = row.budget_usd is not None and row.cost_usd >= row.budget_usd
+    _ray()
     if final:
         raise RPCError(VALIDATION_FAILED, f"session {session_id} is {status}" + (f" ({error})" if error else ""),
                        {"field": "session_id"})
@@ -219,9 +222,11 @@ def _end_over_budget(ctx: Context, host: Any, session_id: str) -> None:
 
 def _skip(session_id: str, seq: int | None) -> None:
     """A numbered call refused here never reaches the host: tell it, or the calls after it wait for it."""
+    import ray
+
     from grpo.session import get_host
 
-    if seq is None:
+    if seq is None or not ray.is_initialized():
         return
     host = get_host(session_id)
     if host is not None:
@@ -236,7 +241,6 @@ def _call(ctx: Context, session_id: str, method: str, *args: Any, check: Any = N
     `check` runs first (input the schema lets through); whatever refuses the call here frees its `seq`."""
     from grpo.session import SessionInputError
 
-    ray = _ray()
     try:
         if check is not None:
             check()
@@ -244,6 +248,7 @@ def _call(ctx: Context, session_id: str, method: str, *args: Any, check: Any = N
     except Exception:
         _skip(session_id, kwargs.get("seq"))
         raise
+    ray = _ray()
     try:
         out = ray.get(getattr(host, method).remote(*args, **kwargs), timeout=CALL_TIMEOUT_S)
     except SessionInputError as e:
@@ -266,7 +271,13 @@ def _call(ctx: Context, session_id: str, method: str, *args: Any, check: Any = N
 def create(p: CreateParams, ctx: Context) -> dict[str, Any]:
     from grpo.session import start_host
 
-    ray = _ray()
+    lora = None
+    if p.lora_rank is not None:
+        lora = {"r": p.lora_rank, "lora_alpha": p.lora_alpha or 2 * p.lora_rank,
+                "target_modules": p.lora_target_modules or "all-linear", "lora_dropout": 0.0}
+    elif p.lora_alpha is not None or p.lora_target_modules is not None:
+        raise RPCError(VALIDATION_FAILED, "lora_rank: required with lora_alpha or lora_target_modules",
+                       {"field": "lora_rank"})
     model = p.base_model or ctx.settings.default_model
     if not model:
         raise RPCError(VALIDATION_FAILED, "base_model: required (this server has no default model)", {"field": "base_model"})
@@ -280,6 +291,7 @@ def create(p: CreateParams, ctx: Context) -> dict[str, Any]:
         if not (local / "config.json").is_file():
             raise RPCError(VALIDATION_FAILED, f"base_model: no Hugging Face model directory at {p.base_model}",
                            {"field": "base_model"})
+    ray = _ray()
     gpus = p.gpus_per_worker if p.gpus_per_worker is not None else (
         1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0)
     from app.jobs.dispatcher import ray_cluster_resources
@@ -292,13 +304,6 @@ def create(p: CreateParams, ctx: Context) -> dict[str, Any]:
         raise RPCError(VALIDATION_FAILED, "num_workers: the cluster cannot hold this session: it needs "
                        + " and ".join(short) + " (num_workers + 1 sampler, each cpus_per_worker/gpus_per_worker)",
                        {"field": "num_workers"})
-    lora = None
-    if p.lora_rank is not None:
-        lora = {"r": p.lora_rank, "lora_alpha": p.lora_alpha or 2 * p.lora_rank,
-                "target_modules": p.lora_target_modules or "all-linear", "lora_dropout": 0.0}
-    elif p.lora_alpha is not None or p.lora_target_modules is not None:
-        raise RPCError(VALIDATION_FAILED, "lora_rank: required with lora_alpha or lora_target_modules",
-                       {"field": "lora_rank"})
     spec = {"model": model, "num_workers": p.num_workers, "cpus_per_worker": p.cpus_per_worker, "gpus_per_worker": gpus,
             "lora": lora, "idle_timeout_s": p.idle_timeout_s, "seed": p.seed, "chat_template": p.chat_template,
             "max_seq_len": p.max_seq_len, "max_rows": p.max_rows, "torch_threads": 1}
@@ -401,10 +406,19 @@ def _state_dir(ctx: Context, session_id: str, name: str) -> str:
     return str(ctx.settings.runs_dir / "sessions" / session_id / "state" / name)
 
 
+def _check_name(name: Any) -> Any:
+    def check() -> None:
+        if not isinstance(name, str) or not re.match(NAME, name):
+            raise RPCError(INVALID_PARAMS, f"name: {str(name)[:80]!r} is not a name (letters, digits, '.', '_', '-'; "
+                           "64 at most, not starting with a symbol)", {"field": "name"})
+    return check
+
+
 @registry.method("sessions.save_state", params=SaveParams, mutates=True, permission="training:start",
                  errors=(NOT_FOUND, VALIDATION_FAILED), summary="Save model and optimizer (sharded) to resume later")
 def save_state(p: SaveParams, ctx: Context) -> dict[str, Any]:
-    out = _call(ctx, p.session_id, "save_state", _state_dir(ctx, p.session_id, p.name), seq=p.seq)
+    out = _call(ctx, p.session_id, "save_state", _state_dir(ctx, p.session_id, str(p.name)), seq=p.seq,
+                check=_check_name(p.name))
     return {"state_id": f"{p.session_id}/{p.name}", "step": out["step"]}
 
 
@@ -415,16 +429,20 @@ def load_state(p: LoadParams, ctx: Context) -> dict[str, Any]:
     from pathlib import Path
 
     source, _, name = p.state_id.partition("/")
-    if not re.match(NAME, name or "") or not source:
-        raise RPCError(VALIDATION_FAILED, "state_id: <session_id>/<name> as save_state returned it", {"field": "state_id"})
-    with db.session_scope(ctx.engine) as s:
-        src = s.get(TrainingSession, source)
-        if src is None or not current_principal().owns(src.owner):
-            raise RPCError(NOT_FOUND, f"state {p.state_id} not found", {"field": "state_id"})
     path = _state_dir(ctx, source, name)
-    if not (Path(path) / "session_state.json").is_file():
-        raise RPCError(NOT_FOUND, f"state {p.state_id} not found", {"field": "state_id"})
-    out = _call(ctx, p.session_id, "load_state", path, seq=p.seq)
+
+    def check() -> None:
+        if not re.match(NAME, name or "") or not re.match(NAME, source or ""):
+            raise RPCError(VALIDATION_FAILED, "state_id: <session_id>/<name> as save_state returned it",
+                           {"field": "state_id"})
+        with db.session_scope(ctx.engine) as s:
+            src = s.get(TrainingSession, source)
+            if src is None or not current_principal().owns(src.owner):
+                raise RPCError(NOT_FOUND, f"state {p.state_id} not found", {"field": "state_id"})
+        if not (Path(path) / "session_state.json").is_file():
+            raise RPCError(NOT_FOUND, f"state {p.state_id} not found", {"field": "state_id"})
+
+    out = _call(ctx, p.session_id, "load_state", path, seq=p.seq, check=check)
     return {"state_id": p.state_id, "step": out["step"]}
 
 
@@ -432,8 +450,8 @@ def load_state(p: LoadParams, ctx: Context) -> dict[str, Any]:
                  errors=(NOT_FOUND, VALIDATION_FAILED),
                  summary="Save the weights as a Hugging Face (or PEFT adapter) directory that models.deploy serves")
 def save_weights(p: SaveParams, ctx: Context) -> dict[str, Any]:
-    path = str(ctx.settings.home / "models" / "sessions" / p.session_id / p.name)
-    out = _call(ctx, p.session_id, "save_weights", path, seq=p.seq)
+    path = str(ctx.settings.home / "models" / "sessions" / p.session_id / str(p.name))
+    out = _call(ctx, p.session_id, "save_weights", path, seq=p.seq, check=_check_name(p.name))
     return {"path": out["path"], "step": out["step"]}
 
 

@@ -43,11 +43,13 @@ class Source(BaseModel):
     """a checkpoint of one of your jobs (training.get_status's best_checkpoint)"""
     model: str | None = Field(None, min_length=1, max_length=1000)
     """or any Hugging Face model directory or hub id"""
+    session_id: str | None = Field(None, min_length=1, max_length=64)
+    """or one of your training sessions: its newest weights, followed as it trains"""
 
     @model_validator(mode="after")
     def _one_source(self) -> Source:
-        if (self.checkpoint_id is None) == (self.model is None):
-            raise ValueError("give exactly one of checkpoint_id and model")
+        if sum(x is not None for x in (self.checkpoint_id, self.model, self.session_id)) != 1:
+            raise ValueError("give exactly one of checkpoint_id, model and session_id")
         return self
 
 
@@ -80,6 +82,8 @@ class DeployParams(BaseModel):
     """a checkpoint of one of your jobs"""
     model: str | None = Field(None, min_length=1, max_length=1000)
     """or any Hugging Face model directory or hub id"""
+    session_id: str | None = Field(None, min_length=1, max_length=64)
+    """or one of your training sessions: its newest weights, loaded before each generation when they changed"""
     variants: list[VariantParams] | None = Field(None, min_length=2, max_length=4)
     """or two to four variants routed by weight (an A/B comparison)"""
     replicas: int = Field(1, ge=1, le=64)
@@ -96,9 +100,9 @@ class DeployParams(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> DeployParams:
-        given = [k for k in ("checkpoint_id", "model", "variants") if getattr(self, k) is not None]
+        given = [k for k in ("checkpoint_id", "model", "session_id", "variants") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of checkpoint_id, model and variants")
+            raise ValueError("give exactly one of checkpoint_id, model, session_id and variants")
         if self.variants and len({v.name for v in self.variants}) != len(self.variants):
             raise ValueError("variant names must differ")
         return self
@@ -114,6 +118,21 @@ class ListParams(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     name: str | None = Field(None, pattern=NAME)
     """only this deployment"""
+
+
+def _session_variant(s: Any, field: str, session_id: str, name: str, weight: float) -> Any:
+    """A variant serving a training session's newest weights: its base model, its LoRA settings."""
+    from app.data.tables import TrainingSession
+    from app.serving.policy import VariantSpec
+
+    row = s.get(TrainingSession, session_id)
+    if row is None or not current_principal().owns(row.owner):
+        raise RPCError(NOT_FOUND, f"session not found: {session_id}", {"field": field})
+    if row.status not in ("starting", "waiting", "active"):
+        raise RPCError(VALIDATION_FAILED, f"{field}: session {session_id} is {row.status}; deploy its saved weights "
+                       "(sessions.save_weights, then model: <path>)", {"field": field})
+    return VariantSpec(name=name, path=row.spec["model"],
+                       weight=weight, session_id=session_id, lora=row.spec.get("lora"))
 
 
 def _resolve(s: Any, field: str, checkpoint_id: str | None, model: str | None) -> tuple[str, str | None]:
@@ -188,8 +207,13 @@ def deploy(p: DeployParams, ctx: Context) -> dict[str, Any]:
         if p.variants:
             variants = []
             for i, v in enumerate(p.variants):
+                if v.session_id is not None:
+                    variants.append(_session_variant(s, f"variants.{i}.session_id", v.session_id, v.name, v.weight))
+                    continue
                 path, ckpt = _resolve(s, f"variants.{i}", v.checkpoint_id, v.model)
                 variants.append(VariantSpec(name=v.name, path=path, weight=v.weight, checkpoint_id=ckpt))
+        elif p.session_id is not None:
+            variants = [_session_variant(s, "session_id", p.session_id, p.name, 1.0)]
         else:
             path, ckpt = _resolve(s, "checkpoint_id" if p.checkpoint_id else "model", p.checkpoint_id, p.model)
             variants = [VariantSpec(name=p.name, path=path, checkpoint_id=ckpt)]

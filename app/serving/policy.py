@@ -21,6 +21,7 @@ Chat takes `tools` (rendered by the model's template; a reply that ends with a c
 import asyncio
 import hashlib
 import json
+import logging
 import random
 import time
 import uuid
@@ -34,6 +35,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ray import serve
 from torch import Tensor
+
+log = logging.getLogger("app.serving.policy")
 
 STREAM_ERROR = "\x00error "
 """first item of a PolicyServer stream that could not start: the router turns it into an HTTP error"""
@@ -449,20 +452,57 @@ class PolicyServer:
     """One variant of a deployed policy: a model replica with dynamic batching."""
 
     def __init__(self, name: str, path: str, *, batching: bool = True, max_batch_size: int = MAX_BATCH_SIZE,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, session_id: str | None = None, lora: dict | None = None):
         self.name, self.batching = name, batching
         self.engine = PolicyEngine(path, torch_threads=torch_threads)
+        if lora is not None:  # a LoRA session's adapter, on the base model, updated from the session
+            from grpo.lora import add_adapter
+
+            self.engine.model = add_adapter(self.engine.model, lora).eval()
         self._batched.set_max_batch_size(max_batch_size)
         # One generation at a time on the model; with batching on, one generation serves many requests.
         self._lock = asyncio.Lock()
+        # Following a training session (grpo.session): before a generation, the session's newest weights.
+        self.session_id, self.weights_generation, self._host = session_id, 0, None
 
     def info(self) -> dict:
         e = self.engine
+        if e.digest is None:
+            e.digest = weights_digest(e.model)
         return {"name": self.name, "path": e.path, "weights_sha256": e.digest, "device": str(e.device),
-                "num_parameters": e.num_parameters, "max_context": e.max_context, "batching": self.batching}
+                "num_parameters": e.num_parameters, "max_context": e.max_context, "batching": self.batching,
+                **({"session_id": self.session_id, "weights_generation": self.weights_generation}
+                   if self.session_id else {})}
+
+    async def _follow(self) -> None:
+        """Load the session's weights when they changed since the last generation. A session that has ended
+        leaves the replica serving the weights it last had."""
+        from grpo.session import get_host
+
+        try:
+            if self._host is None:
+                self._host = get_host(self.session_id)
+            if self._host is None:
+                return
+            generation = (await self._host.status.remote())["generation"]
+            if generation == self.weights_generation:
+                return
+            generation, ref = await self._host.weights_ref.remote()
+            state = await ref
+        except Exception as e:  # the session closed or its host restarted: keep serving what we have
+            self._host = None
+            log.warning("policy %s: session %s not reachable (%s); serving the weights of generation %d",
+                     self.name, self.session_id, type(e).__name__, self.weights_generation)
+            return
+        missing, unexpected = await asyncio.to_thread(self.engine.model.load_state_dict, state, strict=False)
+        if unexpected:
+            raise RuntimeError(f"session weights do not fit the served model: {unexpected[:3]}")
+        self.weights_generation, self.engine.digest = generation, None
 
     async def _run(self, reqs: list[GenRequest]) -> list[GenResult]:
         async with self._lock:
+            if self.session_id:
+                await self._follow()
             return await asyncio.to_thread(self.engine.generate, reqs)
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
@@ -554,6 +594,10 @@ class VariantSpec(BaseModel):
     path: str
     weight: float = Field(1.0, gt=0)
     checkpoint_id: str | None = None
+    session_id: str | None = None
+    """a training session whose newest weights this variant serves (path: the session's base model)"""
+    lora: dict | None = None
+    """that session's LoRA settings (the adapter goes on the base model)"""
 
 
 def _router_app() -> FastAPI:
@@ -587,7 +631,10 @@ class PolicyRouter:
 
     async def _variant_info(self, name: str) -> dict:
         if name not in self._info:
-            self._info[name] = await self.servers[name].info.remote()
+            info = await self.servers[name].info.remote()
+            if "session_id" in info:  # its weights change as the session trains: asked every time
+                return info
+            self._info[name] = info
         return self._info[name]
 
     @policy_http.get("/v1/models")
@@ -599,7 +646,8 @@ class PolicyRouter:
                          "root": v.path, "parent": self.name if v.name != self.name else None,
                          "weight": v.weight, "checkpoint_id": v.checkpoint_id,
                          "weights_sha256": info["weights_sha256"], "device": info["device"],
-                         "max_context": info["max_context"], "batching": info["batching"]})
+                         "max_context": info["max_context"], "batching": info["batching"],
+                         **{k: info[k] for k in ("session_id", "weights_generation") if k in info}})
         if len(self.variants) > 1:  # the name itself routes by weight
             data.insert(0, {"id": self.name, "object": "model", "created": self.created, "owned_by": "raygrpo",
                             "root": None, "parent": None, "variants": [v.name for v in self.variants]})
@@ -658,7 +706,8 @@ def build_policy_app(name: str, variants: list[VariantSpec], *, replicas: int = 
     threads = max(1, int(cpus_per_replica))
     servers = [
         PolicyServer.options(name=f"PolicyServer-{v.name}", ray_actor_options=actor, **scale).bind(
-            v.name, v.path, batching=batching, max_batch_size=max_batch_size, torch_threads=threads)
+            v.name, v.path, batching=batching, max_batch_size=max_batch_size, torch_threads=threads,
+            session_id=v.session_id, lora=v.lora)
         for v in variants
     ]
     return PolicyRouter.bind(name, [v.model_dump() for v in variants], servers)

@@ -237,3 +237,61 @@ def test_a_session_the_cluster_can_never_hold_is_refused(alice):
     with pytest.raises(sdk.ValidationFailed, match="cannot hold this session") as info:
         alice.call("sessions.create", num_workers=40)
     assert info.value.data["field"] == "num_workers"
+
+
+def test_two_workers_take_the_same_step_as_one(alice, session):
+    """The batch is split over the workers and their gradients all-reduced: the step is the whole batch's."""
+    samples = session.sample(["digit 5:", "digit 6:", "digit 8:"], num_samples=2, max_tokens=5, seed=9).result()["samples"]
+    rows = _rows(samples, [1.0, -1.0, 0.3, -0.3, 2.0, 0.0])
+    after = []
+    for workers in (1, 2):
+        with alice.create_session(num_workers=workers, seed=0) as s:
+            s.forward_backward(rows, "grpo")
+            step = s.optim_step(learning_rate=1e-2).result()
+            after.append((step["metrics"]["grad_norm"], s.forward_backward(rows, "cross_entropy").result()["logprobs"]))
+    (norm1, lp1), (norm2, lp2) = after
+    assert norm2 == pytest.approx(norm1, rel=1e-4)
+    for a, b in zip(lp1, lp2, strict=True):
+        assert b == pytest.approx(a, abs=1e-4)
+
+
+def test_a_session_is_closed_when_its_cost_reaches_its_budget(alice):
+    s = alice.create_session(max_budget_usd="0.000001")  # 2 CPUs at $0.05/h: crossed within a second
+    with pytest.raises(sdk.BudgetExceeded, match="reached its budget"):
+        s.sample(["digit 1:"]).result()
+    info = s.info()
+    assert info["status"] == "budget_exceeded" and float(info["cost_usd"]) >= 0.000001
+    with pytest.raises(sdk.ValidationFailed, match="budget_exceeded"):
+        s.sample(["digit 1:"]).result()
+
+
+def test_a_deployed_session_answers_the_openai_client_with_its_newest_weights(alice, bob, session):
+    """models.deploy(session_id=...): agent frameworks roll out against the session by base_url, and each
+    optimizer step is what the next request is answered with."""
+    import openai
+
+    with pytest.raises(sdk.NotFound):
+        bob.deploy("bobs", session_id=session.id)
+    alice.deploy("live", session_id=session.id)
+    _wait(lambda: alice.deployments(name="live").deployments[0].status == "running", what="the deployment")
+    oa = openai.OpenAI(base_url=alice.policy_url("live"), api_key="-", max_retries=0)
+
+    def greedy() -> tuple[str, str]:
+        served = oa.completions.create(model="live", prompt="digit 6:", max_tokens=6, temperature=0).choices[0].text
+        own = session.sample(["digit 6:"], max_tokens=6, temperature=0).result()["samples"][0]["text"]
+        return served, own
+
+    served, own = greedy()
+    assert served == own
+    # a few large steps towards one completion: the session's greedy text changes, and so does the served one
+    samples = session.sample(["digit 6:"], num_samples=1, max_tokens=6, temperature=0).result()["samples"]
+    target = dict(samples[0], tokens=[54] * 6, logprobs=[0.0] * 6)  # "666666"
+    for _ in range(5):
+        session.forward_backward(_rows([target], [1.0]), "cross_entropy")
+        step = session.optim_step(learning_rate=1e-2)
+    step.result()  # the server's own order covers the session's calls; an outside client waits for the step
+    served2, own2 = greedy()
+    assert own2 != own and served2 == own2
+    info = {m.id: m.model_extra for m in oa.models.list().data}["live"]
+    assert info["session_id"] == session.id and info["weights_generation"] == session.info()["steps"]
+    alice.undeploy("live")
