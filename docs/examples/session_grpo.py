@@ -35,7 +35,7 @@ def train(client: Client, *, steps: int = 400, prompts_per_step: int = 16, group
                 group = samples[i * group_size:(i + 1) * group_size]
                 scores = [reward(s["text"], digit) for s in group]
                 mean, std = statistics.fmean(scores), statistics.pstdev(scores)
-                for s, r in zip(group, scores):
+                for s, r in zip(group, scores, strict=True):
                     prompt = s["prompt_tokens"]
                     rows.append({
                         "tokens": prompt + s["tokens"],
