@@ -151,44 +151,48 @@ def trl_child(args: argparse.Namespace) -> None:
         trainer.train()
 
 
-def api_side(seed: int, model_dir: Path, out: Path, args: argparse.Namespace,
-             env: dict[str, str]) -> tuple[list[tuple[int, float, float]], float]:
-    """The same run through the job API as an operator runs it: `python -m app.api.serve` (embedded database,
-    local Ray; its start-up is not timed: the service is up before a user submits), then `training.start_grpo`
-    with the SDK. Timed from the request: the job's metrics.jsonl rows as they appear. The API is stopped after."""
+def start_api(home: Path, model_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str, str]:
+    """`python -m app.api.serve` (embedded database, its own local Ray) on a free port, waited for until ready;
+    -> (process, URL, an admin token). The caller terminates the process."""
     import socket
 
-    from app.client.sdk import Client
+    import httpx
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    home = out / f"api-{seed}"
     env = {**env, "RAYGRPO_HOME": str(home), "RAYGRPO_MODEL_ROOTS": str(model_dir.parent),
            "RAYGRPO_API_PORT": str(port)}
     home.mkdir(parents=True, exist_ok=True)
     with open(home / "api.log", "w") as log:
         api = subprocess.Popen([sys.executable, "-m", "app.api.serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 300
-        while True:
-            if api.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"api: the job API did not start; see {home / 'api.log'}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    pass
-                import httpx
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        if api.poll() is not None or time.time() > deadline:
+            api.terminate()
+            raise SystemExit(f"the job API did not start; see {home / 'api.log'}")
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
+                break
+        except Exception:  # noqa: BLE001 - not listening or not ready yet
+            pass
+        time.sleep(0.5)
+    token = subprocess.run([sys.executable, "-m", "app.api.auth", "token"], env=env, check=True,
+                           capture_output=True, text=True).stdout.strip()
+    return api, url, token
 
-                if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
-                    break
-            except OSError:
-                pass
-            except Exception:  # noqa: BLE001 - not ready yet (httpx errors)
-                pass
-            time.sleep(0.5)
-        token = subprocess.run([sys.executable, "-m", "app.api.auth", "token"], env=env, check=True,
-                               capture_output=True, text=True).stdout.strip()
+
+def api_side(seed: int, model_dir: Path, out: Path, args: argparse.Namespace,
+             env: dict[str, str]) -> tuple[list[tuple[int, float, float]], float]:
+    """The same run through the job API as an operator runs it: `python -m app.api.serve` (embedded database,
+    local Ray; its start-up is not timed: the service is up before a user submits), then `training.start_grpo`
+    with the SDK. Timed from the request: the job's metrics.jsonl rows as they appear. The API is stopped after."""
+    from app.client.sdk import Client
+
+    home = out / f"api-{seed}"
+    api, url, token = start_api(home, model_dir, env)
+    try:
         from grpo.tasks import load_dataset
 
         data = load_dataset("digit", eval_size=0, seed=seed)

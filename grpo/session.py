@@ -460,6 +460,13 @@ class SessionHost:
             raise RuntimeError(f"session is {self.state}" + (f": {self.error}" if self.error else ""))
 
     # ---- primitives ----------------------------------------------------------------------------------
+    def call(self, method: str, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        """A primitive and the session's status after it, in one round trip (what the API stores)."""
+        if method not in ("forward_backward", "optim_step", "sample", "save_state", "load_state", "save_weights"):
+            raise SessionInputError("method", f"{method!r} is not a primitive")
+        out = getattr(self, method)(*args, **kwargs)
+        return out, self.status()
+
     def forward_backward(self, data: list[dict[str, Any]], loss_fn: str, loss_config: dict[str, Any] | None = None,
                          seq: int | None = None) -> dict[str, Any]:
         import ray

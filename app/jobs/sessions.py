@@ -185,29 +185,41 @@ def _live(host: Any) -> dict[str, Any] | None:
         return None
 
 
-def _open(ctx: Context, session_id: str) -> tuple[Any, TrainingSession]:
-    """The host of an active session the caller owns, or a clear error."""
+_HOSTS: dict[str, Any] = {}
+"""session id -> its host actor's handle, looked up once per replica (a lookup is a round trip to the GCS)"""
+
+
+def _host(session_id: str) -> Any | None:
     from grpo.session import get_host
 
+    host = _HOSTS.get(session_id)
+    if host is None:
+        host = get_host(session_id)
+        if host is not None:
+            _HOSTS[session_id] = host
+    return host
+
+
+def _ended(ctx: Context, session_id: str, row: TrainingSession) -> RPCError:
+    _HOSTS.pop(session_id, None)
+    return RPCError(VALIDATION_FAILED, f"session {session_id} is {row.status}" + (f" ({row.error})" if row.error else ""),
+                    {"field": "session_id"})
+
+
+def _open(ctx: Context, session_id: str) -> Any:
+    """The host of a live session the caller owns (one database read), or a clear error."""
     with db.session_scope(ctx.engine) as s:
         row = _row(s, session_id)
-        final, status, error = row.status in FINAL, row.status, row.error
         over = row.budget_usd is not None and row.cost_usd >= row.budget_usd
     _ray()
-    if final:
-        raise RPCError(VALIDATION_FAILED, f"session {session_id} is {status}" + (f" ({error})" if error else ""),
-                       {"field": "session_id"})
-    host = get_host(session_id)
-    row = _sync(ctx, session_id, _live(host))
     if row.status in FINAL:
-        raise RPCError(VALIDATION_FAILED, f"session {session_id} is {row.status}" + (f" ({row.error})" if row.error else ""),
-                       {"field": "session_id"})
+        raise _ended(ctx, session_id, row)
+    host = _host(session_id)
+    if host is None:
+        raise _ended(ctx, session_id, _sync(ctx, session_id, None))
     if over:
         _end_over_budget(ctx, host, session_id)
-    if row.status != "active":
-        raise RPCError(VALIDATION_FAILED, f"session {session_id} is {row.status}, not active yet"
-                       + (f": {row.error}" if row.error else "") + "; poll sessions.get", {"field": "session_id"})
-    return host, row
+    return host
 
 
 def _end_over_budget(ctx: Context, host: Any, session_id: str) -> None:
@@ -216,48 +228,61 @@ def _end_over_budget(ctx: Context, host: Any, session_id: str) -> None:
     row = _sync(ctx, session_id, live)
     with db.session_scope(ctx.engine) as s:
         s.get(TrainingSession, session_id).status = "budget_exceeded"
+    _HOSTS.pop(session_id, None)
     raise RPCError(BUDGET_EXCEEDED, f"session {session_id} reached its budget: cost ${row.cost_usd} of "
                    f"${row.budget_usd}; it is closed", {"field": "max_budget_usd"})
 
 
-def _skip(session_id: str, seq: int | None) -> None:
-    """A numbered call refused here never reaches the host: tell it, or the calls after it wait for it."""
+def _skip(ctx: Context, session_id: str, seq: int | None) -> None:
+    """A numbered call refused here never reaches the host: tell it, or the calls after it wait for it (only
+    for the session's owner: nobody else may move another's sequence)."""
     import ray
-
-    from grpo.session import get_host
 
     if seq is None or not ray.is_initialized():
         return
-    host = get_host(session_id)
+    with db.session_scope(ctx.engine) as s:
+        row = s.get(TrainingSession, session_id)
+        if row is None or not current_principal().owns(row.owner):
+            return
+    host = _host(session_id)
     if host is not None:
         try:
-            _ray().get(host.skip.remote(seq), timeout=30)
-        except Exception:
+            ray.get(host.skip.remote(seq), timeout=30)
+        except Exception:  # the host is gone: nothing waits on it
             pass
 
 
 def _call(ctx: Context, session_id: str, method: str, *args: Any, check: Any = None, **kwargs: Any) -> Any:
-    """One primitive on the session's host; input errors name their field, the host's state follows.
-    `check` runs first (input the schema lets through); whatever refuses the call here frees its `seq`."""
+    """One primitive on the session's host: one database read, one actor call (the host answers with its
+    state as well), one database write. Input errors name their field; `check` runs first (input the schema
+    lets through); whatever refuses the call here frees its `seq`."""
+    from ray.exceptions import RayActorError
+
     from grpo.session import SessionInputError
 
     try:
         if check is not None:
             check()
-        host, row = _open(ctx, session_id)
+        host = _open(ctx, session_id)
     except Exception:
-        _skip(session_id, kwargs.get("seq"))
+        _skip(ctx, session_id, kwargs.get("seq"))
         raise
     ray = _ray()
     try:
-        out = ray.get(getattr(host, method).remote(*args, **kwargs), timeout=CALL_TIMEOUT_S)
+        out, live = ray.get(host.call.remote(method, *args, **kwargs), timeout=CALL_TIMEOUT_S)
     except SessionInputError as e:
         raise RPCError(VALIDATION_FAILED, str(e), {"field": e.field}) from None
+    except RayActorError:  # the host died (or left after its idle timeout) between the lookup and the call
+        raise _ended(ctx, session_id, _sync(ctx, session_id, None)) from None
     except RuntimeError as e:
-        if "session is" in str(e):
-            raise RPCError(VALIDATION_FAILED, str(e).splitlines()[-1], {"field": "session_id"}) from None
-        raise
-    row = _sync(ctx, session_id, _live(host), used=True)
+        if "session is" not in str(e):
+            raise
+        row = _sync(ctx, session_id, _live(host))
+        if row.status in FINAL:
+            raise _ended(ctx, session_id, row) from None
+        raise RPCError(VALIDATION_FAILED, f"session {session_id} is {row.status}, not active yet"
+                       + (f": {row.error}" if row.error else "") + "; poll sessions.get", {"field": "session_id"}) from None
+    row = _sync(ctx, session_id, live, used=True)
     if row.budget_usd is not None and row.cost_usd >= row.budget_usd:
         _end_over_budget(ctx, host, session_id)
     return out
@@ -325,14 +350,15 @@ def create(p: CreateParams, ctx: Context) -> dict[str, Any]:
 @registry.method("sessions.get", params=SessionParams, permission="training:view", errors=(NOT_FOUND,),
                  summary="A session's state (starting, waiting, active, closed, expired, failed), steps and cost")
 def get(p: SessionParams, ctx: Context) -> dict[str, Any]:
-    from grpo.session import get_host
 
     with db.session_scope(ctx.engine) as s:
         row = _row(s, p.session_id)
         final = row.status in FINAL
     if final:
         return _describe(row)
-    live = _live(get_host(p.session_id))
+    live = _live(_host(p.session_id))
+    if live is None:
+        _HOSTS.pop(p.session_id, None)
     return _describe(_sync(ctx, p.session_id, live), live)
 
 
@@ -353,15 +379,18 @@ def list_sessions(p: ListParams, ctx: Context) -> dict[str, Any]:
 @registry.method("sessions.close", params=SessionParams, mutates=True, permission="training:start",
                  errors=(NOT_FOUND,), summary="Free a session's resources now")
 def close(p: SessionParams, ctx: Context) -> dict[str, Any]:
-    from grpo.session import get_host
 
     with db.session_scope(ctx.engine) as s:
         row = _row(s, p.session_id)
         if row.status in FINAL:
             return _describe(row)
     ray = _ray()
-    host = get_host(p.session_id)
-    live = ray.get(host.close.remote(), timeout=120) if host is not None else None
+    host = _host(p.session_id)
+    try:
+        live = ray.get(host.close.remote(), timeout=120) if host is not None else None
+    except Exception:  # already gone
+        live = None
+    _HOSTS.pop(p.session_id, None)
     row = _sync(ctx, p.session_id, live)
     if host is not None:
         ray.kill(host)
