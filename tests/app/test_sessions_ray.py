@@ -295,3 +295,26 @@ def test_a_deployed_session_answers_the_openai_client_with_its_newest_weights(al
     info = {m.id: m.model_extra for m in oa.models.list().data}["live"]
     assert info["session_id"] == session.id and info["weights_generation"] == session.info()["steps"]
     alice.undeploy("live")
+
+
+def test_a_lora_session_trains_the_adapter_and_saves_a_peft_directory(alice, tiny_model_dir):
+    """Only the adapter trains and reaches the sampler; save_weights writes what PeftModel loads."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with alice.create_session(lora_rank=8, lora_target_modules=["q_proj", "v_proj", "lm_head"]) as s:
+        assert s.info()["lora"]["r"] == 8
+        before = s.sample(["digit 6:"], max_tokens=6, temperature=0).result()["samples"][0]
+        target = dict(before, tokens=[54] * 6, logprobs=[0.0] * 6)
+        for _ in range(4):
+            s.forward_backward(_rows([target], [1.0]), "cross_entropy")
+            s.optim_step(learning_rate=5e-2)
+        after = s.sample(["digit 6:"], max_tokens=6, temperature=0).result()
+        assert after["weights_version"] == 4 and after["samples"][0]["tokens"] != before["tokens"]
+        path = s.save_weights("adapter").result()["path"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), path).eval()
+    ids = torch.tensor([after["samples"][0]["prompt_tokens"]])
+    with torch.no_grad():
+        greedy = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert greedy == after["samples"][0]["tokens"]  # the saved adapter is the one the sampler used
