@@ -172,7 +172,12 @@ def _sync(ctx: Context, session_id: str, live: dict[str, Any] | None, *, used: b
         s.add(row)
         s.flush()
         s.refresh(row)
-        return row
+    if live is not None and row.status in FINAL:  # its final state is stored: the host (a process) may go
+        host = _HOSTS.pop(session_id, None) or _host(session_id)
+        if host is not None:
+            _ray().kill(host)
+            _HOSTS.pop(session_id, None)
+    return row
 
 
 def _live(host: Any) -> dict[str, Any] | None:

@@ -41,6 +41,7 @@ def stack(ray_session, tmp_path_factory, tiny_model_dir):
     url = start(port=_free_port(), env=env)
     settings = Settings(home=home)
     tokens = {name: mint_token(settings, f"{name}-user", "researcher") for name in ("alice", "bob")}
+    tokens["admin"] = mint_token(settings, "admin-user", "admin")
     yield url, tokens, home
     serve.shutdown()
     deadline = time.time() + 30
@@ -318,3 +319,12 @@ def test_a_lora_session_trains_the_adapter_and_saves_a_peft_directory(alice, tin
     with torch.no_grad():
         greedy = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:].tolist()
     assert greedy == after["samples"][0]["tokens"]  # the saved adapter is the one the sampler used
+
+
+def test_session_calls_are_audited_and_admins_see_every_session(stack, alice, session):
+    url, tokens, _ = stack
+    with sdk.Client(url, token=tokens["admin"]) as admin:
+        entries = admin.audit_query(principal="alice-user", method="sessions.optim_step")
+        assert entries["entries"] and all(e["outcome"] == "ok" for e in entries["entries"][:3])
+        assert session.id in [x["session_id"] for x in admin.call("sessions.list")["sessions"]]
+        assert admin.call("sessions.get", session_id=session.id)["owner"] == "alice-user"
