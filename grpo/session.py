@@ -311,6 +311,7 @@ class SessionHost:
         self.train_lock = threading.Lock()
         self.sample_lock = threading.Lock()
         self.last_used = time.monotonic()
+        self.in_flight = 0  # primitives running or waiting their turn: never idle while there are any
         self.held_since: float | None = None
         self.limits: Limits | None = None
         threading.Thread(target=self._start, name="session-start", daemon=True).start()
@@ -379,7 +380,7 @@ class SessionHost:
         idle = float(self.spec.get("idle_timeout_s", 600))
         while self.state not in ("closed", "expired", "failed"):
             time.sleep(min(1.0, idle / 4))
-            if self.state == "active" and time.monotonic() - self.last_used > idle:
+            if self.state == "active" and not self.in_flight and time.monotonic() - self.last_used > idle:
                 self.error = f"idle for more than {idle:g} s"
                 self._free("expired")
         time.sleep(float(self.spec.get("linger_s", 600)))
@@ -464,7 +465,20 @@ class SessionHost:
         """A primitive and the session's status after it, in one round trip (what the API stores)."""
         if method not in ("forward_backward", "optim_step", "sample", "save_state", "load_state", "save_weights"):
             raise SessionInputError("method", f"{method!r} is not a primitive")
-        out = getattr(self, method)(*args, **kwargs)
+        from ray.exceptions import RayActorError
+
+        with self.seq_cv:
+            self.in_flight += 1
+        try:
+            out = getattr(self, method)(*args, **kwargs)
+        except RayActorError as e:  # a worker or the sampler died (out of memory, a lost node): the session is over
+            self.error = f"a worker of the session died: {str(e).splitlines()[0][:300]}"
+            self._free("failed")
+            raise RuntimeError(f"session is failed: {self.error}") from None
+        finally:
+            with self.seq_cv:
+                self.in_flight -= 1
+                self.last_used = time.monotonic()
         return out, self.status()
 
     def forward_backward(self, data: list[dict[str, Any]], loss_fn: str, loss_config: dict[str, Any] | None = None,

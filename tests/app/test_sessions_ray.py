@@ -328,3 +328,26 @@ def test_session_calls_are_audited_and_admins_see_every_session(stack, alice, se
         assert entries["entries"] and all(e["outcome"] == "ok" for e in entries["entries"][:3])
         assert session.id in [x["session_id"] for x in admin.call("sessions.list")["sessions"]]
         assert admin.call("sessions.get", session_id=session.id)["owner"] == "alice-user"
+
+
+def test_a_session_whose_worker_dies_fails_with_the_reason_and_frees_the_rest(alice):
+    import os
+    import signal
+
+    from ray.util import placement_group_table
+    from ray.util.state import list_actors
+
+    from grpo.session import host_name
+
+    s = alice.create_session()
+    (pg,) = [p for p in placement_group_table().values() if p["name"] == host_name(s.id) and p["state"] == "CREATED"]
+    (worker,) = [a for a in list_actors(filters=[("class_name", "=", "SessionWorker"), ("state", "=", "ALIVE")])
+                 if a.placement_group_id == pg["placement_group_id"]]
+    os.kill(worker.pid, signal.SIGKILL)  # what an out-of-memory kill does
+    with pytest.raises(sdk.ValidationFailed, match="is failed") as info:
+        s.forward_backward([{"tokens": [1, 2, 3]}], "cross_entropy").result()
+    assert "worker of the session died" in str(info.value)
+    got = s.info()
+    assert got["status"] == "failed" and "died" in got["error"]
+    _wait(lambda: all(p["state"] == "REMOVED" for p in placement_group_table().values()
+                      if p["name"] == host_name(s.id)), what="its placement group to go")
