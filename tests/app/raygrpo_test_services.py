@@ -61,3 +61,36 @@ def bearer(settings, subject: str = "alice", role: str = "admin", **kw) -> dict[
     from app.api.auth import mint_token
 
     return {"Authorization": f"Bearer {mint_token(settings, subject, role, **kw)}"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_stack(home, model_dir: str, **env: str) -> Iterator[str]:
+    """The job API on Ray Serve in the test session's Ray (SQLite under `home`, no Redis, no job started
+    unless RAYGRPO_MAX_RUNNING_JOBS says so); yields its URL; Serve and the dispatcher go after."""
+    import time
+
+    import ray
+    from ray import serve
+
+    from app.api.serve import start
+    from app.jobs.dispatcher import ACTOR_NAME, NAMESPACE
+
+    env = {"RAYGRPO_HOME": str(home), "DATABASE_URL": f"sqlite:///{home / 'raygrpo.db'}", "REDIS_URL": "",
+           "RAYGRPO_DEFAULT_MODEL": model_dir, "RAYGRPO_MAX_RUNNING_JOBS": "0", **env}
+    yield start(port=free_port(), env=env)
+    serve.shutdown()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            ray.kill(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE))
+        except ValueError:
+            break
+        time.sleep(0.5)

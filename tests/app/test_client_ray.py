@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 
 import httpx
 import pydantic
 import pytest
+from raygrpo_test_services import free_port, serve_stack
 
 from app.client import sdk
 
@@ -24,39 +24,16 @@ pytestmark = [pytest.mark.ray]
 ROWS = [{"query": f"digit {d}:", "expected_outcome": str(d)} for d in range(10)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def stack(ray_session, tmp_path_factory, tiny_model_dir):
-    import ray
-    from ray import serve
-
     from app.api.auth import mint_token
-    from app.api.serve import start
-    from app.jobs.dispatcher import ACTOR_NAME, NAMESPACE
     from app.settings import Settings
 
     home = tmp_path_factory.mktemp("sdk-home")
-    env = {"RAYGRPO_HOME": str(home), "DATABASE_URL": f"sqlite:///{home / 'raygrpo.db'}", "REDIS_URL": "",
-           "RAYGRPO_DEFAULT_MODEL": tiny_model_dir, "RAYGRPO_MAX_RUNNING_JOBS": "0",
-           "RAYGRPO_RATE_LIMITS": "auth.whoami=3", "RAYGRPO_CANCEL_WAIT_S": "1",
-           "RAYGRPO_DEPLOYMENT_RECONCILE_S": "2"}
-    url = start(port=_free_port(), env=env)
-    settings = Settings(home=home)
-    tokens = {role: mint_token(settings, f"{role}-user", role) for role in ("admin", "viewer", "researcher")}
-    yield url, tokens
-    serve.shutdown()
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            ray.kill(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE))
-        except ValueError:
-            break
-        time.sleep(0.5)
+    with serve_stack(home, tiny_model_dir, RAYGRPO_RATE_LIMITS="auth.whoami=3", RAYGRPO_CANCEL_WAIT_S="1",
+                     RAYGRPO_DEPLOYMENT_RECONCILE_S="2") as url:
+        settings = Settings(home=home)
+        yield url, {role: mint_token(settings, f"{role}-user", role) for role in ("admin", "viewer", "researcher")}
 
 
 @pytest.fixture
@@ -162,7 +139,7 @@ def test_async_client_same_methods_same_errors(stack):
 
 
 def test_connection_errors_are_retried_and_reported(monkeypatch):
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     c = sdk.Client(f"http://127.0.0.1:{port}", retries=2, backoff_s=0.01)
     sleeps: list[float] = []
     monkeypatch.setattr(sdk.time, "sleep", sleeps.append)

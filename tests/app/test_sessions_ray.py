@@ -5,12 +5,12 @@ the resources, another user cannot touch a session, bad input gets a clear JSON-
 from __future__ import annotations
 
 import importlib.util
-import socket
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from raygrpo_test_services import serve_stack
 
 from app.client import sdk
 
@@ -18,39 +18,17 @@ pytestmark = [pytest.mark.ray]
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "session_grpo.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def stack(ray_session, tmp_path_factory, tiny_model_dir):
-    import ray
-    from ray import serve
-
     from app.api.auth import mint_token
-    from app.api.serve import start
-    from app.jobs.dispatcher import ACTOR_NAME, NAMESPACE
     from app.settings import Settings
 
     home = tmp_path_factory.mktemp("sessions-home")
-    env = {"RAYGRPO_HOME": str(home), "DATABASE_URL": f"sqlite:///{home / 'raygrpo.db'}", "REDIS_URL": "",
-           "RAYGRPO_DEFAULT_MODEL": tiny_model_dir, "RAYGRPO_MAX_RUNNING_JOBS": "0",
-           "RAYGRPO_RATE_LIMITS": "default=0"}
-    url = start(port=_free_port(), env=env)
-    settings = Settings(home=home)
-    tokens = {name: mint_token(settings, f"{name}-user", "researcher") for name in ("alice", "bob")}
-    tokens["admin"] = mint_token(settings, "admin-user", "admin")
-    yield url, tokens, home
-    serve.shutdown()
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            ray.kill(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE))
-        except ValueError:
-            break
-        time.sleep(0.5)
+    with serve_stack(home, tiny_model_dir, RAYGRPO_RATE_LIMITS="default=0") as url:
+        settings = Settings(home=home)
+        tokens = {name: mint_token(settings, f"{name}-user", "researcher") for name in ("alice", "bob")}
+        tokens["admin"] = mint_token(settings, "admin-user", "admin")
+        yield url, tokens, home
 
 
 @pytest.fixture(scope="module")
