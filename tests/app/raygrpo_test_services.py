@@ -86,6 +86,7 @@ def serve_stack(home, model_dir: str, **env: str) -> Iterator[str]:
     env = {"RAYGRPO_HOME": str(home), "DATABASE_URL": f"sqlite:///{home / 'raygrpo.db'}", "REDIS_URL": "",
            "RAYGRPO_DEFAULT_MODEL": model_dir, "RAYGRPO_MAX_RUNNING_JOBS": "0", **env}
     yield start(port=free_port(), env=env)
+    stop_ray_jobs()
     serve.shutdown()
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -93,4 +94,21 @@ def serve_stack(home, model_dir: str, **env: str) -> Iterator[str]:
             ray.kill(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE))
         except ValueError:
             break
+        time.sleep(0.5)
+
+
+def stop_ray_jobs(timeout_s: float = 60.0) -> None:
+    """Stop every Ray Job of the test session's cluster that is still going (a run a test left queued or
+    running): the next module must find the cluster's CPUs free."""
+    import time
+
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(os.environ["RAYGRPO_TEST_DASHBOARD_URL"])
+    live = [j.submission_id for j in client.list_jobs() if j.submission_id and not j.status.is_terminal()]
+    for sid in live:
+        client.stop_job(sid)
+    deadline = time.time() + timeout_s
+    while live and time.time() < deadline:
+        live = [sid for sid in live if not client.get_job_status(sid).is_terminal()]
         time.sleep(0.5)

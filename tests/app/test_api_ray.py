@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from raygrpo_test_services import bearer
+from raygrpo_test_services import bearer, stop_ray_jobs
 
 from app.settings import DEFAULT_RATE_LIMITS, Settings
 
@@ -77,6 +77,7 @@ def api(request, ray_session, tmp_path_factory, tiny_model_dir):
         client.settings = settings
         yield url, client, home
         client.close()
+        stop_ray_jobs()
         serve.shutdown()
         deadline = time.time() + 30
         while time.time() < deadline:  # the next module param must not find this dispatcher

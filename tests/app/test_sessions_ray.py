@@ -47,7 +47,7 @@ def bob(stack):
 
 @pytest.fixture(scope="module")
 def session(alice):
-    s = alice.create_session(idle_timeout_s=900, max_rows=8)
+    s = alice.create_session(cpus_per_worker=0.5, idle_timeout_s=900, max_rows=8)
     yield s
     s.close()
 
@@ -76,7 +76,7 @@ def test_the_docs_client_loop_trains_the_digit_task(alice):
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     lines: list[str] = []
-    out = example.train(alice, log=lines.append, idle_timeout_s=600)
+    out = example.train(alice, log=lines.append, idle_timeout_s=600, cpus_per_worker=0.5)
     assert out["reward"] >= 0.8, lines[-5:]
     info = alice.session(out["session_id"]).info()
     assert info["status"] == "closed" and info["steps"] == out["steps"] and float(info["cost_usd"]) > 0
@@ -107,7 +107,7 @@ def test_state_saved_in_one_session_continues_identically_in_another(alice, sess
     after_a = session.forward_backward(rows, "cross_entropy").result()["logprobs"]
     session.optim_step(learning_rate=1e-9).result()
 
-    with alice.create_session(max_rows=8) as other:
+    with alice.create_session(cpus_per_worker=0.5, max_rows=8) as other:
         assert other.load_state(saved["state_id"]).result()["step"] == saved["step"]
         other.forward_backward(rows, "ppo")
         other.optim_step(learning_rate=1e-3)
@@ -199,14 +199,14 @@ def test_the_idle_timeout_frees_the_sessions_resources(alice):
 
     from grpo.session import host_name
 
-    s = alice.create_session(idle_timeout_s=5)
+    s = alice.create_session(cpus_per_worker=0.5, idle_timeout_s=5)
     pg = [p for p in placement_group_table().values() if p["name"] == host_name(s.id)]
     assert pg and pg[0]["state"] == "CREATED"
     info = _wait(lambda: (i := s.info())["status"] == "expired" and i, what="the session to expire")
     assert "idle" in info["error"]
     _wait(lambda: all(p["state"] == "REMOVED" for p in placement_group_table().values()
                       if p["name"] == host_name(s.id)), what="its placement group to go")
-    assert not [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+    assert not [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
                 if a.placement_group_id == pg[0]["placement_group_id"]]
     with pytest.raises(sdk.ValidationFailed, match="expired"):
         s.sample(["digit 1:"]).result()
@@ -224,7 +224,7 @@ def test_two_workers_take_the_same_step_as_one(alice, session):
     rows = _rows(samples, [1.0, -1.0, 0.3, -0.3, 2.0, 0.0])
     after = []
     for workers in (1, 2):
-        with alice.create_session(num_workers=workers, seed=0) as s:
+        with alice.create_session(cpus_per_worker=0.5, num_workers=workers, seed=0) as s:
             s.forward_backward(rows, "grpo")
             step = s.optim_step(learning_rate=1e-2).result()
             after.append((step["metrics"]["grad_norm"], s.forward_backward(rows, "cross_entropy").result()["logprobs"]))
@@ -235,7 +235,7 @@ def test_two_workers_take_the_same_step_as_one(alice, session):
 
 
 def test_a_session_is_closed_when_its_cost_reaches_its_budget(alice):
-    s = alice.create_session(max_budget_usd="0.000001")  # 2 CPUs at $0.05/h: crossed within a second
+    s = alice.create_session(cpus_per_worker=0.5, max_budget_usd="0.000001")  # 1 CPU at $0.05/h: crossed in a second
     with pytest.raises(sdk.BudgetExceeded, match="reached its budget"):
         s.sample(["digit 1:"]).result()
     info = s.info()
@@ -282,7 +282,7 @@ def test_a_lora_session_trains_the_adapter_and_saves_a_peft_directory(alice, tin
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    with alice.create_session(lora_rank=8, lora_target_modules=["q_proj", "v_proj", "lm_head"]) as s:
+    with alice.create_session(cpus_per_worker=0.5, lora_rank=8, lora_target_modules=["q_proj", "v_proj", "lm_head"]) as s:
         assert s.info()["lora"]["r"] == 8
         before = s.sample(["digit 6:"], max_tokens=6, temperature=0).result()["samples"][0]
         target = dict(before, tokens=[54] * 6, logprobs=[0.0] * 6)
@@ -317,9 +317,9 @@ def test_a_session_whose_worker_dies_fails_with_the_reason_and_frees_the_rest(al
 
     from grpo.session import host_name
 
-    s = alice.create_session()
+    s = alice.create_session(cpus_per_worker=0.5)
     (pg,) = [p for p in placement_group_table().values() if p["name"] == host_name(s.id) and p["state"] == "CREATED"]
-    (worker,) = [a for a in list_actors(filters=[("class_name", "=", "SessionWorker"), ("state", "=", "ALIVE")])
+    (worker,) = [a for a in list_actors(filters=[("class_name", "=", "SessionWorker"), ("state", "=", "ALIVE")], detail=True)
                  if a.placement_group_id == pg["placement_group_id"]]
     os.kill(worker.pid, signal.SIGKILL)  # what an out-of-memory kill does
     with pytest.raises(sdk.ValidationFailed, match="is failed") as info:
