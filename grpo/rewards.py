@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from grpo.sandbox import run_python
+from grpo.sandbox import SandboxUnavailable, run_python
 
 RewardFn = Callable[[str, str, str], float]
 """(prompt, completion, expected) -> reward"""
@@ -294,10 +294,11 @@ MAX_SOURCE_CHARS = 64 * 1024
 """longest reward source a config may carry"""
 
 # main.py of a sandboxed scoring run: loads reward.py (the user's source) without importing it into any
-# worker, scores items.json with a per-item alarm, and writes the outcomes to result.json (its stdout is
-# the user's to print to). The run is one process per batch, killed at the batch's wall-clock bound.
+# worker, scores items.json with a per-item alarm, and writes one JSON line per outcome to the results
+# channel (fd 3; its stdout is the user's to print to). The run is one process per batch, killed at the
+# batch's wall-clock bound; what it wrote before that still counts.
 _HARNESS = r"""
-import json, math, signal, sys
+import json, math, os, signal, sys
 
 class _ItemTimeout(BaseException):
     pass
@@ -306,10 +307,8 @@ def _alarm(signum, frame):
     raise _ItemTimeout()
 
 def _write(outcome):
-    with open("result.json", "w") as f:
-        json.dump(outcome, f)
+    os.write(3, (json.dumps(outcome) + "\n").encode())
 
-limit = float(sys.argv[1]) if len(sys.argv) > 1 else TIMEOUT
 namespace = {"__name__": "reward_source"}
 try:
     exec(compile(open("reward.py").read(), "reward.py", "exec"), namespace)
@@ -321,42 +320,51 @@ if not callable(fn):
     _write({"load_error": "the source defines no function reward(prompt, completion, expected)"})
     sys.exit(0)
 signal.signal(signal.SIGALRM, _alarm)
-results = []
 for prompt, completion, expected in json.load(open("items.json")):
     signal.setitimer(signal.ITIMER_REAL, TIMEOUT)
     try:
         value = fn(prompt, completion, expected)
         signal.setitimer(signal.ITIMER_REAL, 0)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            results.append(["error", f"TypeError: returned {type(value).__name__}, not a number"])
+            _write(["error", f"TypeError: returned {type(value).__name__}, not a number"])
         elif not math.isfinite(float(value)):
-            results.append(["error", f"ValueError: returned {value!r}, not a finite number"])
+            _write(["error", f"ValueError: returned {value!r}, not a finite number"])
         else:
-            results.append(["ok", float(value)])
+            _write(["ok", float(value)])
     except _ItemTimeout:
-        results.append(["timeout", None])
+        _write(["timeout", None])
     except BaseException as e:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        results.append(["error", f"{type(e).__name__}: {e}"[:300]])
-    _write({"results": results})  # after each item: a batch killed later keeps what it scored
-_write({"results": results, "done": True})
+        _write(["error", f"{type(e).__name__}: {e}"[:300]])
 """
+
+
+def compile_untrusted(source: str) -> None:
+    """RewardError unless `source` (a caller's reward) is within the size limit and compiles. Compiling runs
+    nothing of it; this is all the API does with caller code before a sandbox scores the probe."""
+    if not source.strip():
+        raise RewardError("reward_source: empty")
+    if len(source) > MAX_SOURCE_CHARS:
+        raise RewardError(f"reward_source: {len(source)} characters, more than {MAX_SOURCE_CHARS}")
+    try:
+        compile(source, "reward.py", "exec", dont_inherit=True)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:  # ValueError: a NUL byte
+        where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
+        raise RewardError(f"reward_source: {type(e).__name__}: {getattr(e, 'msg', None) or e}{where}") from None
 
 
 class SandboxedReward:
     """A reward given as Python source that defines `reward(prompt, completion, expected) -> float`.
 
-    The source never runs in a worker: each batch is scored by one process in grpo/sandbox.py (its own
-    mount and network namespace where the machine allows, rlimits, an empty folder as its only writable
-    place), each item under `timeout_s` (an alarm), the whole batch under n x timeout_s + 5 s of wall
-    clock, after which the process group is killed. Items it did not score count as timeouts.
+    The source never runs in a worker: each batch is scored by one bubblewrap sandbox run (grpo/sandbox.py:
+    every namespace its own, a throwaway uid, only the Python runtime visible, rlimits), each item under
+    `timeout_s` (an alarm), the whole batch under n x timeout_s + 5 s of wall clock, after which the
+    sandbox is killed. Items it did not score count as timeouts. Where the sandbox cannot start, every
+    call raises RewardError saying why: the source is refused, never run with less isolation.
     """
 
     def __init__(self, source: str, *, timeout_s: float = 10.0, memory_mb: int = 512):
-        if not source.strip():
-            raise RewardError("reward_source: empty")
-        if len(source) > MAX_SOURCE_CHARS:
-            raise RewardError(f"reward_source: {len(source)} characters, more than {MAX_SOURCE_CHARS}")
+        compile_untrusted(source)
         self.source, self.timeout_s, self.memory_mb = source, timeout_s, memory_mb
 
     def score_batch(self, items: list[tuple[str, str, str]]) -> ScoreResult:
@@ -364,17 +372,22 @@ class SandboxedReward:
 
         if not items:
             return ScoreResult(rewards=[], errors=0, timeouts=0, messages=[])
-        run = run_python(_HARNESS.replace("TIMEOUT", repr(float(self.timeout_s))),
-                         timeout_s=len(items) * self.timeout_s + 5.0, memory_mb=self.memory_mb,
-                         files={"reward.py": self.source, "items.json": json.dumps([list(i) for i in items])},
-                         read_back="result.json")
         try:
-            outcome = json.loads(run.file) if run.file else {}
-        except ValueError:
-            outcome = {}
-        if "load_error" in outcome:
-            raise RewardError(f"reward_source: {outcome['load_error']}")
-        results = outcome.get("results") if isinstance(outcome.get("results"), list) else []
+            run = run_python(_HARNESS.replace("TIMEOUT", repr(float(self.timeout_s))),
+                             timeout_s=len(items) * self.timeout_s + 5.0, memory_mb=self.memory_mb,
+                             files={"reward.py": self.source, "items.json": json.dumps([list(i) for i in items])},
+                             results=True)
+        except SandboxUnavailable as e:  # fail closed: the source is refused, never run with less isolation
+            raise RewardError(f"reward_source: refused: {e}") from None
+        results: list = []
+        for line in (run.results or "").splitlines():
+            try:
+                outcome = json.loads(line)
+            except ValueError:
+                break  # a line cut by the kill (or garbage the source wrote): what came before stands
+            if isinstance(outcome, dict) and "load_error" in outcome:
+                raise RewardError(f"reward_source: {outcome['load_error']}")
+            results.append(outcome)
         rewards: list[float] = []
         errors = timeouts = 0
         messages: list[str] = []
@@ -400,9 +413,9 @@ class SandboxedReward:
         """RewardError unless the source loads and scores the probe with a finite number."""
         result = self.score_batch([PROBE])
         if result.timeouts:
-            raise RewardError(f"reward_source did not return within {self.timeout_s}s on the probe {PROBE}")
+            raise RewardError(f"reward_source: did not return within {self.timeout_s}s on the probe {PROBE}")
         if result.errors:
-            raise RewardError(f"reward_source failed on the probe {PROBE}: {result.messages[0]}")
+            raise RewardError(f"reward_source: failed on the probe {PROBE}: {result.messages[0]}")
 
     def __call__(self, prompt: str, completion: str, expected: str) -> float:
         """One item (evaluation); failures score 0.0, as in training."""

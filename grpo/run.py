@@ -83,6 +83,18 @@ def preflight(cfg: GRPOConfig) -> None:
         dataset = cfg.load_dataset()
     except (ValueError, OSError) as e:
         raise ConfigError(f"task: {e}") from None
+    # User code (a reward given as source, the `code` reward over completions, the `python` tool) runs only
+    # in the bubblewrap sandbox: where it cannot start, the run is refused here, saying why.
+    uses_sandbox = {"reward_source": bool(cfg.reward_source),
+                    "reward": not cfg.reward_source and (cfg.reward or dataset.reward) == "code",
+                    "environment": cfg.environment == "python"}
+    if any(uses_sandbox.values()):
+        from grpo.sandbox import status
+
+        sandbox = status()
+        if not sandbox.available:
+            field = next(k for k, v in uses_sandbox.items() if v)
+            raise ConfigError(f"{field}: refused: this runs user code, and {sandbox.reason}")
     try:
         if cfg.reward_source:
             from grpo.rewards import SandboxedReward
@@ -91,7 +103,7 @@ def preflight(cfg: GRPOConfig) -> None:
         else:
             resolve(cfg.reward or dataset.reward)
     except RewardError as e:
-        raise ConfigError(f"reward: {e}") from None
+        raise ConfigError(str(e) if cfg.reward_source else f"reward: {e}") from None
     if cfg.environment is not None:
         from grpo.agents.episodes import AgentSettings
 

@@ -8,8 +8,10 @@ import uuid
 
 import pytest
 
-from grpo.rewards import RewardError, RewardWorker, SandboxedReward
-from grpo.sandbox import filesystem_isolated, netns_available
+from grpo import sandbox
+from grpo.rewards import RewardError, RewardWorker, SandboxedReward, compile_untrusted
+
+pytestmark = pytest.mark.usefixtures("sandbox")
 
 GOOD = """
 def reward(prompt, completion, expected):
@@ -61,11 +63,10 @@ def test_hostile_items_score_zero_are_counted_and_the_rest_still_score(tmp_path)
     res = r.score_batch(items)
     assert res.rewards == [0.0, 0.0, 0.0, 1.0, 0.5], res
     assert res.timeouts == 1 and res.errors == 2, res  # the loop; the socket and the write
-    if filesystem_isolated():
-        assert not outside.exists()
-        assert any("Read-only file system" in m for m in res.messages), res.messages
-    if netns_available():
-        assert any("unreachable" in m.lower() or "Permission" in m for m in res.messages), res.messages
+    assert not outside.exists()
+    assert any("Network is unreachable" in m or "Connection refused" in m for m in res.messages), res.messages
+    assert any("No such file or directory" in m or "Read-only" in m or "Permission" in m
+               for m in res.messages), res.messages
 
 
 def test_an_item_that_swallows_its_alarm_is_killed_with_its_process():
@@ -91,3 +92,34 @@ def test_the_worker_never_imports_the_source():
     worker = RewardWorker("exact_match", timeout_s=5, source=GOOD + f"\nimport sys\nsys.modules[{marker!r}] = 1\n")
     assert worker.score([("p", "2", "2")]).rewards == [1.0]
     assert marker not in sys.modules
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("def reward(:\n", "SyntaxError: invalid syntax \\(line 1\\)"),
+    ("x = 1\0", "null bytes"),
+    ("(" * 300 + ")" * 300, "SyntaxError|RecursionError"),
+    ("   \n", "empty"),
+    ("x = 1\n" * 20_000, "more than 65536"),
+])
+def test_the_api_only_compiles_the_source_and_refuses_what_does_not(source, message):
+    with pytest.raises(RewardError, match=message):
+        compile_untrusted(source)
+
+
+def test_compiling_runs_nothing(tmp_path):
+    marker = tmp_path / "ran"
+    compile_untrusted(f"open({str(marker)!r}, 'w').write('x')\n")
+    assert not marker.exists()
+
+
+def test_without_the_sandbox_a_source_is_refused_never_run_with_less(monkeypatch, tmp_path):
+    marker = tmp_path / "ran"
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    sandbox.status.cache_clear()
+    try:
+        with pytest.raises(RewardError, match="refused: bubblewrap is not installed"):
+            RewardWorker("exact_match", timeout_s=2, source=f"open({str(marker)!r}, 'w')\ndef reward(p, c, e):\n    return 1.0\n")
+        assert not marker.exists()
+    finally:
+        monkeypatch.undo()
+        sandbox.status.cache_clear()
