@@ -8,6 +8,11 @@ ARG RAY_TAG=2.60.0-py311-gpu
 FROM rayproject/ray:${RAY_TAG}
 
 ARG TORCH_INDEX=""
+# bubblewrap: the only place user code runs (reward source, code rewards, the python tool; grpo/sandbox.py).
+# Without it such jobs are refused, never run with less isolation.
+USER root
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap && rm -rf /var/lib/apt/lists/*
+USER ray
 WORKDIR /home/ray/raygrpo
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users app ./app
@@ -17,7 +22,9 @@ COPY --chown=ray:users kuberay/run-configs ./kuberay/run-configs
 # dependencies. A non-editable install: the copied sources stay as the job working_dir, site-packages serves imports.
 RUN if [ -n "$TORCH_INDEX" ]; then pip install --no-cache-dir --index-url "$TORCH_INDEX" torch; fi \
  && pip install --no-cache-dir ".[all]" \
- && python -c "import ray, torch, transformers, app.api.serve, grpo.run; assert ray.__version__ == '2.60.0', ray.__version__"
+ && python -c "import ray, torch, transformers, app.api.serve, grpo.run; assert ray.__version__ == '2.60.0', ray.__version__" \
+ && python -c "from grpo.sandbox import status; print('code sandbox:', status())"
 
 ENV RAYGRPO_HOME=/mnt/raygrpo \
-    RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS=0
+    RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS=0 \
+    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=app.api.proxy:middlewares

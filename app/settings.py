@@ -29,6 +29,9 @@ from pydantic_settings import (
 )
 
 PREFIX = "RAYGRPO_"
+PLACEHOLDER = "CHANGE-ME"
+"""how every value of kuberay/secrets.yaml starts: a server given one refuses to start"""
+MIN_JWT_SECRET_BYTES = 32
 
 
 class SettingsError(ValueError):
@@ -106,6 +109,9 @@ class Settings(BaseSettings):
     jwt_issuer: str = "raygrpo"
     jwt_leeway_s: int = Field(30, ge=0, le=3600)
     """clock skew tolerated on exp/iat"""
+    metrics_token: str | None = Field(None, repr=False)
+    """the scrape credential of GET /metrics (RAYGRPO_METRICS_TOKEN or the file RAYGRPO_METRICS_TOKEN_FILE), sent as
+    `Authorization: Bearer <token>`; it, or an admin's token or key, sees per-job series, anyone else the rest"""
     rate_limits: Annotated[dict[str, int], NoDecode] = {}
     """calls per minute per principal and method over the defaults; RAYGRPO_RATE_LIMITS="training.start_grpo=10,default=600" """
     dataset_storage_url: str | None = None
@@ -131,10 +137,24 @@ class Settings(BaseSettings):
         return v.expanduser().resolve()
 
     @field_validator("database_url", "redis_url", "ray_dashboard_url", "default_model", "dataset_storage_url",
-                     "webhook_secret", "jwt_secret", "jwt_public_key", mode="before")
+                     "webhook_secret", "jwt_secret", "jwt_public_key", "metrics_token", mode="before")
     @classmethod
     def _empty_is_unset(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("jwt_secret", "webhook_secret", "metrics_token", mode="after")
+    @classmethod
+    def _not_a_placeholder(cls, v: str | None, info: Any) -> str | None:
+        """Refuse the shipped placeholders (kuberay/secrets.yaml: CHANGE-ME-...) and, for the signing key, anything
+        shorter than 32 bytes: a key anyone can read or guess would let anyone mint an admin's token."""
+        if v is None:
+            return v
+        if v.startswith(PLACEHOLDER):
+            raise ValueError("is the shipped placeholder (CHANGE-ME-...); set a random key, e.g. openssl rand -hex 32")
+        if info.field_name == "jwt_secret" and len(v.encode()) < MIN_JWT_SECRET_BYTES:
+            raise ValueError(f"is {len(v.encode())} bytes; an HS256 key needs at least {MIN_JWT_SECRET_BYTES} "
+                             "(openssl rand -hex 32)")
+        return v
 
     @field_validator("webhook_urls", "allowed_rewards", "allowed_environments", "model_roots", mode="before")
     @classmethod
@@ -181,7 +201,7 @@ class Settings(BaseSettings):
 
 DEFAULT_RATE_LIMITS = {
     "training.start_grpo": 10, "training.get_status": 100, "training.cancel": 20, "training.evaluate": 5,
-    "training.export_trajectories": 10, "default": 300,
+    "training.export_trajectories": 10, "policy.generate": 600, "default": 300,
 }
 
 

@@ -6,7 +6,8 @@ Every JSON-RPC method that declares a `permission` needs an authenticated princi
 - `Authorization: Bearer <JWT>`: HS256 with `RAYGRPO_JWT_SECRET` (or the file `RAYGRPO_JWT_SECRET_FILE`
   names) or RS256 with `RAYGRPO_JWT_PUBLIC_KEY[_FILE]`; `exp`, `iat`, `aud` and `iss` are required and
   checked; `sub` is the user, `role` one of ROLES, optional `scopes` narrow the role; or
-- `X-API-Key: rg_...`: looked up by its SHA-256 in `api_keys`; revoked and expired keys are refused.
+- `X-API-Key: rg_...` (or `Authorization: Bearer rg_...`, as OpenAI clients send their api_key): looked up by
+  its SHA-256 in `api_keys`; revoked and expired keys are refused.
 
 The HTTP layer (app.api.main) authenticates the headers once per request and puts the outcome in a
 context variable; `authorize` (the Registry's guard) checks it against the called method, so a batch
@@ -135,6 +136,13 @@ def current_principal() -> Principal:
     if state is None or state.principal is None:
         raise RPCError(UNAUTHENTICATED, "unauthenticated: credentials required")
     return state.principal
+
+
+def caller_is_admin() -> bool:
+    """Whether the request being answered comes from an admin (False outside a request). Replies show server
+    file paths to admins only."""
+    state = _request.get()
+    return state is not None and state.principal is not None and state.principal.is_admin
 
 
 def authorize(method: Method) -> Principal | None:
@@ -280,6 +288,8 @@ def authenticate(settings: Settings, engine: Any, authorization: str | None, api
             scheme, _, token = authorization.strip().partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 return None, "Authorization must be 'Bearer <token>'"
+            if token.strip().startswith(API_KEY_PREFIX):  # an API key as a bearer: what OpenAI clients send
+                return verify_api_key(engine, token.strip()), None
             return verify_jwt(settings, token.strip()), None
     except ValueError as e:
         return None, str(e)

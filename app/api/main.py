@@ -45,7 +45,7 @@ from app.api.jsonrpc import (
     UNAUTHENTICATED,
     CallRecord,
 )
-from app.api.metrics import render
+from app.api.metrics import render, sees_per_job
 from app.settings import Settings, get_settings
 from grpo import logs
 
@@ -148,8 +148,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return registry.describe()
 
     @app.get("/metrics")
-    def metrics() -> Response:
-        return Response(render(ctx), media_type="text/plain; version=0.0.4; charset=utf-8")
+    def metrics(request: Request) -> Response:
+        per_job = sees_per_job(settings, ctx.engine, request.headers.get("authorization"),
+                               request.headers.get("x-api-key"))
+        if per_job is None:
+            return Response("unauthenticated: the scrape credential (RAYGRPO_METRICS_TOKEN) or an admin's token\n",
+                            status_code=401, media_type="text/plain", headers={"WWW-Authenticate": 'Bearer realm="raygrpo"'})
+        return Response(render(ctx, per_job=per_job), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/health")
     @app.get("/health/live")

@@ -111,10 +111,12 @@ class RequestCounters:
 
 
 class JobCollector(Collector):
-    """Job, queue and database metrics, read at scrape time from the shared stores."""
+    """Job, queue and database metrics, read at scrape time from the shared stores. Without `per_job` (a caller
+    that is neither the scraper nor an admin) the per-job families come without series: job ids are tenants'."""
 
-    def __init__(self, ctx: Any):
+    def __init__(self, ctx: Any, *, per_job: bool = True):
         self.ctx = ctx
+        self.per_job = per_job
 
     def collect(self) -> Iterator[Any]:
         ctx = self.ctx
@@ -150,7 +152,8 @@ class JobCollector(Collector):
             # Cost and budget per job: live jobs and those that ended in the last hour (bounded cardinality).
             recent = utcnow() - timedelta(hours=1)
             jobs = s.exec(select(TrainingJob.id, TrainingJob.cost_usd, TrainingJob.budget_usd).where(
-                TrainingJob.status.in_(["running", "queued", "paused"]) | (TrainingJob.finished_at >= recent))).all()
+                TrainingJob.status.in_(["running", "queued", "paused"]) | (TrainingJob.finished_at >= recent))).all() \
+                if self.per_job else []
             cost = GaugeMetricFamily("training_job_cost_usd", "Cost of a job so far", labels=["job_id"])
             budget = GaugeMetricFamily("training_job_budget_usd", "Budget of a job", labels=["job_id"])
             for job_id, spent, limit in jobs:
@@ -196,9 +199,29 @@ class _Requests(Collector):
         yield from self.counters.collect()
 
 
-def render(ctx: Any) -> bytes:
-    """The text exposition of every metric above, for this app's context."""
+def render(ctx: Any, *, per_job: bool = True) -> bytes:
+    """The text exposition of every metric above, for this app's context (per-job series only with `per_job`)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Requests(ctx.counters))
-    registry.register(JobCollector(ctx))
+    registry.register(JobCollector(ctx, per_job=per_job))
     return generate_latest(registry)
+
+
+def sees_per_job(settings: Any, engine: Any, authorization: str | None, api_key: str | None) -> bool | None:
+    """Whether a scrape with these headers sees per-job series: True for the scrape credential (RAYGRPO_METRICS_TOKEN)
+    or an admin; False for anyone else or no credentials; None for credentials that are refused (a 401, so a
+    misconfigured scraper shows instead of silently losing series)."""
+    import hmac
+
+    from app.api.auth import authenticate
+
+    if settings.auth == "off":
+        return True
+    if not authorization and not api_key:
+        return False
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if settings.metrics_token and scheme.lower() == "bearer" and \
+            hmac.compare_digest(token.strip().encode(), settings.metrics_token.encode()):
+        return True
+    principal, _ = authenticate(settings, engine, authorization, api_key)
+    return None if principal is None else principal.is_admin

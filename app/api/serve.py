@@ -15,6 +15,8 @@ from ray import serve
 from sqlalchemy import text
 
 from app.api.main import create_app
+from app.api.proxy import CALLBACK as PROXY_CALLBACK
+from app.serving.access import API_APP, API_DEPLOYMENT
 from app.settings import get_settings
 
 
@@ -24,7 +26,7 @@ def build_app() -> FastAPI:
 
 
 @serve.deployment(
-    name="TrainingAPI",
+    name=API_DEPLOYMENT,
     # Two replicas at least: losing one (its node, an OOM kill) costs no request. `start` below uses one
     # for a developer's local stack unless asked for more.
     autoscaling_config={"min_replicas": 2, "max_replicas": 4, "target_ongoing_requests": 16},
@@ -42,11 +44,25 @@ class TrainingAPI:
         # the dispatcher also keeps Serve running every policy deployment the database holds
         self.dispatcher = ensure_dispatcher(get_settings(), periodic=[reconcile])
         self.engine = get_engine(get_settings().db_url)  # the same cached engine the app uses
+        self._ctx = None  # opened on the first policy call (settings, database, rate limiter)
 
     def check_health(self) -> None:
         """Serve restarts a replica whose database is unreachable."""
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+
+    async def check_policy_call(self, name: str, authorization: str | None, api_key: str | None) -> dict:
+        """Asked by every deployed policy's router about each request (app.serving.access): may this caller
+        call deployment `name` now? -> {status, body, headers}."""
+        import asyncio
+        from dataclasses import asdict
+
+        from app.api.context import Context
+        from app.serving.access import check_policy_call
+
+        if self._ctx is None:
+            self._ctx = Context.open(get_settings())
+        return asdict(await asyncio.to_thread(check_policy_call, self._ctx, name, authorization, api_key))
 
 
 app = TrainingAPI.bind()
@@ -71,7 +87,7 @@ def start(*, host: str = "127.0.0.1", port: int | None = None, env: dict[str, st
         options["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
     if options:
         target = TrainingAPI.options(**options).bind()
-    serve.run(target, name="raygrpo-api", route_prefix="/", blocking=False)
+    serve.run(target, name=API_APP, route_prefix="/", blocking=False)
     return f"http://{host}:{port}/api/v1/jsonrpc"
 
 
@@ -88,6 +104,9 @@ if __name__ == "__main__":
 
     # Measured 1.5x the throughput of Serve's defaults on the job API (docs/benchmarks.md).
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    # Serve's proxy must not answer 500 to a header it cannot decode (app.api.proxy); on a cluster the nodes
+    # need it in their environment (the image sets it).
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(namespace="raygrpo")
     else:  # a local Ray, as `raygrpo up` starts it: logical CPUs for a README-shaped job even on 2 cores

@@ -232,6 +232,8 @@ def serve_stack(ctx: typer.Context, port: int = 8001, num_cpus: int = 8, replica
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # Measured 1.5x the throughput of Serve's defaults on the job API (docs/benchmarks.md).
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    # Serve's proxy must not answer 500 to a header it cannot decode (app.api.proxy).
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "app.api.proxy:middlewares")
     ray_exe = Path(sys.executable).with_name("ray")
     # Ray's token auth, as ray.init gives a new local cluster; set before Ray is imported, which reads it.
     if not os.environ.get("RAY_AUTH_MODE"):
@@ -405,7 +407,7 @@ def _summary(s: sdk.JobStatus) -> None:
         err.print(f"[red]error:[/red] {s.error_message}")
     if s.best_checkpoint:
         err.print(f"best checkpoint: {s.best_checkpoint.checkpoint_id} (step {s.best_checkpoint.step}"
-                  f"{_eval_text(s.best_checkpoint)}) {s.best_checkpoint.path}")
+                  f"{_eval_text(s.best_checkpoint)}) {s.best_checkpoint.path or ''}")
 
 
 @cli.command()
@@ -449,7 +451,7 @@ def status(ctx: typer.Context, job_id: str,
             table.add_row(f"metrics.{key}", str(value))
         if s.best_checkpoint:
             table.add_row("best_checkpoint", f"{s.best_checkpoint.checkpoint_id} step {s.best_checkpoint.step}"
-                                             f"{_eval_text(s.best_checkpoint)} {s.best_checkpoint.path}")
+                                             f"{_eval_text(s.best_checkpoint)} {s.best_checkpoint.path or ''}")
         err.print(table)
     o.out(s, s.status)
 
@@ -593,7 +595,7 @@ def plot(ctx: typer.Context, job_id: str,
     with o.client() as c:
         s = _run(lambda: c.get_status(job_id))
     candidates = [o.home / "jobs" / job_id / "run" / "metrics.jsonl"]
-    if s.best_checkpoint:
+    if s.best_checkpoint and s.best_checkpoint.path:  # an admin's reply names the run's folder
         candidates.insert(0, Path(s.best_checkpoint.path).parent / "metrics.jsonl")
     path = next((p for p in candidates if p.exists()), None)
     if path is None:

@@ -36,7 +36,7 @@ from app.api import jsonrpc as codes
 T = TypeVar("T")
 FINAL = ("completed", "failed", "cancelled")
 MUTATING = {"training.start_grpo", "training.cancel", "training.pause", "training.resume", "auth.create_api_key",
-            "auth.revoke_api_key", "models.deploy", "models.undeploy", "sessions.create", "sessions.close",
+            "auth.revoke_api_key", "models.deploy", "models.undeploy", "models.share", "sessions.create", "sessions.close",
             "sessions.forward_backward", "sessions.optim_step", "sessions.save_state", "sessions.load_state",
             "sessions.save_weights"}
 """methods a retry could apply twice: retried only when the request surely never left, unless keyed"""
@@ -174,7 +174,10 @@ class Metrics(Reply):
 class CheckpointRef(Reply):
     checkpoint_id: str
     step: int
-    path: str
+    model: str | None = None
+    """`checkpoint:<id>`: what models.deploy, sessions.create and start_grpo take"""
+    path: str | None = None
+    """the server's folder of it: in admins' replies only"""
     eval_reward: float | None = None
     """the held-out reward it scored when saved (None: the run did not evaluate)"""
 
@@ -321,12 +324,16 @@ class _Methods:
                session_id: str | None = None, variants: list[dict[str, Any]] | None = None, replicas: int | None = None,
                autoscaling: dict[str, Any] | None = None, gpus_per_replica: float | None = None,
                cpus_per_replica: float | None = None, batching: bool | None = None,
-               max_batch_size: int | None = None) -> Deployment:
+               max_batch_size: int | None = None, shared: bool | None = None) -> Deployment:
         return self._call("models.deploy", _params(
             name=name, checkpoint_id=checkpoint_id, model=model, session_id=session_id, variants=variants,
             replicas=replicas,
             autoscaling=autoscaling, gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
-            batching=batching, max_batch_size=max_batch_size), Deployment)
+            batching=batching, max_batch_size=max_batch_size, shared=shared), Deployment)
+
+    def share(self, name: str, shared: bool = True) -> Reply:
+        """Admins: open a deployment to every authenticated user (or close it again with shared=False)."""
+        return self._call("models.share", {"name": name, "shared": shared}, Reply)
 
     def undeploy(self, name: str) -> Reply:
         return self._call("models.undeploy", {"name": name}, Reply)
@@ -381,8 +388,16 @@ class _Transport:
         return f"{type(self).__name__}({self.base_url!r}, auth={auth})"
 
     def policy_url(self, name: str) -> str:
-        """The OpenAI base URL of a deployed policy: `openai.OpenAI(base_url=c.policy_url(name), api_key="-")`."""
+        """The OpenAI base URL of a deployed policy: `openai.OpenAI(base_url=c.policy_url(name),
+        api_key=c.policy_key)`."""
         return f"{self.base_url}/policies/{name}/v1"
+
+    @property
+    def policy_key(self) -> str | None:
+        """What an OpenAI client sends as its `api_key` to a deployed policy: this client's own token or API key
+        (policies answer to the job API's credentials)."""
+        bearer = self.headers.get("Authorization", "")
+        return bearer.removeprefix("Bearer ") if bearer else self.headers.get("X-API-Key")
 
     def _body(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """The request, sent unchanged on every attempt: a keyed method gets its key here, once."""

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     Computed,
     DateTime,
@@ -31,6 +32,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import false
 from sqlmodel import Field, SQLModel
 
 
@@ -246,6 +248,8 @@ class PolicyDeployment(SQLModel, table=True):
     """[{name, path, weight, checkpoint_id}] as app.serving.policy.VariantSpec"""
     spec: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     """replicas, autoscaling, gpus_per_replica, cpus_per_replica, batching, max_batch_size"""
+    shared: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default=false()))
+    """an admin opened it to every authenticated caller (models.share); else its owner and admins only"""
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
@@ -474,6 +478,19 @@ class DatasetVersion(SQLModel, table=True):
     change_description: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     storage_url: str = Field(sa_column=Column(Text, nullable=False))
     created_by: str = Field(max_length=256)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class DatasetUpload(SQLModel, table=True):
+    """A file uploaded to a dataset (PUT .../file) and not necessarily a version yet. Storage is content-addressed,
+    so the hash alone would open any upload to anyone who learnt it: a version may attach a hash only when this
+    dataset received that upload, or a dataset the caller may read already holds it."""
+
+    __tablename__ = "dataset_uploads"
+
+    dataset_id: str = Field(foreign_key="datasets.id", primary_key=True, max_length=64)
+    content_hash: str = Field(primary_key=True, max_length=64)
+    uploaded_by: str = Field(max_length=256)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 

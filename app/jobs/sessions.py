@@ -18,12 +18,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.api.auth import current_principal
+from app.api.auth import caller_is_admin, current_principal
 from app.api.context import Context, money, registry
 from app.api.jsonrpc import BUDGET_EXCEEDED, INVALID_PARAMS, NOT_FOUND, VALIDATION_FAILED, RPCError
 from app.data import db
 from app.data.tables import TrainingSession, utcnow
-from app.jobs.trust import check_model_source
+from app.jobs.trust import resolve_model, session_weights_dir
 
 FINAL = ("closed", "expired", "failed", "budget_exceeded")
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -141,7 +141,8 @@ def _rate_per_s(spec: dict[str, Any], ctx: Context) -> Decimal:
 
 def _describe(row: TrainingSession, live: dict[str, Any] | None = None) -> dict[str, Any]:
     spec = row.spec
-    return {"session_id": row.id, "status": row.status, "base_model": row.base_model, "owner": row.owner,
+    shown = row.base_model if caller_is_admin() else spec.get("model_ref", "default")  # paths: admins only
+    return {"session_id": row.id, "status": row.status, "base_model": shown, "owner": row.owner,
             "num_workers": spec.get("num_workers"), "lora": spec.get("lora"), "idle_timeout_s": spec.get("idle_timeout_s"),
             "steps": row.steps, "cost_usd": money(row.cost_usd), "budget_usd": money(row.budget_usd),
             "error": row.error, "created_at": row.created_at, "last_used_at": row.last_used_at, "ended_at": row.ended_at,
@@ -308,19 +309,19 @@ def create(p: CreateParams, ctx: Context) -> dict[str, Any]:
     elif p.lora_alpha is not None or p.lora_target_modules is not None:
         raise RPCError(VALIDATION_FAILED, "lora_rank: required with lora_alpha or lora_target_modules",
                        {"field": "lora_rank"})
-    model = p.base_model or ctx.settings.default_model
-    if not model:
-        raise RPCError(VALIDATION_FAILED, "base_model: required (this server has no default model)", {"field": "base_model"})
-    check_model_source("base_model", model, ctx.settings, resolved=False)
     from pathlib import Path
 
-    local = Path(model).expanduser()
-    if local.is_dir():
-        model = str(local.resolve())
-        check_model_source("base_model", model, ctx.settings)
-        if not (local / "config.json").is_file():
+    if p.base_model:  # the one model policy: roots, ownership of job and session folders, the Hub switch
+        with db.session_scope(ctx.engine) as s:
+            ref = resolve_model("base_model", p.base_model, settings=ctx.settings, session=s)
+        model, shown = ref.load, ref.shown
+        if ref.local and not (Path(model) / "config.json").is_file():
             raise RPCError(VALIDATION_FAILED, f"base_model: no Hugging Face model directory at {p.base_model}",
                            {"field": "base_model"})
+    else:
+        model, shown = ctx.settings.default_model, "default"
+    if not model:
+        raise RPCError(VALIDATION_FAILED, "base_model: required (this server has no default model)", {"field": "base_model"})
     ray = _ray()
     gpus = p.gpus_per_worker if p.gpus_per_worker is not None else (
         1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0)
@@ -334,7 +335,7 @@ def create(p: CreateParams, ctx: Context) -> dict[str, Any]:
         raise RPCError(VALIDATION_FAILED, "num_workers: the cluster cannot hold this session: it needs "
                        + " and ".join(short) + " (num_workers + 1 sampler, each cpus_per_worker/gpus_per_worker)",
                        {"field": "num_workers"})
-    spec = {"model": model, "num_workers": p.num_workers, "cpus_per_worker": p.cpus_per_worker, "gpus_per_worker": gpus,
+    spec = {"model": model, "model_ref": shown, "num_workers": p.num_workers, "cpus_per_worker": p.cpus_per_worker, "gpus_per_worker": gpus,
             "lora": lora, "idle_timeout_s": p.idle_timeout_s, "seed": p.seed, "chat_template": p.chat_template,
             "max_seq_len": p.max_seq_len, "max_rows": p.max_rows, "torch_threads": 1}
     with db.session_scope(ctx.engine) as s:
@@ -484,8 +485,10 @@ def load_state(p: LoadParams, ctx: Context) -> dict[str, Any]:
                  errors=(NOT_FOUND, VALIDATION_FAILED),
                  summary="Save the weights as a Hugging Face (or PEFT adapter) directory that models.deploy serves")
 def save_weights(p: SaveParams, ctx: Context) -> dict[str, Any]:
-    path = str(ctx.settings.home / "models" / "sessions" / p.session_id / str(p.name))
+    path = str(session_weights_dir(ctx.settings, p.session_id, str(p.name)))
     out = _call(ctx, p.session_id, "save_weights", path, seq=p.seq, check=_check_name(p.name))
-    return {"path": out["path"], "step": out["step"]}
+    # named by reference: models.deploy, sessions.create and start_grpo take it; the path is the admins' to see
+    return {"model": f"weights:{p.session_id}/{p.name}", "step": out["step"],
+            **({"path": out["path"]} if caller_is_admin() else {})}
 
 

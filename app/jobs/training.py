@@ -21,20 +21,21 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.api.auth import current_principal
+from app.api.auth import caller_is_admin, current_principal
 from app.api.context import Context, money, registry
 from app.api.jsonrpc import (
     BUDGET_EXCEEDED,
     CANNOT_CANCEL,
     EVALUATION_FAILED,
     EXPORT_LIMIT_EXCEEDED,
+    FORBIDDEN,
     NOT_FOUND,
     VALIDATION_FAILED,
     RPCError,
 )
 from app.data import db
 from app.data.tables import JobStatus, TrainingJob
-from app.jobs.trust import check_job_imports, check_model_source
+from app.jobs.trust import check_job_imports, resolve_model
 from app.research.datasets import Row, training_rows
 from app.settings import Settings
 from grpo.config import ConfigError, GRPOConfig, load_config
@@ -115,9 +116,10 @@ class TrainingConfig(BaseModel):
     """reward function: a built-in or installed plugin's name (default exact_match); module:function only
     when the operator allows it (RAYGRPO_ALLOWED_REWARDS)"""
     reward_source: str | None = Field(None, min_length=1, max_length=65536)
-    """the reward as Python source defining `reward(prompt, completion, expected) -> float`; it runs only in
-    the code sandbox (no network, read-only filesystem but its own folder, a timeout per item), never in a
-    worker. Instead of `reward`"""
+    """the reward as Python source defining `reward(prompt, completion, expected) -> float` (standard library
+    only). The API only compiles it; it runs only in the bubblewrap code sandbox (own namespaces, a throwaway
+    uid, no network, nothing of the server's files, a timeout per item), never in the API or a worker.
+    Instead of `reward`"""
     grpo_variant: Literal["grpo", "dr_grpo", "dapo"] | None = None
     """preset of advantage scaling, loss aggregation and clipping; engine defaults when left out"""
     max_new_tokens: int | None = Field(None, ge=1, le=32_768)
@@ -155,7 +157,7 @@ SERVER_OWNED = {"output_dir", "run_name", "dataset", "eval_dataset", "task", "cp
                 "max_budget_usd"}
 MAPPED = {"num_steps": "n_iterations", "prompts_per_step": "batch_size", "group_size": "n_trajectories_per_query",
           "learning_rate": "learning_rate", "checkpoint_interval": "checkpoint_interval", "model": "model",
-          "reward": "reward", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
+          "reward": "reward", "reward_source": "reward_source", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
           "kl_coef": "kl_coef", "target_reward": "target_reward", "num_policy_workers": "num_policy_workers",
           "num_rollout_workers": "num_rollout_workers", "num_reward_workers": "num_reward_workers",
           "gpus_per_worker": "gpus_per_worker", "lora_rank": "lora_rank", "lora_alpha": "lora_alpha",
@@ -192,7 +194,7 @@ class StartParams(BaseModel):
     evaluation_data: list[Row] | None = Field(None, max_length=100_000)
     """held-out rows scored greedily at evaluations"""
     priority: int = Field(0, ge=0, le=10)
-    """higher runs first"""
+    """higher runs first; above 0 only for admins (a researcher's job cannot jump everyone's queue)"""
     idempotency_key: str | None = Field(None, min_length=1, max_length=256)
     """the same key never creates two jobs"""
 
@@ -265,14 +267,22 @@ def write_rows(f: Any, rows: list[Row]) -> None:
         f.write(json.dumps(row.engine_row()) + "\n")
 
 
-def engine_config(params: StartParams, *, settings: Settings, dataset: Path, eval_dataset: Path | None,
-                  output_dir: Path) -> GRPOConfig:
+def engine_config(params: StartParams, *, settings: Settings, engine: Any, dataset: Path,
+                  eval_dataset: Path | None, output_dir: Path) -> GRPOConfig:
     """Map the API's config onto the engine's, validating it the way `grpo.run` will."""
     c = params.config
     if c.max_steps_per_trajectory > 1 and c.agent is None:
         raise RPCError(VALIDATION_FAILED, "config.max_steps_per_trajectory: multi-turn trajectories need "
                        "config.agent (the environment the agent acts in)", {"field": "config.agent"})
-    model = c.model or settings.default_model
+    tokenizer = c.engine.get("tokenizer")
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        raise RPCError(VALIDATION_FAILED, "config.engine.tokenizer: a model reference, directory or Hub id",
+                       {"field": "config.engine.tokenizer"})
+    with db.session_scope(engine) as s:  # before anything is looked at: the one model policy (app.jobs.trust)
+        model = resolve_model("config.model", c.model, settings=settings, session=s).load if c.model \
+            else settings.default_model
+        if tokenizer is not None:
+            tokenizer = resolve_model("config.engine.tokenizer", tokenizer, settings=settings, session=s).load
     if not model:
         raise RPCError(VALIDATION_FAILED, "config.model: required (this server has no default model)",
                        {"field": "config.model"})
@@ -310,16 +320,12 @@ def engine_config(params: StartParams, *, settings: Settings, dataset: Path, eva
             raise RPCError(VALIDATION_FAILED, f"config.engine.{key}: use config.{MAPPED[key]}",
                            {"field": f"config.engine.{key}"})
     mapping.update(c.engine)
+    if tokenizer is not None:
+        mapping["tokenizer"] = tokenizer
     # Before anything is imported or loaded: only what the operator installed or allowed.
     check_job_imports(mapping, settings, reward_field="config.reward", environment_field="config.agent.environment")
-    check_model_source("config.model", c.model, settings, resolved=False)
-    tokenizer = c.engine.get("tokenizer")
-    check_model_source("config.engine.tokenizer", tokenizer if isinstance(tokenizer, str) else None, settings,
-                       resolved=False)
     try:
         cfg = load_config(None, mapping)
-        check_model_source("config.model", cfg.model if c.model else None, settings)
-        check_model_source("config.engine.tokenizer", cfg.tokenizer, settings)
         from grpo.run import preflight
 
         preflight(cfg)
@@ -410,8 +416,10 @@ def status_of(job: TrainingJob, best: Any | None) -> dict[str, Any]:
         "budget_remaining_usd": money(remaining),
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
         "estimated_completion": eta,
-        "best_checkpoint": None if best is None else {"checkpoint_id": best.id, "step": best.step, "path": best.path,
-                                                      "eval_reward": best.eval_reward},
+        "best_checkpoint": None if best is None else {
+            "checkpoint_id": best.id, "step": best.step, "eval_reward": best.eval_reward,
+            "model": f"checkpoint:{best.id}",  # what models.deploy, sessions.create and start_grpo take
+            **({"path": best.path} if caller_is_admin() else {})},  # server paths: admins only
         "error_message": job.error_message, "stop_reason": job.stop_reason,
         "admission": admission_of(job),
     }
@@ -437,8 +445,11 @@ def admission_of(job: TrainingJob) -> dict[str, Any] | None:
 
 @registry.method("training.start_grpo", params=StartParams, result=StartResult, mutates=True,
                  summary="Queue a GRPO training job; replies at once with its id",
-                 errors=(BUDGET_EXCEEDED, VALIDATION_FAILED), permission="training:start")
+                 errors=(BUDGET_EXCEEDED, VALIDATION_FAILED, NOT_FOUND, FORBIDDEN), permission="training:start")
 def start_grpo(p: StartParams, ctx: Context) -> StartResult:
+    if p.priority > 0 and not current_principal().is_admin:
+        raise RPCError(FORBIDDEN, "priority: only an admin may queue a job above the default priority (0)",
+                       {"field": "priority"})
     jobs_dir = ctx.settings.runs_dir
     jobs_dir.mkdir(parents=True, exist_ok=True)
     rows, lineage = p.training_data, {}
@@ -457,7 +468,7 @@ def start_grpo(p: StartParams, ctx: Context) -> StartResult:
                 write_rows(f, p.evaluation_data)
             tmp_eval = Path(f.name)
         staging = jobs_dir / "staging"
-        cfg = engine_config(p, settings=ctx.settings, dataset=tmp, eval_dataset=tmp_eval, output_dir=staging)
+        cfg = engine_config(p, settings=ctx.settings, engine=ctx.engine, dataset=tmp, eval_dataset=tmp_eval, output_dir=staging)
         one_step = step_cost_usd(cfg, ctx.settings)
         if one_step > p.config.max_budget_usd:
             raise RPCError(BUDGET_EXCEEDED, f"config.max_budget_usd: {money(p.config.max_budget_usd)} cannot cover "
@@ -662,6 +673,12 @@ async def evaluate(p: EvaluateParams, ctx: Context) -> dict[str, Any]:
         else:  # the app outside Serve (tests, local tools): a worker thread keeps the event loop free
             result = await asyncio.to_thread(evaluation_task, *args)
     except Exception as e:  # any failure to load or score is the client's -40004, with the reason
-        raise RPCError(EVALUATION_FAILED, f"evaluation failed: {type(e).__name__}: {str(e)[:500]}",
+        reason = str(e)[:500]
+        if not caller_is_admin():  # the reason may name server folders: those are the admins' to read
+            reason = reason.replace(str(ctx.settings.home), "<home>")
+        raise RPCError(EVALUATION_FAILED, f"evaluation failed: {type(e).__name__}: {reason}",
                        {"job_id": job.id, "checkpoint_id": ckpt.id}) from None
+    # the base model as the job named it (a resolved server path is shown to admins only)
+    named = (job.config or {}).get("model") or "the server's default model"
+    result["base_model"]["model"] = result["base_model"]["model"] if caller_is_admin() else named
     return {"job_id": job.id, "checkpoint_id": ckpt.id, "step": ckpt.step, **result}

@@ -40,7 +40,7 @@ from app.api.auth import authenticate, current_principal, hs256_secret, request_
 from app.api.context import registry
 from app.api.jsonrpc import FORBIDDEN, NOT_FOUND, UNAUTHENTICATED, VALIDATION_FAILED, RPCError
 from app.data import db
-from app.data.tables import Dataset, DatasetVersion
+from app.data.tables import Dataset, DatasetUpload, DatasetVersion
 from app.research.common import (
     IdParams,
     Labels,
@@ -49,6 +49,7 @@ from app.research.common import (
     apply_update,
     get_visible,
     invalid,
+    may_access,
     page,
     set_labels,
     soft_delete,
@@ -267,6 +268,19 @@ def _stats_of_upload(storage: Storage, content_hash: str) -> dict[str, Any]:
         local.unlink(missing_ok=True)
 
 
+def _may_attach(s: Session, dataset_id: str, content_hash: str) -> None:
+    """A version attaches a stored file by hash only when this dataset received that upload or a dataset the caller
+    may read already holds it; any other hash is "no uploaded file", exactly like one never uploaded (content-
+    addressed storage must not turn a leaked hash into a read key)."""
+    if s.get(DatasetUpload, (dataset_id, content_hash)) is not None:
+        return
+    holders = s.execute(select(Dataset).join(DatasetVersion, col(DatasetVersion.dataset_id) == col(Dataset.id))
+                        .where(DatasetVersion.content_hash == content_hash)).scalars()
+    if any(d.deleted_at is None and may_access(d) for d in holders):
+        return
+    raise RPCError(NOT_FOUND, f"content_hash: no uploaded file with sha256 {content_hash}", {"field": "content_hash"})
+
+
 @registry.method("datasets.create_version", params=CreateVersion, mutates=True, permission=WRITE,
                  errors=(NOT_FOUND, VALIDATION_FAILED),
                  summary="Add an immutable version from base64 content or an uploaded file's hash")
@@ -286,6 +300,8 @@ def create_version(p: CreateVersion, ctx: Any) -> dict[str, Any]:
                      "url": storage.url_of(content_hash)}
         else:
             content_hash = p.content_hash
+            with db.session_scope(ctx.engine) as s:
+                _may_attach(s, p.dataset_id, content_hash)
             stats = _stats_of_upload(storage, content_hash)
     except StorageError as e:
         field = "content_base64" if p.content_base64 is not None else "content_hash"
@@ -492,6 +508,17 @@ def _dataset_for(ctx: Any, principal: Any, dataset_id: str, version: int | None)
         return d, (get_version(s, d, version) if version is not None else None)
 
 
+def _record_upload(ctx: Any, dataset_id: str, content_hash: str, subject: str) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    try:
+        with db.session_scope(ctx.engine) as s:
+            if s.get(DatasetUpload, (dataset_id, content_hash)) is None:
+                s.add(DatasetUpload(dataset_id=dataset_id, content_hash=content_hash, uploaded_by=subject))
+    except IntegrityError:  # the same file uploaded to the same dataset at the same moment: recorded once
+        pass
+
+
 def install_routes(app: Any, ctx: Any) -> None:
     from fastapi.responses import StreamingResponse
 
@@ -503,6 +530,7 @@ def install_routes(app: Any, ctx: Any) -> None:
         try:
             await asyncio.to_thread(_dataset_for, ctx, principal, dataset_id, None)
             st = await _storage(ctx).put_stream(request.stream())
+            await asyncio.to_thread(_record_upload, ctx, dataset_id, st.content_hash, principal.subject)
         except RPCError as e:
             return _http_error(404 if e.code == NOT_FOUND else 400, e.code, e.message)
         except StorageError as e:

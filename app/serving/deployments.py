@@ -16,11 +16,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.api.auth import current_principal
+from app.api.auth import caller_is_admin, current_principal
 from app.api.context import Context, registry
-from app.api.jsonrpc import DEPLOYMENT_FAILED, NOT_FOUND, VALIDATION_FAILED, RPCError
+from app.api.jsonrpc import DEPLOYMENT_FAILED, FORBIDDEN, NOT_FOUND, VALIDATION_FAILED, RPCError
 from app.data import db
 from app.data.tables import PolicyDeployment
+from app.jobs.trust import ModelRef, resolve_model
+from app.serving.access import API_APP
 
 NAME = r"^[a-z0-9][a-z0-9-]{0,47}$"
 APP_PREFIX = "policy-"
@@ -42,7 +44,8 @@ class Source(BaseModel):
     checkpoint_id: str | None = Field(None, min_length=1, max_length=64)
     """a checkpoint of one of your jobs (training.get_status's best_checkpoint)"""
     model: str | None = Field(None, min_length=1, max_length=1000)
-    """or any Hugging Face model directory or hub id"""
+    """or a model reference (checkpoint:<id>, weights:<session_id>/<name>), a directory under the model roots, or
+    a Hub id (when the server allows them)"""
     session_id: str | None = Field(None, min_length=1, max_length=64)
     """or one of your training sessions: its newest weights, followed as it trains"""
 
@@ -81,7 +84,8 @@ class DeployParams(BaseModel):
     checkpoint_id: str | None = Field(None, min_length=1, max_length=64)
     """a checkpoint of one of your jobs"""
     model: str | None = Field(None, min_length=1, max_length=1000)
-    """or any Hugging Face model directory or hub id"""
+    """or a model reference (checkpoint:<id>, weights:<session_id>/<name>), a directory under the model roots, or
+    a Hub id (when the server allows them)"""
     session_id: str | None = Field(None, min_length=1, max_length=64)
     """or one of your training sessions: its newest weights, loaded before each generation when they changed"""
     variants: list[VariantParams] | None = Field(None, min_length=2, max_length=4)
@@ -97,6 +101,8 @@ class DeployParams(BaseModel):
     """dynamic request batching (@serve.batch)"""
     max_batch_size: int = Field(16, ge=1, le=256)
     """rows decoded together when batching"""
+    shared: bool = False
+    """admins only: every authenticated user may call it (else its owner and admins)"""
 
     @model_validator(mode="after")
     def _one_source(self) -> DeployParams:
@@ -130,26 +136,27 @@ def _session_variant(s: Any, field: str, session_id: str, name: str, weight: flo
         raise RPCError(NOT_FOUND, f"session not found: {session_id}", {"field": field})
     if row.status not in ("starting", "waiting", "active"):
         raise RPCError(VALIDATION_FAILED, f"{field}: session {session_id} is {row.status}; deploy its saved weights "
-                       "(sessions.save_weights, then model: <path>)", {"field": field})
-    return VariantSpec(name=name, path=row.spec["model"],
+                       "(sessions.save_weights, then model: weights:<session_id>/<name>)", {"field": field})
+    return VariantSpec(name=name, path=row.spec["model"], source=f"session:{session_id}",
                        weight=weight, session_id=session_id, lora=row.spec.get("lora"))
 
 
-def _resolve(s: Any, field: str, checkpoint_id: str | None, model: str | None) -> tuple[str, str | None]:
-    """(path, checkpoint id) of a source; another user's checkpoint is "not found" like a missing one."""
+def _resolve(s: Any, settings: Any, field: str, checkpoint_id: str | None, model: str | None) -> ModelRef:
+    """What a source serves, through the one model policy (app.jobs.trust.resolve_model): another user's
+    checkpoint or folder is "not found" like a missing one."""
     if checkpoint_id is not None:
-        ckpt = db.get_checkpoint(s, checkpoint_id=checkpoint_id)
-        job = db.get_job(s, job_id=ckpt.job_id) if ckpt is not None else None
-        if job is None or not current_principal().owns(job.owner):
-            raise RPCError(NOT_FOUND, f"checkpoint not found: {checkpoint_id}", {"checkpoint_id": checkpoint_id})
-        return ckpt.path, ckpt.id
+        try:
+            return resolve_model(field, f"checkpoint:{checkpoint_id}", settings=settings, session=s)
+        except RPCError:
+            raise RPCError(NOT_FOUND, f"checkpoint not found: {checkpoint_id}",
+                           {"checkpoint_id": checkpoint_id}) from None
     assert model is not None
-    local = model.startswith(("/", ".", "~")) or Path(model).exists()
-    here = Path(model).expanduser()
-    if local and not ((here / "config.json").exists() or (here / "adapter_config.json").exists()):
+    ref = resolve_model(field, model, settings=settings, session=s)
+    here = Path(ref.load)
+    if ref.local and not ((here / "config.json").exists() or (here / "adapter_config.json").exists()):
         raise RPCError(VALIDATION_FAILED, f"{field}: no Hugging Face model (or PEFT adapter) directory at {model}",
                        {"field": field})
-    return (str(Path(model).expanduser().resolve()) if local else model), None
+    return ref
 
 
 def _ray() -> Any:
@@ -177,9 +184,11 @@ def describe(row: PolicyDeployment, apps: dict[str, Any] | None) -> dict[str, An
                     replicas[dname.removeprefix("PolicyServer-")] = running
                     if dep.message and not message:
                         message = dep.message
+    admin = caller_is_admin()
+    variants = [{k: v for k, v in variant.items() if admin or k != "path"} for variant in row.variants]
     return {"name": row.name, "status": status, "message": message, "url": route_prefix(row.name) + "/v1",
-            "variants": row.variants, "running_replicas": replicas, **row.spec, "owner": row.owner,
-            "created_at": row.created_at}
+            "variants": variants, "running_replicas": replicas, **row.spec, "owner": row.owner,
+            "shared": bool(row.shared), "created_at": row.created_at}
 
 
 def _name(state: Any) -> str:
@@ -203,6 +212,9 @@ def _serve_apps() -> dict[str, Any] | None:
 def deploy(p: DeployParams, ctx: Context) -> dict[str, Any]:
     from app.serving.policy import VariantSpec
 
+    if p.shared and not current_principal().is_admin:
+        raise RPCError(FORBIDDEN, "shared: only an admin may open a deployment to every user", {"field": "shared"})
+
     with db.session_scope(ctx.engine) as s:
         if p.variants:
             variants = []
@@ -210,13 +222,14 @@ def deploy(p: DeployParams, ctx: Context) -> dict[str, Any]:
                 if v.session_id is not None:
                     variants.append(_session_variant(s, f"variants.{i}.session_id", v.session_id, v.name, v.weight))
                     continue
-                path, ckpt = _resolve(s, f"variants.{i}", v.checkpoint_id, v.model)
-                variants.append(VariantSpec(name=v.name, path=path, weight=v.weight, checkpoint_id=ckpt))
+                ref = _resolve(s, ctx.settings, f"variants.{i}", v.checkpoint_id, v.model)
+                variants.append(VariantSpec(name=v.name, path=ref.load, source=ref.shown, weight=v.weight,
+                                            checkpoint_id=ref.checkpoint_id))
         elif p.session_id is not None:
             variants = [_session_variant(s, "session_id", p.session_id, p.name, 1.0)]
         else:
-            path, ckpt = _resolve(s, "checkpoint_id" if p.checkpoint_id else "model", p.checkpoint_id, p.model)
-            variants = [VariantSpec(name=p.name, path=path, checkpoint_id=ckpt)]
+            ref = _resolve(s, ctx.settings, "checkpoint_id" if p.checkpoint_id else "model", p.checkpoint_id, p.model)
+            variants = [VariantSpec(name=p.name, path=ref.load, source=ref.shown, checkpoint_id=ref.checkpoint_id)]
         if s.get(PolicyDeployment, p.name) is not None:
             raise RPCError(VALIDATION_FAILED, f"name: a deployment named {p.name} exists; models.undeploy it first",
                            {"field": "name"})
@@ -227,7 +240,7 @@ def deploy(p: DeployParams, ctx: Context) -> dict[str, Any]:
     spec = {"replicas": p.replicas, "autoscaling": p.autoscaling.model_dump() if p.autoscaling else None,
             "gpus_per_replica": gpus, "cpus_per_replica": p.cpus_per_replica, "batching": p.batching,
             "max_batch_size": p.max_batch_size}
-    row = PolicyDeployment(name=p.name, owner=current_principal().subject,
+    row = PolicyDeployment(name=p.name, owner=current_principal().subject, shared=p.shared,
                            variants=[v.model_dump() for v in variants], spec=spec)
     try:
         with db.session_scope(ctx.engine) as s:
@@ -256,7 +269,7 @@ def start_app(name: str, variants: list[Any], spec: dict[str, Any]) -> None:
     variants = [v if isinstance(v, VariantSpec) else VariantSpec.model_validate(v) for v in variants]
     application = build_policy_app(name, variants, replicas=spec["replicas"], autoscaling=spec["autoscaling"],
                                    gpus_per_replica=spec["gpus_per_replica"], cpus_per_replica=spec["cpus_per_replica"],
-                                   batching=spec["batching"], max_batch_size=spec["max_batch_size"])
+                                   batching=spec["batching"], max_batch_size=spec["max_batch_size"], gate=API_APP)
     # serve.run waits for the replicas (model loads take minutes on a big model); run_many, Serve's exported
     # developer API, can hand the application over without waiting: the API answers at once and
     # models.deployments shows the progress
@@ -292,6 +305,24 @@ def reconcile(engine: Any) -> dict[str, str]:
         except Exception as e:  # kept in the database: models.deployments shows it not running, with the cause
             out[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
     return out
+
+
+class ShareParams(NameParams):
+    shared: bool = True
+    """true: every authenticated user may call it; false: its owner and admins again"""
+
+
+@registry.method("models.share", params=ShareParams, mutates=True, errors=(NOT_FOUND, FORBIDDEN),
+                 permission="models:deploy",
+                 summary="Admins: open a deployment's OpenAI routes to every authenticated user, or close them again")
+def share(p: ShareParams, ctx: Context) -> dict[str, Any]:
+    if not current_principal().is_admin:
+        raise RPCError(FORBIDDEN, "forbidden: only an admin may share a deployment", {"field": "shared"})
+    with db.session_scope(ctx.engine) as s:
+        row = _owned(s, p.name)
+        row.shared = p.shared
+        s.add(row)
+    return {"name": p.name, "shared": p.shared}
 
 
 def _owned(s: Any, name: str) -> PolicyDeployment:

@@ -592,12 +592,32 @@ class VariantSpec(BaseModel):
 
     name: str
     path: str
+    """what the replicas load (a server path or a Hub id): never shown to non-admins"""
+    source: str | None = None
+    """what the deployer named (checkpoint:<id>, weights:..., session:<id>, a Hub id): what replies show"""
     weight: float = Field(1.0, gt=0)
     checkpoint_id: str | None = None
     session_id: str | None = None
     """a training session whose newest weights this variant serves (path: the session's base model)"""
     lora: dict | None = None
     """that session's LoRA settings (the adapter goes on the base model)"""
+
+
+# Defined before the Serve classes: Serve pickles a deployment's class when it is declared, with the module
+# names its methods use as they are at that moment.
+async def _read_body(request: Request) -> bytes:
+    """The request body, refused past MAX_BODY_BYTES without buffering what is sent beyond it."""
+    from app.serving.access import MAX_BODY_BYTES
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise BadRequest(f"body: more than {MAX_BODY_BYTES} bytes", param="body", status=413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise BadRequest(f"body: more than {MAX_BODY_BYTES} bytes", param="body", status=413)
+    return bytes(body)
 
 
 def _router_app() -> FastAPI:
@@ -612,13 +632,38 @@ policy_http = _router_app()
 class PolicyRouter:
     """The HTTP face of one deployed policy: OpenAI routes, weighted choice between variants."""
 
-    def __init__(self, name: str, variants: list[dict], servers: list[Any]):
+    def __init__(self, name: str, variants: list[dict], servers: list[Any], gate: str | None = None):
         self.name = name
         self.variants = [VariantSpec.model_validate(v) for v in variants]
         self.servers = dict(zip([v.name for v in self.variants], servers, strict=True))
         self.created = int(time.time())
         self._rng = random.Random()
         self._info: dict[str, dict] = {}
+        # The job API application that vets every request (app.serving.access); None only for a policy
+        # application built outside the API (benchmarks, tests of the server itself).
+        self.gate, self._gate_handle = gate, None
+
+    async def _authorize(self, request: Request) -> tuple[JSONResponse | None, dict[str, str]]:
+        """(None, rate-limit headers) when the job API lets this caller call this deployment now, else (the
+        HTTP error to answer, {}). Fails closed: no answer from the API is a 503, never an open door."""
+        if self.gate is None:
+            return None, {}
+        from app.serving.access import API_DEPLOYMENT
+
+        try:
+            if self._gate_handle is None:
+                self._gate_handle = serve.get_deployment_handle(API_DEPLOYMENT, app_name=self.gate)
+            verdict = await self._gate_handle.check_policy_call.remote(
+                self.name, request.headers.get("authorization"), request.headers.get("x-api-key"))
+        except Exception as e:  # the API is down or restarting: refuse, and say to retry
+            self._gate_handle = None
+            log.warning("policy %s: the job API did not vet a request (%s)", self.name, type(e).__name__)
+            return JSONResponse({"error": {"message": "the job API that checks credentials is unavailable; retry",
+                                           "type": "api_error", "param": None, "code": None}},
+                                status_code=503, headers={"Retry-After": "5"}), {}
+        if verdict["status"] != 200:
+            return JSONResponse(verdict["body"], status_code=verdict["status"], headers=verdict["headers"]), {}
+        return None, verdict["headers"]
 
     def _pick(self, model: str | None) -> str:
         if model in self.servers:
@@ -638,12 +683,15 @@ class PolicyRouter:
         return self._info[name]
 
     @policy_http.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request) -> Any:
+        refused, headers = await self._authorize(request)
+        if refused is not None:
+            return refused
         data = []
         for v in self.variants:
             info = await self._variant_info(v.name)
             data.append({"id": v.name, "object": "model", "created": self.created, "owned_by": "raygrpo",
-                         "root": v.path, "parent": self.name if v.name != self.name else None,
+                         "root": v.source, "parent": self.name if v.name != self.name else None,
                          "weight": v.weight, "checkpoint_id": v.checkpoint_id,
                          "weights_sha256": info["weights_sha256"], "device": info["device"],
                          "max_context": info["max_context"], "batching": info["batching"],
@@ -651,7 +699,7 @@ class PolicyRouter:
         if len(self.variants) > 1:  # the name itself routes by weight
             data.insert(0, {"id": self.name, "object": "model", "created": self.created, "owned_by": "raygrpo",
                             "root": None, "parent": None, "variants": [v.name for v in self.variants]})
-        return {"object": "list", "data": data}
+        return JSONResponse({"object": "list", "data": data}, headers=headers)
 
     @policy_http.get("/health")
     def health(self) -> dict:
@@ -666,16 +714,20 @@ class PolicyRouter:
         return await self._answer("chat", request)
 
     async def _answer(self, kind: str, request: Request):
+        refused, headers = await self._authorize(request)  # before the body is read: strangers send nothing big
+        if refused is not None:
+            return refused
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await _read_body(request))
             if not isinstance(body, dict):
                 raise BadRequest("body: expected a JSON object", param="body")
             variant = self._pick(body.get("model"))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return JSONResponse(BadRequest("body: not valid JSON", param="body").body(), status_code=400)
+            return JSONResponse(BadRequest("body: not valid JSON", param="body").body(), status_code=400,
+                                headers=headers)
         except BadRequest as e:
-            return JSONResponse(e.body(), status_code=e.status)
-        headers = {"X-Raygrpo-Variant": variant}
+            return JSONResponse(e.body(), status_code=e.status, headers=headers)
+        headers = {**headers, "X-Raygrpo-Variant": variant}
         server = self.servers[variant]
         if body.get("stream"):
             chunks = server.options(stream=True).stream.remote(kind, body)
@@ -697,8 +749,10 @@ class PolicyRouter:
 def build_policy_app(name: str, variants: list[VariantSpec], *, replicas: int = 1,
                      autoscaling: dict | None = None, gpus_per_replica: float = 0.0,
                      cpus_per_replica: float = 1.0, batching: bool = True, max_batch_size: int = MAX_BATCH_SIZE,
-                     env: dict[str, str] | None = None) -> Any:
-    """The Serve application of one deployed name: a router and a PolicyServer per variant."""
+                     env: dict[str, str] | None = None, gate: str | None = None) -> Any:
+    """The Serve application of one deployed name: a router and a PolicyServer per variant. `gate` names the
+    job API application that vets each request (app.serving.access); models.deploy always sets it, and only a
+    server built by hand for a benchmark or a test of the server itself goes without."""
     actor = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
     if env:
         actor["runtime_env"] = {"env_vars": env}
@@ -710,4 +764,4 @@ def build_policy_app(name: str, variants: list[VariantSpec], *, replicas: int = 
             session_id=v.session_id, lora=v.lora)
         for v in variants
     ]
-    return PolicyRouter.bind(name, [v.model_dump() for v in variants], servers)
+    return PolicyRouter.bind(name, [v.model_dump() for v in variants], servers, gate)

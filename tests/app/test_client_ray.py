@@ -30,8 +30,10 @@ def stack(ray_session, tmp_path_factory, tiny_model_dir):
     from app.settings import Settings
 
     home = tmp_path_factory.mktemp("sdk-home")
+    # models the tests save under their tmp_path may be deployed: the session's temp folder is a model root
     with serve_stack(home, tiny_model_dir, RAYGRPO_RATE_LIMITS="auth.whoami=3", RAYGRPO_CANCEL_WAIT_S="1",
-                     RAYGRPO_DEPLOYMENT_RECONCILE_S="2") as url:
+                     RAYGRPO_DEPLOYMENT_RECONCILE_S="2",
+                     RAYGRPO_MODEL_ROOTS=str(tmp_path_factory.getbasetemp())) as url:
         settings = Settings(home=home)
         yield url, {role: mint_token(settings, f"{role}-user", role) for role in ("admin", "viewer", "researcher")}
 
@@ -184,7 +186,7 @@ def _wait_running(c: sdk.Client, name: str, timeout: float = 120) -> sdk.Deploym
     raise AssertionError(f"{name} not running after {timeout}s: {dep}")
 
 
-def test_deploy_models_serves_the_openai_api_and_undeploy_frees_it(admin, tiny_model_dir, tmp_path):
+def test_deploy_models_serves_the_openai_api_and_undeploy_frees_it(admin, stack, tiny_model_dir, tmp_path):
     import openai
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -211,8 +213,34 @@ def test_deploy_models_serves_the_openai_api_and_undeploy_frees_it(admin, tiny_m
     _wait_running(admin, "p1")
     _wait_running(admin, "ab")
 
-    oa = openai.OpenAI(base_url=admin.policy_url("p1"), api_key="unused", max_retries=0)
+    # The policy answers to the job API's credentials, and to its owner (or everyone once an admin shares it).
+    url, tokens = stack
+    ask = {"model": "p1", "prompt": "digit 7:", "max_tokens": 2}
+    anonymous = httpx.post(admin.policy_url("p1") + "/completions", json=ask, timeout=60)
+    assert anonymous.status_code == 401 and "Bearer" in anonymous.headers["www-authenticate"], anonymous.text
+    stranger = openai.OpenAI(base_url=admin.policy_url("p1"), api_key=tokens["researcher"], max_retries=0)
+    with pytest.raises(openai.NotFoundError, match="deployment not found"):
+        stranger.completions.create(**ask)
+    with pytest.raises(openai.NotFoundError):
+        stranger.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=admin.policy_url("p1"), api_key="rg_forged", max_retries=0).completions.create(**ask)
+    admin.share("p1")
+    assert stranger.completions.create(**ask).choices[0].text is not None
+    admin.share("p1", shared=False)
+    with pytest.raises(openai.NotFoundError):
+        stranger.completions.create(**ask)
+    big = httpx.post(admin.policy_url("p1") + "/completions", headers=admin.headers, timeout=60,
+                     content=b'{"prompt": "' + b"x" * (11 * 2**20) + b'"}')
+    assert big.status_code == 413, big.text
+    # Serve's proxy decodes X-Request-ID itself: a non-UTF-8 one used to be a 500 on every route (app.api.proxy)
+    for path in ("/health", "/api/v1/jsonrpc/methods"):
+        r = httpx.get(url.removesuffix("/api/v1/jsonrpc") + path, headers={"X-Request-ID": b"\xff\xfe"}, timeout=60)
+        assert r.status_code == 200 and r.headers["x-request-id"].isascii(), (path, r.status_code, r.text)
+
+    oa = openai.OpenAI(base_url=admin.policy_url("p1"), api_key=admin.policy_key, max_retries=0)
     served = {m.id: m for m in oa.models.list().data}
+    assert served["p1"].model_extra["root"] == tiny_model_dir  # what the deployer named, as they named it
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert served["p1"].model_extra["weights_sha256"] == weights_digest(model)  # the served weights are these
 
@@ -246,7 +274,7 @@ def test_deploy_models_serves_the_openai_api_and_undeploy_frees_it(admin, tiny_m
 
     # A/B: the deployment's name routes by weight, a variant's name routes to it
     seen = []
-    with httpx.Client(timeout=60) as h:
+    with httpx.Client(timeout=60, headers=admin.headers) as h:  # policies answer to the API's credentials
         for _ in range(24):
             r = h.post(admin.policy_url("ab") + "/completions", json={"model": "ab", "prompt": "d", "max_tokens": 1})
             assert r.status_code == 200, r.text
@@ -255,7 +283,7 @@ def test_deploy_models_serves_the_openai_api_and_undeploy_frees_it(admin, tiny_m
                                                                         "max_tokens": 1})
     assert set(seen) == {"ab-a", "ab-b"} and seen.count("ab-a") > seen.count("ab-b")
     assert pinned.headers["x-raygrpo-variant"] == "ab-b" and pinned.json()["model"] == "ab-b"
-    listed = {m.id: m.model_extra for m in openai.OpenAI(base_url=admin.policy_url("ab"), api_key="-")
+    listed = {m.id: m.model_extra for m in openai.OpenAI(base_url=admin.policy_url("ab"), api_key=admin.policy_key)
               .models.list().data}
     assert listed["ab-b"]["weights_sha256"] == weights_digest(AutoModelForCausalLM.from_pretrained(other))
     assert listed["ab-a"]["weights_sha256"] != listed["ab-b"]["weights_sha256"]
@@ -267,9 +295,9 @@ def test_deploy_models_serves_the_openai_api_and_undeploy_frees_it(admin, tiny_m
         admin.undeploy("p1")
     assert admin.deployments().deployments == []
     deadline = time.time() + 60
-    while time.time() < deadline and httpx.get(admin.policy_url("p1") + "/models").status_code == 200:
+    while time.time() < deadline and httpx.get(admin.policy_url("p1") + "/models", headers=admin.headers).status_code == 200:
         time.sleep(0.5)
-    assert httpx.get(admin.policy_url("p1") + "/models").status_code != 200
+    assert httpx.get(admin.policy_url("p1") + "/models", headers=admin.headers).status_code != 200
 
 
 def test_a_deployed_lora_adapter_answers_the_openai_client_with_logprobs_seeds_and_stops(admin, tiny_model_dir,
@@ -299,7 +327,7 @@ def test_a_deployed_lora_adapter_answers_the_openai_client_with_logprobs_seeds_a
     admin.deploy("lora", model=str(adapter))
     _wait_running(admin, "lora")
     try:
-        oa = openai.OpenAI(base_url=admin.policy_url("lora"), api_key="unused", max_retries=0)
+        oa = openai.OpenAI(base_url=admin.policy_url("lora"), api_key=admin.policy_key, max_retries=0)
         ask = dict(model="lora", prompt="digit 7:", max_tokens=6, temperature=1.0, n=2, logprobs=2, seed=1234)
         a, b = oa.completions.create(**ask), oa.completions.create(**ask)
         assert [c.text for c in a.choices] == [c.text for c in b.choices]
@@ -325,7 +353,7 @@ def test_a_deployed_lora_adapter_answers_the_openai_client_with_logprobs_seeds_a
                                                temperature=0, stop=[text[2:4]])
         assert unbounded.choices[0].message.content == stopped.choices[0].message.content  # no 16-token default
 
-        with httpx.Client(timeout=60) as h:
+        with httpx.Client(timeout=60, headers=admin.headers) as h:
             r = h.post(admin.policy_url("lora") + "/completions",
                        json={"model": "lora", "prompt": "x", "max_tokens": 0, "stream": True})
             assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
@@ -357,7 +385,7 @@ def test_a_policy_application_lost_behind_the_apis_back_is_deployed_again(admin,
                 break
             time.sleep(0.2)
         assert states[-1] == "running" and any(s != "running" for s in states), states[-5:]
-        with httpx.Client(timeout=60) as h:
+        with httpx.Client(timeout=60, headers=admin.headers) as h:
             r = h.post(admin.policy_url("lost") + "/completions", json={"prompt": "digit 7:", "max_tokens": 2})
         assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
     finally:

@@ -17,7 +17,7 @@ from sqlmodel import SQLModel
 
 from app.data import db
 
-TABLES = {"training_jobs", "trajectories", "policy_checkpoints", "api_keys", "audit_log", "policy_deployments",
+TABLES = {"dataset_uploads", "training_jobs", "trajectories", "policy_checkpoints", "api_keys", "audit_log", "policy_deployments",
           "experiments", "runs", "metric_series", "metric_points", "metric_rollups", "registered_models", "datasets",
           "dataset_versions", "prompt_templates", "prompt_template_versions", "evaluations", "registry_members", "training_sessions",
           "registry_tags"}

@@ -320,7 +320,7 @@ def test_metrics_report_jobs_requests_and_queue(api):
     start_job(api, alice)
     call(api, "training.cancel", {"job_id": job, "wait": False}, alice)
     call(api, "no.such.method", {}, alice)
-    text = api.get("/metrics").text
+    text = api.get("/metrics", headers=bearer(api.settings)).text  # an admin sees per-job series
     assert _sample(text, "training_jobs_total") == 2
     assert _sample(text, "training_jobs_cancelled_total") == 1 and _sample(text, "training_jobs_active") == 0
     assert _sample(text, 'redis_queue_length{queue="database"}') == 1
@@ -331,6 +331,25 @@ def test_metrics_report_jobs_requests_and_queue(api):
     assert _sample(text, 'http_request_duration_seconds_bucket{method="POST /api/v1/jsonrpc",le="+Inf"}') == 4
     assert _sample(text, f'training_job_budget_usd{{job_id="{job}"}}') == 1.0
     assert "training_job_duration_seconds_bucket" in text and "db_pool_connections_max" in text
+
+
+def test_metrics_show_tenants_job_ids_only_to_the_scraper_and_admins(tmp_path, tiny_model_dir):
+    scrape = "scrape-" + "s" * 40
+    app, settings = make_app(tmp_path, tiny_model_dir, metrics_token=scrape)
+    with TestClient(app) as api:
+        api.settings = settings
+        job = start_job(api, bearer(settings, "alice", "researcher"))
+        series = f'training_job_cost_usd{{job_id="{job}"}}'
+        for headers in ({}, bearer(settings, "bob", "researcher"), bearer(settings, "alice", "viewer")):
+            r = api.get("/metrics", headers=headers)
+            assert r.status_code == 200 and job not in r.text and _sample(r.text, "training_jobs_total") == 1
+            assert "# TYPE training_job_cost_usd gauge" in r.text  # the runbook's names stay, without series
+        for headers in ({"Authorization": f"Bearer {scrape}"}, bearer(settings)):
+            r = api.get("/metrics", headers=headers)
+            assert r.status_code == 200 and series in r.text
+        for headers in ({"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {scrape}x"}):
+            r = api.get("/metrics", headers=headers)  # a scraper with the wrong credential is told, not served less
+            assert r.status_code == 401 and job not in r.text
 
 
 def test_request_ids_are_echoed_and_on_log_lines(api, caplog):

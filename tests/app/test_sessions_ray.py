@@ -253,7 +253,7 @@ def test_a_deployed_session_answers_the_openai_client_with_its_newest_weights(al
         bob.deploy("bobs", session_id=session.id)
     alice.deploy("live", session_id=session.id)
     _wait(lambda: alice.deployments(name="live").deployments[0].status == "running", what="the deployment")
-    oa = openai.OpenAI(base_url=alice.policy_url("live"), api_key="-", max_retries=0)
+    oa = openai.OpenAI(base_url=alice.policy_url("live"), api_key=alice.policy_key, max_retries=0)
 
     def greedy() -> tuple[str, str]:
         served = oa.completions.create(model="live", prompt="digit 6:", max_tokens=6, temperature=0).choices[0].text

@@ -3,9 +3,13 @@ the variable (the process must not start on a typo, nor print a secret)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from app.settings import DEFAULT_RATE_LIMITS, Settings, SettingsError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -44,11 +48,11 @@ def test_arguments_win_over_the_environment(env, tmp_path):
 
 
 def test_a_secret_from_its_file_and_the_variable_first(env, tmp_path):
-    (tmp_path / "secret").write_text("from-the-file\n")
+    (tmp_path / "secret").write_text("from-the-file-" + "f" * 32 + "\n")
     env.setenv("RAYGRPO_JWT_SECRET_FILE", str(tmp_path / "secret"))
-    assert Settings().jwt_secret == "from-the-file"
-    env.setenv("RAYGRPO_JWT_SECRET", "from-the-variable")
-    assert Settings().jwt_secret == "from-the-variable"
+    assert Settings().jwt_secret == "from-the-file-" + "f" * 32
+    env.setenv("RAYGRPO_JWT_SECRET", "from-the-variable-" + "v" * 32)
+    assert Settings().jwt_secret == "from-the-variable-" + "v" * 32
     assert "from-the" not in repr(Settings())
 
 
@@ -73,4 +77,23 @@ def test_a_bad_value_names_its_variable(env, name, value, message):
 def test_an_unreadable_secret_file_names_the_variable(env, tmp_path):
     env.setenv("RAYGRPO_JWT_SECRET_FILE", str(tmp_path / "missing"))
     with pytest.raises(SettingsError, match="RAYGRPO_JWT_SECRET_FILE: cannot read"):
+        Settings()
+
+
+def test_a_short_or_placeholder_signing_key_stops_the_server_starting(env, tmp_path):
+    import yaml
+
+    shipped = next(d for d in yaml.safe_load_all((ROOT / "kuberay" / "secrets.yaml").read_text())
+                   if d["metadata"]["name"] == "raygrpo-api")["stringData"]
+    env.setenv("RAYGRPO_JWT_SECRET", shipped["jwt-secret"])
+    with pytest.raises(SettingsError, match="RAYGRPO_JWT_SECRET: .*shipped placeholder"):
+        Settings()
+    env.setenv("RAYGRPO_JWT_SECRET", "x" * 31)
+    with pytest.raises(SettingsError, match="RAYGRPO_JWT_SECRET: .*31 bytes; an HS256 key needs at least 32"):
+        Settings()
+    env.setenv("RAYGRPO_JWT_SECRET", "x" * 32)
+    assert Settings().jwt_secret == "x" * 32
+    env.delenv("RAYGRPO_JWT_SECRET")
+    env.setenv("RAYGRPO_WEBHOOK_SECRET", shipped["webhook-secret"])
+    with pytest.raises(SettingsError, match="RAYGRPO_WEBHOOK_SECRET: .*placeholder"):
         Settings()
