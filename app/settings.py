@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     model_roots: Annotated[list[Path], NoDecode] = []
     """folders a job's local `model`/`tokenizer` must lie under (RAYGRPO_MODEL_ROOTS, comma-separated); always
     also `home/models` and the folder of `default_model`"""
+    reward_worker_resources: dict[str, Annotated[float, Field(gt=0)]] = {}
+    """custom Ray resources every job's reward actors ask for, as JSON, e.g. RAYGRPO_REWARD_WORKER_RESOURCES=
+    '{"sandbox": 1}' to run the user code of every job on the gVisor group (kuberay/); jobs cannot change it"""
     allow_hub_models: bool = True
     """whether a job may name a Hugging Face Hub id (downloaded by the workers) as its model"""
 

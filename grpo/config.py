@@ -194,6 +194,9 @@ class GRPOConfig(BaseModel):
     """logical CPUs reserved by each policy worker and rollout actor"""
     cpus_per_reward_worker: float = Field(0.5, gt=0.0, le=256.0)
     """logical CPUs reserved by each reward actor"""
+    reward_worker_resources: dict[str, float] = Field(default_factory=dict, max_length=8)
+    """custom Ray resources each reward actor also asks for, e.g. {"sandbox": 1} to put reward actors (and the
+    user code they sandbox) on the KubeRay group that runs under gVisor (kuberay/raycluster.yaml)"""
     torch_threads: int = Field(1, ge=1, le=256)
     """intra-op threads of torch in every worker process"""
     reward_timeout_s: float = Field(10.0, gt=0.0, le=3600.0)
@@ -284,6 +287,10 @@ class GRPOConfig(BaseModel):
             raise ValueError("sft_batch_size: must be a multiple of num_policy_workers")
         if self.reward and self.reward_source:
             raise ValueError("reward_source: set either reward or reward_source")
+        for name, amount in self.reward_worker_resources.items():
+            if name in ("CPU", "GPU", "memory") or not name or amount <= 0:
+                raise ValueError(f"reward_worker_resources: {name!r}: a custom resource with a positive amount "
+                                 "(CPUs are cpus_per_reward_worker)")
         if self.lora_rank:
             if self.strategy != "ddp":
                 raise ValueError("lora_rank: LoRA runs with strategy 'ddp' (the adapter is small; FSDP2 is for full "
@@ -410,7 +417,7 @@ def config_reference() -> str:
                 if getattr(m, attr, None) is not None:
                     bounds.append(f"{sym} {getattr(m, attr)}")
         ann = str(f.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("|", "\\|")
-        default = "required" if f.is_required() else f"`{f.default!r}`"
+        default = "required" if f.is_required() else f"`{f.get_default(call_default_factory=True)!r}`"
         meaning = " ".join((f.description or "").split())  # a docstring over several lines: one table row
         lines.append(f"| `{name}` | {ann} | {default} | {', '.join(bounds)} | {meaning} |")
     return "\n".join(lines) + "\n"

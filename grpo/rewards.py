@@ -422,6 +422,11 @@ class SandboxedReward:
         return self.score_batch([(prompt, completion, expected)]).rewards[0]
 
 
+def probe_reward_source(source: str, timeout_s: float) -> None:
+    """RewardError unless `source` compiles, loads and scores the probe with a finite number, in the sandbox."""
+    SandboxedReward(source, timeout_s=timeout_s).validate()
+
+
 # ---- the worker ---------------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,9 +72,10 @@ def check_model(field: str, path: str, *, tokenizer: bool = False) -> None:
         raise ConfigError(f"{field}: {path} has a config but no weights ({', '.join(WEIGHT_FILES[:3])}, ...)")
 
 
-def preflight(cfg: GRPOConfig) -> None:
+def preflight(cfg: GRPOConfig, *, probe_source: Callable[[str, float], None] | None = None) -> None:
     """Everything that can be checked before an actor starts: the model files, the task/dataset and the
-    reward."""
+    reward. A reward given as source is probed in the sandbox by `probe_source(source, timeout_s)`: here by
+    default; the job API runs it as a Ray task instead, so no user code runs below its own process."""
     from grpo.rewards import RewardError, resolve
 
     check_model("model", cfg.model)
@@ -97,9 +99,9 @@ def preflight(cfg: GRPOConfig) -> None:
             raise ConfigError(f"{field}: refused: this runs user code, and {sandbox.reason}")
     try:
         if cfg.reward_source:
-            from grpo.rewards import SandboxedReward
+            from grpo.rewards import probe_reward_source
 
-            SandboxedReward(cfg.reward_source, timeout_s=cfg.reward_timeout_s).validate()
+            (probe_source or probe_reward_source)(cfg.reward_source, cfg.reward_timeout_s)
         else:
             resolve(cfg.reward or dataset.reward)
     except RewardError as e:
@@ -181,7 +183,7 @@ def actor_bundles(cfg: GRPOConfig) -> list[dict[str, float]]:
     rollout = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
     bundles = [rollout] * cfg.num_rollout_workers if any(rollout.values()) else []
     if cfg.cpus_per_reward_worker:
-        bundles += [{"CPU": cfg.cpus_per_reward_worker}] * cfg.num_reward_workers
+        bundles += [{"CPU": cfg.cpus_per_reward_worker, **cfg.reward_worker_resources}] * cfg.num_reward_workers
     return bundles
 
 
@@ -203,7 +205,8 @@ def build_actors(cfg: GRPOConfig, *, wait: bool = True, placement_group: Any = N
     rollout_cls = ray.remote(
         num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker, max_restarts=-1, max_task_retries=-1
     )(RolloutWorker)
-    reward_cls = ray.remote(num_cpus=cfg.cpus_per_reward_worker, max_restarts=-1, max_task_retries=-1)(RewardWorker)
+    reward_cls = ray.remote(num_cpus=cfg.cpus_per_reward_worker, resources=dict(cfg.reward_worker_resources) or None,
+                            max_restarts=-1, max_task_retries=-1)(RewardWorker)
     bundle = iter(range(len(actor_bundles(cfg)))) if placement_group is not None else None
 
     def placed(cls: Any, needs: bool) -> Any:

@@ -17,7 +17,8 @@ Every run is one `bwrap` process tree with:
   - rlimits set before the program's first line: CPU seconds, address space, file size, open files,
     processes (RLIMIT_NPROC), no core dumps;
   - a wall-clock bound: the whole tree is SIGKILLed at the timeout (and by `timeout(1)` shortly after,
-    should the caller itself die first); `--die-with-parent` takes the sandbox with bwrap.
+    should the caller itself die first); `--die-with-parent` takes the sandbox with bwrap. A program that
+    writes more than FLOOD_BYTES of output is killed too (64 KiB of each stream is kept).
 Where any of this cannot be set up (no `bwrap`, user namespaces disabled, a seccomp profile that forbids
 them), `status()` says why and `run_python` raises SandboxUnavailable: user code is refused, never run
 with less isolation.
@@ -40,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
@@ -48,6 +50,9 @@ OUTPUT_CAP_BYTES = 64 * 1024
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
 """largest file the program may write (RLIMIT_FSIZE), and the most read back from its results channel"""
+
+FLOOD_BYTES = 16 * 1024 * 1024
+"""a program that writes more than this to stdout or stderr is killed (what it wrote first is kept)"""
 
 MAX_OPEN_FILES = 64
 """RLIMIT_NOFILE for the program"""
@@ -210,15 +215,20 @@ def _bwrap_command(bwrap: str, files: list[tuple[int, str]], *, as_root: bool, i
     return cmd
 
 
-def _drain(stream: IO[bytes], sink: list[bytes], cap: int) -> None:
-    """Read a pipe to EOF, keeping the first `cap` bytes (so a chatty program cannot block)."""
+def _drain(stream: IO[bytes], sink: list[bytes], cap: int, on_flood: Callable[[], None] | None = None) -> None:
+    """Read a pipe to EOF, keeping the first `cap` bytes (so a chatty program cannot block); past
+    FLOOD_BYTES, `on_flood` (the kill) is called once: output beyond that is an attack on the reader."""
     kept = 0
+    flooded = False
     while chunk := stream.read1(65536):
         if kept < cap:
             sink.append(chunk[: cap - kept])
         kept += len(chunk)
+        if kept > FLOOD_BYTES and on_flood is not None and not flooded:
+            flooded = True
+            on_flood()
     if kept > cap:
-        sink.append(f"\n[... {kept - cap} bytes truncated]".encode())
+        sink.append(f"\n[... {kept - cap} bytes truncated{'; killed for flooding' if flooded else ''}]".encode())
 
 
 def _kill_group(pgid: int) -> None:
@@ -289,8 +299,9 @@ def _launch(code: str, *, timeout_s: float, memory_mb: int, files: dict[str, str
             out: list[bytes] = []
             err: list[bytes] = []
             res: list[bytes] = []
-            readers = [threading.Thread(target=_drain, args=(proc.stdout, out, OUTPUT_CAP_BYTES), daemon=True),
-                       threading.Thread(target=_drain, args=(proc.stderr, err, OUTPUT_CAP_BYTES), daemon=True)]
+            flood = functools.partial(_kill_group, proc.pid)
+            readers = [threading.Thread(target=_drain, args=(proc.stdout, out, OUTPUT_CAP_BYTES, flood), daemon=True),
+                       threading.Thread(target=_drain, args=(proc.stderr, err, OUTPUT_CAP_BYTES, flood), daemon=True)]
             res_stream = os.fdopen(res_r, "rb") if res_r >= 0 else None
             if res_stream is not None:
                 opened.remove(res_r)

@@ -286,7 +286,7 @@ def serve_stack(ctx: typer.Context, port: int = 8001, num_cpus: int = 8, replica
         _wait_for_jobs_agent(dashboard)
         state = {"pid": os.getpid(), "api_url": api_url.removesuffix("/api/v1/jsonrpc"), "rpc_url": api_url,
                  "dashboard_url": dashboard, "ray_address": address, "home": str(o.home),
-                 "started_at": time.time()}
+                 "ray_logs": str(Path(temp_dir) / "session_latest" / "logs"), "started_at": time.time()}
         tmp = state_path(o.home).with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(state_path(o.home))

@@ -9,6 +9,7 @@ Not here: HTTP (app.api.main), auth and rate limits (the security issue), the re
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import re
@@ -320,6 +321,11 @@ def engine_config(params: StartParams, *, settings: Settings, engine: Any, datas
             raise RPCError(VALIDATION_FAILED, f"config.engine.{key}: use config.{MAPPED[key]}",
                            {"field": f"config.engine.{key}"})
     mapping.update(c.engine)
+    if settings.reward_worker_resources:  # the operator's placement of user code (a gVisor group): not the job's
+        if "reward_worker_resources" in c.engine:
+            raise RPCError(VALIDATION_FAILED, "config.engine.reward_worker_resources: set by the server, not by a job",
+                           {"field": "config.engine.reward_worker_resources"})
+        mapping["reward_worker_resources"] = dict(settings.reward_worker_resources)
     if tokenizer is not None:
         mapping["tokenizer"] = tokenizer
     # Before anything is imported or loaded: only what the operator installed or allowed.
@@ -328,11 +334,40 @@ def engine_config(params: StartParams, *, settings: Settings, engine: Any, datas
         cfg = load_config(None, mapping)
         from grpo.run import preflight
 
-        preflight(cfg)
+        preflight(cfg, probe_source=functools.partial(probe_on_cluster, resources=settings.reward_worker_resources))
     except ConfigError as e:
         message = str(e).replace("invalid config: ", "")
         raise RPCError(VALIDATION_FAILED, "config: " + message, {"field": _api_field(message)}) from None
     return cfg
+
+
+def placed_on(resources: dict[str, float]) -> dict[str, float] | None:
+    """Ray resources that put a short task on the nodes offering `resources`, taking almost none of them."""
+    return {name: 0.001 for name in resources} or None
+
+
+def probe_on_cluster(source: str, timeout_s: float, *, resources: dict[str, float]) -> None:
+    """Probe a caller's reward source in the sandbox of a Ray task (on the operator's reward group where
+    RAYGRPO_REWARD_WORKER_RESOURCES names one), never below the API's own process; in-process only for the
+    app run outside Ray (tests, tools). RewardError with the reason when the source fails its probe."""
+    from grpo.rewards import RewardError, probe_reward_source
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        probe_reward_source(source, timeout_s)
+        return
+    # No CPU held (a probe must not wait behind the jobs filling the cluster) and a sliver of the reward group's
+    # resource: it places the task there without competing with reward actors for it.
+    task = ray.remote(num_cpus=0, resources=placed_on(resources), max_retries=0)(probe_reward_source)
+    try:
+        ray.get(task.remote(source, timeout_s), timeout=timeout_s + 120)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else None
+        if isinstance(cause, RewardError):
+            raise RewardError(str(cause)) from None
+        raise RewardError(f"reward_source: the probe could not run: {type(cause or e).__name__}") from None
+    except ray.exceptions.GetTimeoutError:
+        raise RewardError("reward_source: the probe could not start on the cluster in time; retry") from None
 
 
 def _api_field(engine_message: str) -> str:
@@ -669,7 +704,10 @@ async def evaluate(p: EvaluateParams, ctx: Context) -> dict[str, Any]:
         import ray
 
         if ray.is_initialized():  # on the cluster, never in the replica's process
-            result = await ray.remote(num_cpus=1)(evaluation_task).remote(*args)
+            runs_user_code = bool(cfg.get("reward_source")) or cfg.get("reward") == "code" or \
+                cfg.get("environment") == "python"
+            resources = placed_on(cfg.get("reward_worker_resources") or {}) if runs_user_code else None
+            result = await ray.remote(num_cpus=1, resources=resources)(evaluation_task).remote(*args)
         else:  # the app outside Serve (tests, local tools): a worker thread keeps the event loop free
             result = await asyncio.to_thread(evaluation_task, *args)
     except Exception as e:  # any failure to load or score is the client's -40004, with the reason

@@ -135,7 +135,11 @@ def test_a_job_runs_as_a_ray_job_to_completed_with_trajectories_and_checkpoints(
     assert status["current_iteration"] == 6 and status["progress_percent"] == 100.0
     assert status["metrics"]["trajectories_generated"] == 6 * 4 * 4
     assert Decimal(status["cost_usd"]) > 0
-    ckpt = Path(status["best_checkpoint"]["path"])
+    assert "path" not in status["best_checkpoint"]  # a researcher's reply names it by id only
+    url, client, _ = api
+    admin = client.post(url, headers=bearer(client.settings, "root", "admin"), json={
+        "jsonrpc": "2.0", "method": "training.get_status", "params": {"job_id": job["job_id"]}, "id": 1}).json()
+    ckpt = Path(admin["result"]["best_checkpoint"]["path"])
     assert (ckpt / "config.json").exists() and (ckpt / "trainer_state.pt").exists()  # an HF directory
     out = rpc(api, "training.export_trajectories", job_id=job["job_id"], limit=1000)
     assert out["total_count"] == 96 and len(out["trajectories"]) == 96

@@ -198,7 +198,13 @@ def test_deploy_serves_the_trained_checkpoint_to_openai(job, home):
     url = run(home, "deploy", "trained", job_id).stdout.strip()
     assert url.endswith("/policies/trained/v1")
 
-    oa = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    token = json.loads(run(home, "--json", "token", "--sub", "stranger", "--role", "viewer").stdout)["token"]
+    with pytest.raises(openai.AuthenticationError):  # deployed policies answer to the API's credentials only
+        openai.OpenAI(base_url=url, api_key="unused", max_retries=0).models.list()
+    oa = openai.OpenAI(base_url=url, api_key=token, max_retries=0)
+    with pytest.raises(openai.NotFoundError):  # a viewer who is not its owner: not found
+        oa.models.list()
+    oa = openai.OpenAI(base_url=url, api_key=json.loads(run(home, "--json", "token").stdout)["token"], max_retries=0)
     (model_info,) = oa.models.list().data
     trained = AutoModelForCausalLM.from_pretrained(ckpt)
     assert model_info.model_extra["weights_sha256"] == weights_digest(trained)  # the checkpoint's weights

@@ -276,7 +276,7 @@ def test_a_deployed_session_answers_the_openai_client_with_its_newest_weights(al
     alice.undeploy("live")
 
 
-def test_a_lora_session_trains_the_adapter_and_saves_a_peft_directory(alice, tiny_model_dir):
+def test_a_lora_session_trains_the_adapter_and_saves_a_peft_directory(alice, stack, tiny_model_dir):
     """Only the adapter trains and reaches the sampler; save_weights writes what PeftModel loads."""
     import torch
     from peft import PeftModel
@@ -291,7 +291,9 @@ def test_a_lora_session_trains_the_adapter_and_saves_a_peft_directory(alice, tin
             s.optim_step(learning_rate=5e-2)
         after = s.sample(["digit 6:"], max_tokens=6, temperature=0).result()
         assert after["weights_version"] == 4 and after["samples"][0]["tokens"] != before["tokens"]
-        path = s.save_weights("adapter").result()["path"]
+        saved = s.save_weights("adapter").result()
+        assert saved["model"] == f"weights:{s.id}/adapter" and "path" not in saved  # paths: admins' replies only
+        path = stack[2] / "models" / "sessions" / s.id / "adapter"
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), path).eval()
     ids = torch.tensor([after["samples"][0]["prompt_tokens"]])
     with torch.no_grad():

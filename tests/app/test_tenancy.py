@@ -212,3 +212,18 @@ def test_the_proxy_middleware_drops_only_headers_serve_cannot_decode():
     good = [(b"x-request-id", b"trace-1")]
     asyncio.run(DropUndecodableHeaders(inner)({"type": "http", "headers": good}, None, None))
     assert seen["headers"] == good
+
+
+def test_the_operator_places_every_jobs_user_code(tmp_path, tiny_model_dir):
+    from app.api.main import create_app
+
+    settings = Settings(home=tmp_path / "home", database_url=None, redis_url=None, default_model=tiny_model_dir,
+                        rate_limits={"default": 0}, jwt_secret="t" * 40, reward_worker_resources={"sandbox": 1})
+    app = create_app(settings)
+    with TestClient(app) as api:
+        api.settings = settings
+        job = start(api)["result"]["job_id"]
+        with db.session_scope(app.state.ctx.engine) as s:
+            assert db.get_job(s, job_id=job).engine_config["reward_worker_resources"] == {"sandbox": 1.0}
+        err = start(api, engine={"reward_worker_resources": {"elsewhere": 1}})["error"]
+        assert err["code"] == VALIDATION_FAILED and err["data"]["field"] == "config.engine.reward_worker_resources"

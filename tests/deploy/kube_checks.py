@@ -401,7 +401,11 @@ _ENDPOINT = {"type": "object", "additionalProperties": False, "properties": {
     "port": {"type": "string"}, "targetPort": {}, "path": {"type": "string", "pattern": "^/"},
     "scheme": {"enum": ["http", "https"]}, "interval": _DURATION, "scrapeTimeout": _DURATION,
     "honorLabels": {"type": "boolean"}, "relabelings": {"type": "array", "items": _RELABEL},
-    "metricRelabelings": {"type": "array", "items": _RELABEL}}}
+    "metricRelabelings": {"type": "array", "items": _RELABEL},
+    "authorization": {"type": "object", "required": ["credentials"], "additionalProperties": False, "properties": {
+        "type": {"type": "string"},
+        "credentials": {"type": "object", "required": ["key"], "additionalProperties": False, "properties": {
+            "name": {"type": "string"}, "key": {"type": "string"}, "optional": {"type": "boolean"}}}}}}}
 _META = {"type": "object", "required": ["name"], "properties": {
     "name": {"type": "string", "pattern": r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$", "maxLength": 253},
     "namespace": {"type": "string"},

@@ -42,7 +42,7 @@ KUBERAY = ROOT / "kuberay"
 NOT_OBJECTS = {"kustomization.yaml", "alerts_test.yaml"}  # kustomize's own file; promtool's unit tests
 MANIFEST_FILES = sorted(p for p in KUBERAY.rglob("*.yaml") if p.name not in NOT_OBJECTS and "run-configs" not in p.parts)
 BUILTIN_KINDS = {"Namespace", "Secret", "PersistentVolumeClaim", "Service", "StatefulSet", "Deployment", "Job",
-                 "ConfigMap"}
+                 "ConfigMap", "RuntimeClass"}
 
 
 def objects() -> list[tuple[str, dict]]:
@@ -344,7 +344,7 @@ def test_kustomize_builds_the_whole_deploy_and_every_built_object_passes(schemas
             "ConfigMap"} <= kinds
     for obj in built:
         check(obj, schemas)
-        if obj["kind"] != "Namespace":
+        if obj["kind"] not in ("Namespace", "RuntimeClass"):  # cluster-scoped
             assert obj["metadata"]["namespace"] == "raygrpo", obj["metadata"]["name"]
     dashboards = [o for o in built if o["kind"] == "ConfigMap"]
     assert len(dashboards) == 3 and all(o["metadata"]["labels"]["grafana_dashboard"] == "1" for o in dashboards)

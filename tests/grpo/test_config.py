@@ -110,3 +110,16 @@ def test_config_reference_doc_is_current():
     doc = Path(__file__).resolve().parents[2] / "docs" / "config.md"
     assert doc.read_text() == config_reference(), "regenerate: python -m grpo.config > docs/config.md"
     assert "| `group_size` | int | `8` | >= 2, <= 64 | completions sampled per prompt |" in doc.read_text()
+
+
+def test_reward_actors_may_ask_for_a_custom_resource(tiny_model_dir):
+    """reward_worker_resources places reward actors (and the user code they sandbox) on a group of the operator's
+    choosing, e.g. the gVisor group of kuberay/raycluster.yaml: each reward actor's bundle carries it."""
+    from grpo.run import actor_bundles
+
+    cfg = load_config(None, {"model": tiny_model_dir, "num_rollout_workers": 1, "num_reward_workers": 2,
+                             "reward_worker_resources": {"sandbox": 1}})
+    assert actor_bundles(cfg) == [{"CPU": 1.0}, {"CPU": 0.5, "sandbox": 1.0}, {"CPU": 0.5, "sandbox": 1.0}]
+    for bad in ({"CPU": 1}, {"sandbox": 0}, {"": 1}):
+        with pytest.raises(ConfigError, match="reward_worker_resources"):
+            load_config(None, {"model": tiny_model_dir, "reward_worker_resources": bad})
