@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     deployment_reconcile_s: float = Field(30.0, ge=0)
     """how often the dispatcher makes Serve run every policy deployment the database holds (a new cluster, a
     Serve restart, an application deleted behind the API's back); 0 turns it off"""
+    driver_restarts: int = Field(2, ge=0, le=100)
+    """how often a job whose run's driver died without reporting (killed, out of memory, its node lost) is queued
+    again, to resume from its checkpoint; 0: such a job fails"""
     max_running_jobs: int = Field(2, ge=0)
     """the most jobs the dispatcher runs at once (0: it starts none); below it, resources decide"""
     cluster_capacity: dict[str, Annotated[float, Field(ge=0)]] = {}

@@ -11,6 +11,12 @@ Exactly once: a run that restarts (its worker group after a crash, or the whole 
 steps after its last checkpoint. Rank 0 says where it resumed (`RunMonitor.resumed`) before it posts
 anything of the new attempt, and every reporter's `on_resume(step)` drops what it stored for later
 steps, so each step's metrics and trajectories end up stored once: the new attempt's.
+
+No step lost at a checkpoint: a checkpoint of step k counts only once step k's records are durable.
+Every post to the mailbox is numbered; the driver acknowledges (`stored`) the posts it has handed to the
+reporters, and only after they returned; rank 0 waits (`wait_stored`) for everything posted so far (its
+step's metrics and every rank's trajectories) before any rank writes the checkpoint. So a resume never
+starts after a step whose records died in the mailbox with the driver.
 """
 
 from __future__ import annotations
@@ -56,38 +62,80 @@ def notify_resume(reporters: list[Any], step: int) -> None:
 
 
 class RunMonitor:
-    """Mailbox between rank 0 and the driver (a Ray actor with num_cpus=0)."""
+    """Mailbox between rank 0 and the driver (a Ray actor with num_cpus=0; async, so waits cost nothing)."""
 
     def __init__(self) -> None:
+        import asyncio
+
         self.metrics: list[dict[str, float]] = []
         self.rows: list[dict[str, Any]] = []
         self.stop_reason: str | None = None
         self.resumed_at: int | None = None
+        self.posted = 0
+        """posts so far (each record and each batch of trajectories)"""
+        self.acked = 0
+        """the posts the driver has stored through its reporters (the highest `drain` number it acknowledged)"""
+        self._changed = asyncio.Condition()
 
-    def resumed(self, step: int) -> None:
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def resumed(self, step: int) -> None:
         """The policy workers (re)started after `step`; what the mailbox holds for later steps came from
         the attempt that was lost, and the driver tells the reporters to drop what they stored of it."""
         self.metrics = [m for m in self.metrics if m["step"] <= step]
         self.rows = [r for r in self.rows if r["step"] <= step]
         self.resumed_at = step if self.resumed_at is None else min(self.resumed_at, step)
+        await self._notify()
 
-    def record(self, step: int, metrics: dict[str, float], rows: list[dict[str, Any]]) -> str | None:
+    async def record(self, step: int, metrics: dict[str, float], rows: list[dict[str, Any]]) -> str | None:
         self.metrics.append(dict(metrics, step=step))
         self.rows += rows
+        self.posted += 1
+        await self._notify()
         return self.stop_reason
 
-    def add_trajectories(self, rows: list[dict[str, Any]]) -> None:
+    async def add_trajectories(self, rows: list[dict[str, Any]]) -> None:
         self.rows += rows
+        self.posted += 1
+        await self._notify()
 
     def request_stop(self, reason: str) -> None:
         self.stop_reason = self.stop_reason or reason
 
-    def drain(self) -> tuple[int | None, list[dict[str, float]], list[dict[str, Any]]]:
-        """(the step a restart resumed after, or None; metrics; trajectory rows), all in arrival order:
-        the resume comes first, so the reporters drop the lost attempt's rows before storing the new ones."""
-        out = (self.resumed_at, self.metrics, self.rows)
+    def drain(self) -> tuple[int, int | None, list[dict[str, float]], list[dict[str, Any]]]:
+        """(the number of posts handed out so far, the step a restart resumed after or None, metrics, trajectory
+        rows), all in arrival order: the resume comes first, so the reporters drop the lost attempt's rows
+        before storing the new ones. The driver acknowledges the number once its reporters stored them."""
+        out = (self.posted, self.resumed_at, self.metrics, self.rows)
         self.resumed_at, self.metrics, self.rows = None, [], []
         return out
+
+    async def stored(self, through: int) -> None:
+        """The driver's reporters stored every post up to number `through` (a `drain`'s first value)."""
+        self.acked = max(self.acked, through)
+        await self._notify()
+
+    async def wait_stored(self) -> int:
+        """Returns once everything posted before this call is stored (rank 0, before a checkpoint)."""
+        target = self.posted
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.acked >= target)
+        return target
+
+    async def wait_posted(self, seen: int, timeout_s: float) -> int:
+        """Returns the number of posts once it is above `seen` (or after `timeout_s`): the driver drains as
+        soon as there is something, instead of on a fixed poll."""
+        import asyncio
+
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.posted > seen or self.resumed_at is not None),
+                                       timeout_s)
+        except TimeoutError:
+            pass
+        return self.posted
 
 
 def _clean(v: Any) -> Any:

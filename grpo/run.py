@@ -251,6 +251,46 @@ def rank_checkpoints(kept: list[tuple[Any, dict[str, Any]]]) -> tuple[list[str],
     return [path for *_, path in ranked], scores
 
 
+class FaultHook:
+    """A fault a test arms to hit a window on purpose, not by luck: with RAYGRPO_FAULT_HOOKS=1 in the driver's
+    environment, a file `<run_dir>/FAULT` reading `after-checkpoint <step> kill|hold` makes the driver, once the
+    checkpoint of that step exists and before its next drain, SIGKILL itself (`kill`) or write
+    `<run_dir>/FAULT-HELD` and stop draining for good (`hold`: the test then kills the whole stack). One shot:
+    the file goes when it fires, so the resumed run is not hit again. Inert without the variable."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "FAULT"
+        self.armed = os.environ.get("RAYGRPO_FAULT_HOOKS") == "1"
+
+    def check(self) -> None:
+        if not self.armed or not self.path.is_file():
+            return
+        try:
+            what, step, action = self.path.read_text().split()
+            step = int(step)
+        except ValueError:
+            return
+        latest = latest_checkpoint(self.path.parent)
+        if what != "after-checkpoint" or latest is None or _checkpoint_step(latest) < step:
+            return
+        self.path.unlink(missing_ok=True)
+        log.warning("fault hook: the checkpoint of step %d exists; %s before the next drain", step, action)
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        (self.path.parent / "FAULT-HELD").write_text(str(step))
+        while True:  # hold: never drain again; the test kills the stack
+            time.sleep(3600)
+
+
+def _checkpoint_step(path: str) -> int:
+    import torch
+
+    try:
+        return int(torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=False)["step"])
+    except (OSError, KeyError, RuntimeError, EOFError):
+        return -1
+
+
 def latest_checkpoint(run_dir: Path) -> str | None:
     """The newest checkpoint a run folder holds (by the step it saved), for a run that ended without Ray
     Train's result (aborted)."""
@@ -487,6 +527,8 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
     warned: set[int] = set()
     recent: collections.deque[float] = collections.deque(maxlen=cfg.target_window)
     pending = list(ready)
+    stored_through = 0  # the mailbox's posts this driver's reporters have stored (RunMonitor.stored)
+    fault = FaultHook(cfg.run_dir)
     # The cost meter starts once the run holds resources: its actors are up (not while they waited).
     metered_from: float | None = None if pending else time.time()
     while True:
@@ -506,7 +548,8 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
         if pending and (reason := check_stop()):  # nothing can have trained yet: no step boundary to wait for
             request_stop(reason)
             stop_requested["at"] = time.monotonic() - stop_grace_s - 1
-        resumed_at, metrics, rows = ray.get(monitor.drain.remote())
+        fault.check()  # a test's armed fault (kill or hold right after a checkpoint, before this drain)
+        posts, resumed_at, metrics, rows = ray.get(monitor.drain.remote())
         if resumed_at is not None:  # a (re)start: the steps after it are re-run, stored again once
             notify_resume(reporters, resumed_at)
         for r in reporters:
@@ -530,6 +573,9 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
                 log.info("mean reward %.3f over the last %d steps reached the target %.3g at step %d: stopping",
                          sum(recent) / len(recent), len(recent), cfg.target_reward, int(m["step"]))
                 request_stop("completed")
+        if posts > stored_through:  # every reporter has these now: a checkpoint after them may be written
+            monitor.stored.remote(posts)
+            stored_through = posts
         if cfg.max_budget_usd:
             used = cost / cfg.max_budget_usd
             for pct in (75, 90):
@@ -560,7 +606,8 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
             worker.join(timeout=max(poll_s, 2.0))
             outcome.pop("error", None)  # the abort's own error: the run ended because it was stopped
             continue
-        worker.join(timeout=poll_s)
+        # Until the next post (drained at once, so a checkpoint waiting on it is not held up) or the poll.
+        ray.get(monitor.wait_posted.remote(posts, poll_s))
     if progress is not None:
         progress.close()
 

@@ -473,6 +473,12 @@ def report_step(w: Worker, step: int, metrics: dict[str, float], got: Collected)
         if evaluating and "eval_reward" not in metrics and w.rank == 0:
             metrics["eval_reward"] = evaluate(cfg, w.dataset, w.actors, w.reward_actors, w.version)
         metrics.setdefault("eval_reward", float("nan"))
+        if w.rank == 0:
+            # No checkpoint of a step whose records are not durable: a resume starts after the checkpoint,
+            # so records that died in the mailbox with the driver would be lost for good (grpo.report). Every
+            # rank posted this step's trajectories before the stop vote above; the others wait in the
+            # checkpoint's collectives meanwhile.
+            ray.get(w.monitor.wait_stored.remote())
         save_checkpoint(w, step, metrics)
     # Only checkpoint steps call ray.train.report: in Ray 2.60 it is a barrier that waits for the Train
     # controller's poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), longer than a small step.

@@ -207,6 +207,13 @@ def failure_cause(log: str, limit: int = 400) -> str:
     return lines[-1][:limit] if lines else "the run left no log"
 
 
+def died_silently(log: str) -> bool:
+    """Whether a run's log ends without a cause of its own (no exception, no `error:` line from grpo.run): its
+    driver was killed from outside, and running it again may well work."""
+    return not any(_EXCEPTION_LINE.match(line.strip()) or line.strip().startswith("error: ")
+                   for line in log.splitlines()[-200:])
+
+
 def database_env(settings: Settings) -> dict[str, str]:
     """How a run's driver finds the database, with no password in the job's runtime env or entrypoint: a
     URL without one as is; else `DATABASE_URL_FILE`, naming the file the API itself read the URL from (a
@@ -360,21 +367,37 @@ class Dispatcher:
         return done
 
     def _finalise(self, job: TrainingJob, ray_status: str) -> None:
-        """A Ray Job ended; its reporter normally marked the outcome already. If not, do it here."""
+        """A Ray Job ended; its reporter normally marked the outcome already. If not, do it here: a driver
+        that died without a word (killed, out of memory, its node lost) is queued again to resume from its
+        checkpoint, RAYGRPO_DRIVER_RESTARTS times at most; a run that said why it failed is failed."""
+        again = False
         with db.session_scope(self.engine) as s:
             current = db.get_job(s, job_id=job.id)
             if current is not None and current.status == JobStatus.running:
+                log_tail = self._log_tail(job.ray_submission_id, chars=20_000) if ray_status != "STOPPED" else ""
+                restarts = int((current.metrics or {}).get("driver_restarts", 0))
                 if ray_status == "STOPPED":
                     db.finish_job(s, job_id=job.id, status=JobStatus.cancelled, stop_reason="cancelled")
+                elif ray_status == "FAILED" and died_silently(log_tail) and restarts < self.settings.driver_restarts \
+                        and not current.cancel_requested:
+                    db.set_status(s, job_id=job.id, status=JobStatus.queued,
+                                  metrics={**(current.metrics or {}), "driver_restarts": restarts + 1})
+                    again, priority = True, current.priority
+                    log.warning("job %s: its driver died without reporting (Ray Job %s %s); queued again to resume "
+                                "from its checkpoint (restart %d of %d)", job.id, job.ray_submission_id, ray_status,
+                                restarts + 1, self.settings.driver_restarts)
                 else:
-                    cause = failure_cause(self._log_tail(job.ray_submission_id, chars=20_000))
+                    cause = failure_cause(log_tail)
                     db.finish_job(s, job_id=job.id, status=JobStatus.failed,
                                   error_message=f"{cause} (the run's Ray Job ended {ray_status} without reporting; "
                                                 f"its whole log: ray job logs {job.ray_submission_id})")
-            final = current.status if current is not None else None
+            final = None if again else (current.status if current is not None else None)
         if self.queue is not None:
             self.queue.ack(job.id)
-            if final:
+            if again:
+                self.queue.push(job.id, priority=priority)
+                self.queue.set_status(job.id, JobStatus.queued)
+            elif final:
                 self.queue.set_status(job.id, final)
 
     def _log_tail(self, sid: str | None, chars: int = 2000) -> str:
@@ -498,6 +521,8 @@ class Dispatcher:
                # Worker processes start slowly on a busy node; 60 s (Ray's default) failed runs there.
                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
                "RAYGRPO_JOB_ID": job.id, "RAYGRPO_LOG_FORMAT": self.settings.log_format}
+        if os.environ.get("RAYGRPO_FAULT_HOOKS") == "1":  # tests that kill a run on purpose (grpo.run.FaultHook)
+            env["RAYGRPO_FAULT_HOOKS"] = "1"
         try:
             self.client.submit_job(entrypoint=entrypoint, submission_id=job.ray_submission_id,
                                    runtime_env={"env_vars": env}, metadata={"job_id": job.id, "agent": job.agent_id})

@@ -46,7 +46,9 @@ class FakeJobs:
         return self.status[sid]
 
     def get_job_logs(self, sid):
-        return ""
+        return self.logs.get(sid, "")
+
+    logs: dict[str, str] = {}
 
 
 class FakeCluster:
@@ -335,3 +337,43 @@ def test_a_failed_runs_message_is_its_cause_first_not_a_log_tail():
     assert failure_cause(log) == "OSError: /models/x does not appear to have a file named config.json"
     assert failure_cause("error: invalid config: model: required\n") == "error: invalid config: model: required"
     assert failure_cause("just a line\n\n") == "just a line" and failure_cause("") == "the run left no log"
+
+
+def test_a_run_whose_driver_died_silently_is_queued_again_a_bounded_number_of_times(make_dispatcher):
+    """A Ray Job that ended FAILED without its run reporting and without an error in its log (the driver was
+    killed, its node lost) goes back to the queue to resume from its checkpoint, RAYGRPO_DRIVER_RESTARTS times;
+    one whose log names its error fails at once with it."""
+    cluster = FakeCluster(CPU=8)
+    d = make_dispatcher(cluster, driver_restarts=2)
+    d.client.logs = {}
+    job = add_job(d, 1)
+    for restart in (1, 2):
+        d.launch()
+        sid = view_sid(d, job)
+        d.client.status[sid] = "FAILED"
+        d.client.logs[sid] = "step 3/6 reward 0.2\nstep 4/6 reward 0.3\n"  # killed mid-run: no last word
+        d.watch_running()
+        with db.session_scope(d.engine) as s:
+            row = db.get_job(s, job_id=job)
+            assert row.status == JobStatus.queued and row.metrics["driver_restarts"] == restart
+    d.launch()
+    assert len({view_sid(d, job)}) == 1 and view_sid(d, job).endswith("-a3")  # each attempt its own Ray Job
+    d.client.status[view_sid(d, job)] = "FAILED"
+    d.watch_running()
+    with db.session_scope(d.engine) as s:
+        row = db.get_job(s, job_id=job)
+        assert row.status == JobStatus.failed and "without reporting" in row.error_message  # the limit
+
+    crashed = add_job(d, 2)
+    d.launch()
+    d.client.status[view_sid(d, crashed)] = "FAILED"
+    d.client.logs[view_sid(d, crashed)] = "Traceback (most recent call last):\nValueError: bad rows\n"
+    d.watch_running()
+    with db.session_scope(d.engine) as s:
+        row = db.get_job(s, job_id=crashed)
+        assert row.status == JobStatus.failed and row.error_message.startswith("ValueError: bad rows")
+
+
+def view_sid(d: Dispatcher, job_id: str) -> str:
+    with db.session_scope(d.engine) as s:
+        return db.get_job(s, job_id=job_id).ray_submission_id

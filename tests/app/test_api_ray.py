@@ -52,6 +52,7 @@ def api(request, ray_session, tmp_path_factory, tiny_model_dir):
     env = {"RAYGRPO_HOME": str(home), "DATABASE_URL": f"sqlite:///{home / 'raygrpo.db'}", "REDIS_URL": "",
            "RAYGRPO_DEFAULT_MODEL": tiny_model_dir, "RAYGRPO_CANCEL_WAIT_S": "90", "RAYGRPO_MAX_RUNNING_JOBS": "2",
            "RAYGRPO_JWT_SECRET": secrets.token_urlsafe(32),
+           "RAYGRPO_FAULT_HOOKS": "1",  # armed per run by a FAULT file (grpo.run.FaultHook); inert elsewhere
            # the tests poll; one method keeps a small limit to show the buckets are shared by the replicas
            "RAYGRPO_RATE_LIMITS": ",".join(f"{m}=0" for m in DEFAULT_RATE_LIMITS) + f",auth.whoami={WHOAMI_LIMIT}"}
     with contextlib.ExitStack() as stack:
@@ -238,6 +239,38 @@ def test_killing_the_dispatcher_and_the_replica_loses_no_job_and_runs_none_twice
         assert submitted.count(j) == 1 and not any(s.startswith(f"{j}-a") for s in submitted)  # ran once
         out = rpc(api, "training.export_trajectories", job_id=j, limit=1000)
         assert out["total_count"] == 12 * 4 * 4  # every step once: nothing lost, nothing doubled
+
+
+def test_a_job_whose_driver_dies_right_after_a_checkpoint_resumes_and_stores_every_step_once(api):
+    """The run's driver is killed right after the checkpoint of step 3 is written and before its next drain
+    (grpo.run's fault hook). The dispatcher sees its Ray Job end FAILED without a word and queues the job
+    again; the new run resumes after step 3, and every step is stored exactly once, on both databases."""
+    from ray.job_submission import JobSubmissionClient
+
+    url, client, home = api
+    job = rpc(api, "training.start_grpo", **job_params())
+    run_dir = home / "jobs" / job["job_id"] / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "FAULT").write_text("after-checkpoint 3 kill")
+    status = wait_for(api, job["job_id"], {"completed", "failed", "cancelled"}, timeout=600)
+    assert status["status"] == "completed" and status["current_iteration"] == 6, status
+    assert not (run_dir / "FAULT").exists()  # it fired
+    out = rpc(api, "training.export_trajectories", job_id=job["job_id"], limit=1000)
+    per_step: dict[int, int] = {}
+    for t in out["trajectories"]:
+        per_step[t["step"]] = per_step.get(t["step"], 0) + 1
+    assert per_step == dict.fromkeys(range(1, 7), 16), per_step
+    jobs_api = JobSubmissionClient(os.environ["RAYGRPO_TEST_DASHBOARD_URL"])
+    deadline = time.time() + 120
+    while True:  # the driver exits a moment after it marked the job completed
+        runs = [j for j in jobs_api.list_jobs() if (j.metadata or {}).get("job_id") == job["job_id"]]
+        if all(j.status.is_terminal() for j in runs) or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert sorted(str(j.status) for j in runs) == ["FAILED", "SUCCEEDED"], runs  # killed once, resumed once
+    failed = next(j for j in runs if str(j.status) == "FAILED")
+    logs = jobs_api.get_job_logs(failed.submission_id)
+    assert "the checkpoint of step 3 exists; kill" in logs
 
 
 def test_every_method_and_error_through_the_serve_app(api, completed_job):

@@ -47,6 +47,7 @@ def embedded_defaults(tiny_model_dir):
         for name in ("DATABASE_URL", "REDIS_URL", "RAYGRPO_HOME", "RAY_ADDRESS", "RAY_DASHBOARD_URL"):
             mp.delenv(name, raising=False)
         mp.setenv("RAYGRPO_MODEL_ROOTS", str(Path(tiny_model_dir).parent))
+        mp.setenv("RAYGRPO_FAULT_HOOKS", "1")  # runs act on a FAULT file a test puts in their folder, none other
         yield
 
 
@@ -274,23 +275,28 @@ def test_three_readme_shaped_jobs_at_once_all_complete_and_never_share_the_clust
     assert waited, "no job was seen waiting for resources"
 
 
-def test_down_then_up_mid_job_resumes_it_and_stores_every_step_once(stack, job, home):
-    """`raygrpo down` with a job mid-way, then `up` on the same home: the job goes on from its checkpoint
-    and each step's trajectories are stored exactly prompts x group times (the steps the lost run did
-    after its checkpoint are run again and replace what it wrote)."""
+def test_down_then_up_mid_job_resumes_it_and_stores_every_step_once(stack, home, tiny_model_dir, tmp_path):
+    """`raygrpo down` right after the checkpoint of step 8 is written and before the run's next drain (its
+    fault hook holds the driver there: the window that lost step 8's records), then `up` on the same home:
+    the job goes on after step 8 and each step's trajectories are stored exactly prompts x group times (the
+    steps the lost run did after its checkpoint are run again and replace what it wrote)."""
     state, _ = stack
-    _, _, spec_path = job
-    spec = yaml.safe_load(spec_path.read_text())
-    spec.pop("evaluation_data")
     steps = 16
-    spec["config"].update(n_iterations=steps, checkpoint_interval=4, engine={"cpus_per_worker": 1,
-                                                                              "cpus_per_reward_worker": 0.5})
-    job_id = run(home, "submit", "--detach", str(_write(spec_path.parent / "restart.yaml",
-                                                        yaml.safe_dump(spec)))).stdout.strip()
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    spec = {"agent_id": "cli-agent", "training_file": "rows.jsonl", "config": {
+        "model": tiny_model_dir, "reward": "digit", "n_iterations": steps, "batch_size": BATCH,
+        "n_trajectories_per_query": GROUP, "learning_rate": 1e-3, "max_new_tokens": 6, "checkpoint_interval": 4,
+        "max_budget_usd": "5", "num_policy_workers": 1, "num_rollout_workers": 1, "num_reward_workers": 1,
+        "engine": {"cpus_per_worker": 1, "cpus_per_reward_worker": 0.5}}}
+    job_id = run(home, "submit", "--detach", str(_write(tmp_path / "restart.yaml", yaml.safe_dump(spec)))).stdout.strip()
+    run_dir = home / "jobs" / job_id / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "FAULT").write_text("after-checkpoint 8 hold")
     deadline = time.time() + 300
-    while json.loads(run(home, "--json", "status", job_id).stdout)["current_iteration"] < 6:
-        assert time.time() < deadline
-        time.sleep(0.5)
+    while not (run_dir / "FAULT-HELD").exists():
+        assert time.time() < deadline, json.loads(run(home, "--json", "status", job_id).stdout)
+        time.sleep(0.2)
+    assert json.loads(run(home, "--json", "status", job_id).stdout)["current_iteration"] == 8  # 8 stored, not 9
     run(home, "down")
     port = state["api_url"].rsplit(":", 1)[1].split("/")[0]
     run(home, "up", "--port", port, "--num-cpus", "6")

@@ -148,33 +148,89 @@ def _wait_for_steps(proc: subprocess.Popen, metrics: Path, n: int) -> None:
         time.sleep(0.1)
 
 
+def _arm(run_dir: Path, step: int, action: str = "kill") -> None:
+    """The fault hook of grpo.run (FaultHook): once the checkpoint of `step` exists, before its next drain."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "FAULT").write_text(f"after-checkpoint {step} {action}")
+
+
+def _assert_each_step_once(run_dir: Path, steps: int, per_step: int) -> None:
+    assert [m["step"] for m in _rows(run_dir / "metrics.jsonl")] == list(range(1, steps + 1))
+    assert Counter(r["step"] for r in _rows(run_dir / "trajectories.jsonl")) == dict.fromkeys(range(1, steps + 1),
+                                                                                             per_step)
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
-    """SIGKILL the whole run (driver and its local Ray) mid-way; the same command resumes it, and every step
-    is stored once: the steps after the checkpoint are re-run and replace what the lost run wrote."""
-    args = _cli_args(tiny_model_dir, tmp_path, "resume", num_steps=14, checkpoint_interval=3)
+@pytest.mark.parametrize("interval", [1, 10])
+def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tmp_path, interval):
+    """The driver dies right after the checkpoint of step k is written and before its next drain (a fault hook,
+    not a sleep: the window that lost step k's records when they were still in the mailbox). The same command
+    resumes it after step k, and every step is stored once: k's records were durable before its checkpoint
+    counted (grpo.report), the steps after it are re-run and replace what the lost run wrote."""
+    k = 2 * interval if interval < 5 else interval
+    steps = k + 2
+    args = _cli_args(tiny_model_dir, tmp_path, "resume", num_steps=steps, checkpoint_interval=interval)
     run_dir = tmp_path / "runs" / "resume"
-    metrics = run_dir / "metrics.jsonl"
-    first = _run_cli(args, tmp_path)
-    _wait_for_steps(first, metrics, 8)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    steps_before = [m["step"] for m in _rows(metrics)]
-    assert 8 <= len(steps_before) < 14
+    _arm(run_dir, k)
+    env = {**os.environ, "RAYGRPO_FAULT_HOOKS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    first = subprocess.Popen([sys.executable, "-m", "grpo.run", *args], cwd=tmp_path, env=env, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = first.communicate(timeout=400)
+    os.killpg(first.pid, signal.SIGKILL) if _group_alive(first.pid) else None  # its local Ray, orphaned
+    assert first.returncode == -signal.SIGKILL, out[-3000:]
+    assert f"the checkpoint of step {k} exists; kill" in out and not (run_dir / "FAULT").exists()
+    stored = [m["step"] for m in _rows(run_dir / "metrics.jsonl")]
+    assert stored[:k] == list(range(1, k + 1)), stored  # step k's records were stored before its checkpoint
 
     second = _run_cli(args, tmp_path)
     out, _ = second.communicate(timeout=400)
     assert second.returncode == 0, out[-3000:]
-    # It restarted right after a checkpoint (every 3 steps), not from step 1. The newest one may still
-    # have been in flight when the kill landed, so the one before it is as good.
-    resumed_at = int(re.search(r"^step (\d+)/14", out, re.M).group(1))
-    assert (resumed_at - 1) % 3 == 0 and 4 <= resumed_at <= max(steps_before) + 1
-    assert [m["step"] for m in _rows(metrics)] == list(range(1, 15))  # each step once
-    assert Counter(r["step"] for r in _rows(run_dir / "trajectories.jsonl")) == {s: 32 for s in range(1, 15)}
+    assert re.search(rf"^step {k + 1}/{steps}", out, re.M), out[-2000:]  # resumed right after step k's checkpoint
+    _assert_each_step_once(run_dir, steps, 32)
     summary = json.loads((run_dir / "summary.json").read_text())
     state = torch.load(Path(summary["checkpoint"]) / "trainer_state.pt", weights_only=False)
-    assert state["step"] == 14  # the same step count as an uninterrupted run
-    assert summary["status"] == "completed"
+    assert state["step"] == steps and summary["status"] == "completed"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_ray_job_whose_driver_dies_after_a_checkpoint_resumes_and_stores_every_step_once(
+        ray_session, tiny_model_dir, tmp_path):
+    """The same window for a run submitted as a Ray Job: its entrypoint is killed right after the checkpoint of
+    step 3; submitted again, it resumes after step 3 and every step is stored once."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(os.environ["RAYGRPO_TEST_DASHBOARD_URL"])
+    args = _cli_args(tiny_model_dir, tmp_path, "job", num_steps=5, checkpoint_interval=3, cpus_per_worker=0.5,
+                     cpus_per_reward_worker=0.5)
+    run_dir = tmp_path / "runs" / "job"
+    _arm(run_dir, 3)
+    entrypoint = f"{sys.executable} -m grpo.run " + " ".join(args)
+    env = {"RAYGRPO_FAULT_HOOKS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+    def until_done(sid: str) -> JobStatus:
+        deadline = time.time() + 400
+        while (status := client.get_job_status(sid)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            assert time.time() < deadline, client.get_job_logs(sid)[-3000:]
+            time.sleep(0.5)
+        return status
+
+    first = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env})
+    assert until_done(first) == JobStatus.FAILED  # the driver was killed, as the hook says
+    assert "the checkpoint of step 3 exists; kill" in client.get_job_logs(first)
+    second = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env})
+    assert until_done(second) == JobStatus.SUCCEEDED, client.get_job_logs(second)[-3000:]
+    assert re.search(r"^step 4/5", client.get_job_logs(second), re.M)
+    _assert_each_step_once(run_dir, 5, 32)
 
 
 @pytest.mark.ray

@@ -3,23 +3,56 @@ its mailbox, and the run folder's files are cut back to the steps the checkpoint
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from grpo.report import LocalReporter, RunMonitor, notify_resume
 
 
 def test_the_monitor_drops_the_lost_attempts_steps_and_reports_the_resume_first():
-    m = RunMonitor()
-    for step in (1, 2, 3):
-        m.record(step, {"reward_mean": 0.5}, [{"step": step, "i": 0}])
-    m.add_trajectories([{"step": 3, "i": 1}])
-    m.resumed(2)  # the worker group restarted from the step-2 checkpoint
-    m.record(3, {"reward_mean": 0.7}, [{"step": 3, "i": 0}])
-    resumed_at, metrics, rows = m.drain()
-    assert resumed_at == 2
-    assert [(x["step"], x["reward_mean"]) for x in metrics] == [(1, 0.5), (2, 0.5), (3, 0.7)]
-    assert rows == [{"step": 1, "i": 0}, {"step": 2, "i": 0}, {"step": 3, "i": 0}]
-    assert m.drain() == (None, [], [])
+    async def go():
+        m = RunMonitor()
+        for step in (1, 2, 3):
+            await m.record(step, {"reward_mean": 0.5}, [{"step": step, "i": 0}])
+        await m.add_trajectories([{"step": 3, "i": 1}])
+        await m.resumed(2)  # the worker group restarted from the step-2 checkpoint
+        await m.record(3, {"reward_mean": 0.7}, [{"step": 3, "i": 0}])
+        posts, resumed_at, metrics, rows = m.drain()
+        assert posts == 5 and resumed_at == 2
+        assert [(x["step"], x["reward_mean"]) for x in metrics] == [(1, 0.5), (2, 0.5), (3, 0.7)]
+        assert rows == [{"step": 1, "i": 0}, {"step": 2, "i": 0}, {"step": 3, "i": 0}]
+        assert m.drain() == (5, None, [], [])
+
+    asyncio.run(go())
+
+
+def test_a_checkpoint_waits_until_every_post_before_it_is_stored():
+    """Rank 0 asks `wait_stored` before any rank writes a checkpoint: it returns only once the driver has
+    acknowledged a drain holding every post made before the call (rank 0's record and the other ranks'
+    trajectories), not on an acknowledgement of an earlier drain."""
+    async def go():
+        m = RunMonitor()
+        await m.record(1, {"reward_mean": 0.5}, [{"step": 1, "rank": 0}])
+        early = m.drain()[0]  # the driver drains rank 0's record...
+        await m.add_trajectories([{"step": 1, "rank": 1}])  # ...before rank 1's rows of the same step arrive
+        waiting = asyncio.create_task(m.wait_stored())
+        await m.stored(early)  # stored: the first drain only
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # rank 1's rows are not durable yet: no checkpoint
+        late = m.drain()[0]
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # drained but not acknowledged (the reporters may still be writing)
+        await m.stored(late)
+        assert await asyncio.wait_for(waiting, 1) == 2
+        # nothing new posted: the wait returns at once
+        assert await asyncio.wait_for(m.wait_stored(), 1) == 2
+        # the driver wakes for a post instead of sleeping out its poll
+        woken = asyncio.create_task(m.wait_posted(2, 30))
+        await m.record(2, {"reward_mean": 0.6}, [])
+        assert await asyncio.wait_for(woken, 1) == 3
+        assert await m.wait_posted(3, 0.01) == 3  # nothing new: back after the timeout
+
+    asyncio.run(go())
 
 
 def test_the_run_folder_keeps_each_step_once_after_a_resume(tmp_path):
