@@ -313,6 +313,9 @@ def _launch(code: str, *, timeout_s: float, memory_mb: int, files: dict[str, str
                     _map_ids(info_r, block_w, deadline_s=30.0)
                 except (OSError, ValueError, EOFError, TimeoutError, SandboxUnavailable):
                     pass  # bwrap fails on its own without a map (and says why on stderr)
+                finally:  # unblocks bwrap either way: mapped, it goes on; not mapped, it fails
+                    os.close(block_w)
+                    opened.remove(block_w)
             timed_out = False
             try:
                 proc.wait(timeout=timeout_s + (1.0 if as_root else 0.5))  # + the sandbox's own start-up
