@@ -98,6 +98,9 @@ class GRPOConfig(BaseModel):
     """sequences per forward/backward on one policy worker, rounded to whole groups (accumulated above it)"""
     share_prompt_prefix: bool = True
     """in the update, run each prompt once per group and share its KV cache with the G completions (DDP)"""
+    logprob_chunk_tokens: int = Field(1024, ge=1, le=1_048_576)
+    """positions whose logits exist at once when the update computes log-probs and entropy (grpo.logprobs): the
+    (micro-batch, length, vocabulary) logits are never built, one (chunk, vocabulary) block at a time instead"""
 
     # ---- GRPO loss -----------------------------------------------------------------------------
     kl_coef: float = Field(0.0, ge=0.0, le=10.0)
@@ -181,9 +184,21 @@ class GRPOConfig(BaseModel):
     # ---- cluster -------------------------------------------------------------------------------
     num_policy_workers: int = Field(1, ge=1, le=1024)
     """Ray Train workers updating the policy (DDP/FSDP)"""
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     """parallel strategy of the policy workers: ddp (a full copy each) or fsdp (FSDP2: each decoder layer
-    sharded across the workers, sharded checkpoints); both run on GPUs (NCCL) and CPUs (gloo)"""
+    sharded across the workers, sharded checkpoints); both run on GPUs (NCCL) and CPUs (gloo). auto: the
+    memory plan (grpo.memplan) picks FSDP2 when a whole replica's training state would not fit one device,
+    DDP otherwise (and where the device memory is unknown, or with LoRA)"""
+    device_memory_gib: float | None = Field(None, gt=0.0, le=1_000_000.0)
+    """memory of one device for the memory plan, GiB; None: the GPU model Ray reports (GPU runs), or no check
+    (CPU runs). A run whose plan does not fit is refused before any actor starts"""
+    publish_bucket_mb: int = Field(256, ge=1, le=65_536)
+    """the weights go to the rollout actors in buckets of about this many MiB, each gathered from the shards
+    when it is sent: no process holds a full copy for publishing"""
+    activation_checkpointing: bool | None = None
+    """recompute each decoder layer's activations in the backward instead of keeping them (memory for about a
+    third more compute); None: on under FSDP2, off under DDP (where it would also turn off the shared prompt
+    prefix, which needs the KV cache in training)"""
     num_rollout_workers: int = Field(1, ge=1, le=1024)
     """rollout actors sampling completions"""
     num_reward_workers: int = Field(1, ge=1, le=1024)
@@ -292,8 +307,8 @@ class GRPOConfig(BaseModel):
                 raise ValueError(f"reward_worker_resources: {name!r}: a custom resource with a positive amount "
                                  "(CPUs are cpus_per_reward_worker)")
         if self.lora_rank:
-            if self.strategy != "ddp":
-                raise ValueError("lora_rank: LoRA runs with strategy 'ddp' (the adapter is small; FSDP2 is for full "
+            if self.strategy == "fsdp":
+                raise ValueError("lora_rank: LoRA runs with strategy 'ddp' or 'auto' (the adapter is small; FSDP2 is for full "
                                  "fine-tuning)")
             try:
                 import peft  # noqa: F401
@@ -334,6 +349,12 @@ class GRPOConfig(BaseModel):
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.model
+
+    @property
+    def uses_activation_checkpointing(self) -> bool:
+        if self.activation_checkpointing is None:
+            return self.strategy == "fsdp"
+        return self.activation_checkpointing
 
     @property
     def prompts_per_worker(self) -> int:

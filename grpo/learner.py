@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from grpo import logprobs, parallel
 from grpo import loss as L
-from grpo import parallel
 from grpo.agents.episodes import AgentRollout
 from grpo.config import GRPOConfig
 from grpo.sampling import Rollout, left_pad, position_ids
@@ -114,7 +114,9 @@ class Learner:
             raise ValueError("kl_coef > 0 needs a reference model")
         # FSDP2's root must see every forward (it gathers the embeddings), so the prompt pass cannot
         # bypass it there.
-        self.share_prefix = cfg.share_prompt_prefix and not parallel.is_fsdp(model)
+        # HF turns the KV cache off in training under activation checkpointing, so no prefix is shared there.
+        self.share_prefix = (cfg.share_prompt_prefix and not parallel.is_fsdp(model)
+                             and not parallel.activation_checkpointing_on(model))
 
     def compute(self):
         """bf16 autocast for a DDP policy in mixed precision (FSDP2 casts by its own policy)."""
@@ -137,15 +139,19 @@ class Learner:
         """The HF model under a DDP wrapper (FSDP2 has none); its state dict may be sharded."""
         return parallel.unwrap(self.model)
 
-    def _logits(self, model: torch.nn.Module, ids: Tensor, mask: Tensor, pos: Tensor, n_completion: int) -> Tensor:
-        # Only the last L+1 positions matter: position Lp-1+t predicts completion token t.
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=n_completion + 1)
-        return out.logits[:, :-1]  # (B, L, V)
+    def _stats(self, model: torch.nn.Module, ids: Tensor, mask: Tensor, pos: Tensor, targets: Tensor,
+               temperature: float) -> tuple[Tensor, Tensor]:
+        """Log-probs and entropies (B, L) of the completion tokens `targets` (B, L), fp32, from the last L+1
+        positions (position Lp-1+t predicts completion token t), never building the (B, L, V) logits."""
+        return logprobs.token_stats(model, targets, temperature=temperature, chunk_tokens=self.cfg.logprob_chunk_tokens,
+                                    input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                                    logits_to_keep=targets.shape[1] + 1)
 
-    def _shared_prefix_logits(self, model: torch.nn.Module, ro: Rollout, groups: Tensor) -> Tensor:
-        """Completion logits with each prompt run ONCE per group, its KV cache (with gradient) shared
-        by the G completions, exactly as sampling did. The G copies of a prompt would otherwise cost
-        G forward/backward passes of identical work: -44% tokens at 8-token prompts and completions.
+    def _shared_prefix_stats(self, model: torch.nn.Module, ro: Rollout, groups: Tensor, targets: Tensor,
+                             temperature: float) -> tuple[Tensor, Tensor]:
+        """`_stats` with each prompt run ONCE per group, its KV cache (with gradient) shared by the G
+        completions, exactly as sampling did. The G copies of a prompt would otherwise cost G
+        forward/backward passes of identical work: -44% tokens at 8-token prompts and completions.
         """
         from transformers import DynamicCache
 
@@ -155,28 +161,31 @@ class Learner:
         p_ids, p_mask = p_ids.to(self.device), p_mask.to(self.device)
         out = inner(input_ids=p_ids, attention_mask=p_mask, position_ids=position_ids(p_mask),
                     past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-        first = out.logits[:, -1:].repeat_interleave(g, dim=0)  # (N, 1, V): predicts completion token 0
+        first = out.logits[:, -1:].float().repeat_interleave(g, dim=0)  # (N, 1, V): predicts completion token 0
+        logp = [L.token_logprobs(first, targets[:, :1], temperature)]  # (N, 1)
+        ent = [L.entropy(first.detach(), temperature)]  # (N, 1)
         rows = (groups[:, None] * g + torch.arange(g)).reshape(-1)  # (N,)
-        c_ids = ro.completion_ids[rows, :-1].to(self.device)  # (N, L-1): token t predicts t+1
-        if c_ids.shape[1] == 0:
-            return first
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(g)
-        attn = torch.cat([p_mask.repeat_interleave(g, dim=0), ro.completion_mask[rows, :-1].to(self.device)], dim=1)
-        start = p_mask.sum(dim=1).repeat_interleave(g)[:, None]  # (N, 1): first completion position
-        pos = start + torch.arange(c_ids.shape[1], device=self.device)  # (N, L-1)
-        rest = model(input_ids=c_ids, attention_mask=attn, position_ids=pos, past_key_values=cache).logits
-        return torch.cat([first, rest], dim=1)  # (N, L, V)
+        if targets.shape[1] > 1:
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(g)
+            c_ids = targets[:, :-1]  # (N, L-1): token t predicts t+1
+            attn = torch.cat([p_mask.repeat_interleave(g, dim=0), ro.completion_mask[rows, :-1].to(self.device)], dim=1)
+            start = p_mask.sum(dim=1).repeat_interleave(g)[:, None]  # (N, 1): first completion position
+            pos = start + torch.arange(c_ids.shape[1], device=self.device)  # (N, L-1)
+            rest, rest_ent = logprobs.token_stats(
+                model, targets[:, 1:], temperature=temperature, chunk_tokens=self.cfg.logprob_chunk_tokens,
+                input_ids=c_ids, attention_mask=attn, position_ids=pos, past_key_values=cache)
+            logp.append(rest)
+            ent.append(rest_ent)
+        return torch.cat(logp, dim=1), torch.cat(ent, dim=1)  # (N, L) each
 
     def sft_step(self, rollout: Rollout, *, num_tokens: float, world_size: int = 1) -> float:
         """One supervised step (the warm-up): mean negative log-likelihood of the rollout's train-mask
         tokens (demonstrated actions; observations stay masked), over the global token count."""
         ids, mask, pos = (t.to(self.device) for t in training_tensors(rollout, self.pad_id))
-        n_comp = rollout.completion_ids.shape[1]
         self.model.train()
         with self.compute():
-            logits = self._logits(self.model, ids, mask, pos, n_comp)  # (N, L, V)
-        logp = L.token_logprobs(logits.float(), rollout.completion_ids.to(self.device))  # (N, L)
+            logp, _ = self._stats(self.model, ids, mask, pos, rollout.completion_ids.to(self.device), 1.0)  # (N, L)
         m = rollout.train_mask.to(self.device)  # (N, L)
         loss = -(logp * m).sum() / max(num_tokens, 1.0)
         (loss * world_size).backward()
@@ -205,15 +214,12 @@ class Learner:
         padding = max(int(most), 1) - len(chunks)
         plan = [(grp, True) for grp in chunks] + [(torch.zeros(1, dtype=torch.long), False)] * padding
         full = None if self.share_prefix else training_tensors(ro, self.pad_id)
-        n_comp = ro.completion_ids.shape[1]
 
-        def logits_of(model: torch.nn.Module, grp: Tensor, idx: Tensor) -> Tensor:
-            with self.compute():
+        def stats_of(model: torch.nn.Module, grp: Tensor, idx: Tensor, c_ids: Tensor) -> tuple[Tensor, Tensor]:
+            with self.compute():  # log-probs and entropy come out fp32 whatever the compute dtype
                 if full is None:
-                    out = self._shared_prefix_logits(model, ro, grp)
-                else:
-                    out = self._logits(model, *(t[idx].to(self.device) for t in full), n_comp)
-            return out.float()  # (B, L, V): the loss in fp32 whatever the compute dtype
+                    return self._shared_prefix_stats(model, ro, grp, c_ids, cfg.temperature)
+                return self._stats(model, *(t[idx].to(self.device) for t in full), c_ids, cfg.temperature)
 
         self.model.train()
         for i, (grp, real) in enumerate(plan):
@@ -221,8 +227,7 @@ class Learner:
             with parallel.no_grad_sync(self.model, enabled=i < len(plan) - 1):
                 c_ids = ro.completion_ids[idx].to(self.device)  # (B, L)
                 c_mask = ro.train_mask[idx].to(self.device) & real  # (B, L): the policy's own tokens
-                logits = logits_of(self.model, grp, idx)  # (B, L, V)
-                logp = L.token_logprobs(logits, c_ids, cfg.temperature)  # (B, L)
+                logp, ent = stats_of(self.model, grp, idx, c_ids)  # (B, L) each
                 # The clipped ratio is taken against the policy's own detached log-probs (1, with the
                 # right gradient). Async samples come from a policy up to max_staleness versions old: each
                 # token is weighted by pi_now / pi_sampler truncated at tis_cap (verl's TIS), which keeps
@@ -232,7 +237,7 @@ class Learner:
                 ref = None
                 if self.ref_model is not None:
                     with torch.no_grad():
-                        ref = L.token_logprobs(logits_of(self.ref_model, grp, idx), c_ids, cfg.temperature)
+                        ref, _ = stats_of(self.ref_model, grp, idx, c_ids)
                 out = L.policy_loss(
                     logp, logp.detach(), batch.advantages[idx].to(self.device), c_mask,
                     eps_low=cfg.clip_eps_low, eps_high=cfg.clip_eps_high, agg=cfg.loss_agg,
@@ -242,7 +247,6 @@ class Learner:
                 )
                 (out.loss * world_size).backward()
             with torch.no_grad():
-                ent = L.entropy(logits.detach(), cfg.temperature)  # (B, L)
                 sums["entropy"] += float((ent * c_mask).sum()) / max(num_tokens, 1.0)
             for k in sums.keys() - {"entropy"}:
                 sums[k] += float(getattr(out, k).detach())

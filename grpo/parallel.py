@@ -6,11 +6,12 @@ GPU check (bench/gpu_check.py) and the CPU tests (gloo) use the same code as a R
 - `Collectives`: every cross-rank reduction of counts and metrics goes through it, with the tensor on the
   worker's device. NCCL, the backend Ray Train picks on GPUs, reduces only CUDA tensors: a CPU tensor in
   an all_reduce fails a GPU run at its first step.
-- `wrap_policy`: fp32 master weights always. DDP computes under bf16 autocast when `dtype` is bfloat16;
+- `wrap_policy`: fp32 master weights always; activation checkpointing per decoder layer when asked. DDP computes under bf16 autocast when `dtype` is bfloat16;
   FSDP2 shards every decoder layer and the root (`fully_shard`) and computes in bf16 with fp32
   gradient reduction (`MixedPrecisionPolicy`), so AdamW's state and the update stay fp32 and an lr of
-  1e-6 does not round away.
-- `full_state_dict`: the unsharded weights on every rank (for publishing and the KL reference).
+  1e-6 does not round away. FSDP2 gradients stay sharded through accumulation (`no_grad_sync`).
+- `full_state_dict`: the unsharded weights on rank 0 (the Hugging Face export) or every rank (the KL reference).
+- `weight_buckets`: the weights for the rollout side, gathered one tensor at a time into bounded buckets.
 - `save_sharded` / `load_sharded`: model and optimizer with `torch.distributed.checkpoint`, each rank
   writing its own shard; the same files load into any world size.
 
@@ -20,6 +21,7 @@ Not here: the loss, the update's micro-batching (grpo.learner), Ray.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +64,18 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def wrap_policy(model: nn.Module, *, strategy: str, dtype: str, device: torch.device) -> nn.Module:
-    """The trainable policy on `device`, fp32, wrapped for `strategy` ("ddp" or "fsdp")."""
-    model = model.to(device=device, dtype=torch.float32)  # master weights; bf16 is only the compute dtype
+def wrap_policy(model: nn.Module, *, strategy: str, dtype: str, device: torch.device,
+                activation_checkpointing: bool = False) -> nn.Module:
+    """The trainable policy on `device`, fp32, wrapped for `strategy` ("ddp" or "fsdp"). With
+    `activation_checkpointing` each decoder layer keeps only its input for the backward and recomputes the
+    rest (non-reentrant, so it composes with DDP, FSDP2 and PEFT)."""
+    model = model.to(dtype=torch.float32)  # master weights; bf16 is only the compute dtype
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
     world = dist.get_world_size() if _distributed() else 1
-    if strategy == "fsdp":
+    if strategy != "fsdp":
+        model = model.to(device)
+    else:  # fully_shard moves each layer to the device as it shards it: the device never holds the whole model
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -82,6 +91,24 @@ def wrap_policy(model: nn.Module, *, strategy: str, dtype: str, device: torch.de
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """HF's per-layer activation checkpointing, non-reentrant (transformers 5 renamed the method)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def activation_checkpointing_on(model: nn.Module) -> bool:
+    model = unwrap(model)
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
+    if hasattr(model, "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 def compute_context(model: nn.Module, *, dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -104,15 +131,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def no_grad_sync(model: nn.Module, enabled: bool):
-    """Skip the gradient reduction of this backward (all but the last micro-batch of a step)."""
-    if not enabled:
+    """Skip the gradient reduction of this backward (all but the last micro-batch of a step) under DDP.
+    FSDP2 reduce-scatters every micro-batch instead: skipping it would keep the unsharded fp32 gradient of the
+    whole model on every rank until the step ends (4 bytes a parameter: 28 GB at 7B), where reducing keeps
+    only this rank's shard. The cost is one reduce-scatter per micro-batch, which overlaps the backward."""
+    if not enabled or is_fsdp(model):
         yield
-    elif is_fsdp(model):
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
     elif hasattr(model, "no_sync"):
         with model.no_sync():
             yield
@@ -131,17 +155,51 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
-def full_state_dict(model: nn.Module, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The full, unsharded weights on every rank, on the CPU (every rank must call this: FSDP2 gathers).
-    `dtype` casts floating tensors, e.g. bf16 copies for the rollout actors."""
+def full_state_dict(model: nn.Module, *, dtype: torch.dtype | None = None, all_ranks: bool = False,
+                    ) -> dict[str, torch.Tensor]:
+    """The full, unsharded weights on the CPU (every rank must call this: FSDP2 gathers). Only rank 0 gets
+    them unless `all_ranks` (the KL reference after a warm-up): the others take part in each gather and keep
+    nothing. `dtype` casts floating tensors, e.g. bf16 copies."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    rank0_only = _distributed() and not all_ranks
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=rank0_only))
     out = {}
     for k, v in sd.items():
         v = v.detach().to("cpu")
         out[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v.clone()
     return out
+
+
+def weight_buckets(model: nn.Module, *, dtype: torch.dtype, bucket_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The model's full weights on the CPU in `dtype`, in buckets of about `bucket_bytes` (a tensor larger
+    than that travels alone). Under FSDP2 every rank must run the iterator to its end: each tensor is gathered
+    from the shards when its turn comes, so no rank ever holds more than one full tensor and (rank 0) one
+    bucket; the other ranks take part in the gathers and yield nothing. Under DDP rank 0 reads its own copy.
+    A tied weight goes once (the receiver's copy is tied the same way)."""
+    rank = dist.get_rank() if _distributed() else 0
+    if rank != 0 and not is_fsdp(model):
+        return
+    bucket: dict[str, torch.Tensor] = {}
+    size, seen = 0, set()
+    for name, t in unwrap(model).state_dict(keep_vars=True).items():
+        if id(t) in seen:  # a tied weight (the head is the input embedding): sent once, under its first name
+            continue
+        seen.add(id(t))
+        t = t.detach()
+        if hasattr(t, "full_tensor"):  # a DTensor shard: all ranks gather it together
+            t = t.full_tensor()
+        if rank != 0:
+            continue
+        t = (t.to(dtype) if t.is_floating_point() else t).to("cpu", copy=True)
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = {}, 0
+        bucket[name] = t
+        size += nbytes
+    if bucket:
+        yield bucket
 
 
 def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:

@@ -19,19 +19,28 @@ from grpo.sampling import Prompt, PromptFormat, Rollout, left_pad, position_ids,
 
 
 class WeightBoard:
-    """The latest published policy weights, as an object-store reference (one small Ray actor).
+    """The latest published policy weights, as object-store references to their buckets (one small Ray actor).
 
-    The trainer puts the state dict in the object store once per step and posts the reference
-    here; rollout workers that fall behind pull it. The list keeps Ray from inlining the weights:
-    the board only holds the reference.
+    Trainer rank 0 sends the weights here one bucket at a time (`put`); the board puts each bucket in the
+    object store itself, so the board OWNS the objects: they outlive the Ray Train worker that made them
+    (a restarted worker group would otherwise leave the board handing out objects whose owner is dead,
+    and a rollout actor that restarted then fails with OwnerDiedError). `publish` then posts the version;
+    rollout workers that fall behind or restart pull it. A resumed attempt posts its first version with
+    `restart=True`: the board then forgets what the lost attempt published, even if it was newer. Lists keep
+    Ray from resolving the references in transit: the board holds references, never weights.
     """
 
     def __init__(self) -> None:
         self.version = -1
         self.refs: list = []
 
-    def publish(self, version: int, refs: list) -> None:
-        if version >= self.version:
+    def put(self, bucket: dict) -> list:
+        import ray
+
+        return [ray.put(bucket)]
+
+    def publish(self, version: int, refs: list, restart: bool = False) -> None:
+        if restart or version >= self.version:
             self.version, self.refs = version, refs
 
     def latest(self) -> tuple[int, list]:
@@ -81,16 +90,40 @@ class RolloutWorker:
         self.weight_board = weight_board
 
     # ---- weights ---------------------------------------------------------------------------------
-    def load_weights(self, state_dict: dict[str, Tensor], version: int) -> int:
-        """Copy a published state dict into the sampling model in place; returns the version now held."""
-        with torch.no_grad():
-            missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+    def load_weights(self, weights: dict[str, Tensor] | list, version: int) -> int:
+        """Copy published weights into the sampling model in place; returns the version now held. `weights` is a
+        state dict, or a list of object-store references to buckets of one (the trainer's publish), which are
+        fetched and copied one at a time: this process never holds more than one bucket besides its model."""
+        loaded: set[str] = set()
+        unexpected: list[str] = []
+        buckets = [weights] if isinstance(weights, dict) else weights
+        for bucket in buckets:
+            if not isinstance(bucket, dict):
+                import ray
+
+                bucket = ray.get(bucket)
+            with torch.no_grad():
+                result = self.model.load_state_dict(bucket, strict=False)
+            unexpected += result.unexpected_keys
+            loaded.update(bucket)
+            del bucket
+        # a tied weight arrives under one of its names: the others share its storage
+        by_storage: dict[int, list[str]] = {}
+        for k, v in self.model.state_dict().items():
+            by_storage.setdefault(v.data_ptr(), []).append(k)
+        missing = [k for names in by_storage.values() if not loaded.intersection(names) for k in names]
         # full weights must cover the model; an adapter (LoRA) must cover the adapter and leaves the base alone
         lacking = [k for k in missing if "rotary" not in k and (not self.lora or "lora_" in k)]
         if unexpected or lacking:
             raise ValueError(f"weights do not fit the rollout model: missing={lacking[:3]} unexpected={unexpected[:3]}")
         self.version = version
         return version
+
+    def set_stop_ids(self, ids: list[int]) -> None:
+        """The tokens that end a completion (default: every stop token the model lists); [] decodes every row
+        to max_new_tokens (benchmarks)."""
+        self.stop_ids = list(ids)
+        self._stop = torch.tensor(self.stop_ids or [-1], device=self.device)  # -1: no token id matches
 
     def pull_weights(self, min_version: int) -> int:
         if self.weight_board is None:
@@ -100,7 +133,7 @@ class RolloutWorker:
         version, refs = ray.get(self.weight_board.latest.remote())
         if version < min_version:
             raise RuntimeError(f"weight board has version {version}, {min_version} needed")
-        return self.load_weights(ray.get(refs[0]), version)
+        return self.load_weights(refs, version)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}

@@ -171,6 +171,31 @@ def check_fits_cluster(cfg: GRPOConfig) -> None:
                           "resources, or add nodes")
 
 
+def check_memory_plan(cfg: GRPOConfig, resources: dict[str, float] | None = None) -> GRPOConfig:
+    """The memory plan (grpo.memplan) before any actor starts: `strategy: auto` resolved to ddp or fsdp, and a
+    run whose policy workers or rollout actors would not fit one device refused, with the number and the knob
+    to turn. Device memory: `device_memory_gib`, else (GPU runs) the GPU model Ray reports in `resources`.
+    A model without a local config.json (a Hub id the workers download) is not planned: auto means ddp."""
+    from grpo import memplan
+
+    try:
+        dims = memplan.ModelDims.from_config(cfg.model)
+    except ValueError:
+        dims = None
+    if dims is None:
+        return cfg if cfg.strategy != "auto" else cfg.model_copy(update={"strategy": "ddp"})
+    device = "gpu" if cfg.gpus_per_worker > 0 else "cpu"
+    memory = cfg.device_memory_gib
+    if memory is None and device == "gpu" and resources:
+        memory = memplan.device_memory_from_cluster(resources)
+    p = memplan.plan(cfg, dims, device_memory_gib=memory, device=device)
+    if p.fits is False:
+        raise ConfigError(f"memory: {p.message()} (`raygrpo plan` shows the whole plan)")
+    if cfg.strategy == "auto":
+        log.info("strategy auto: %s (a policy worker's planned peak %.1f GiB)", p.strategy, p.policy_peak_gib)
+    return cfg.model_copy(update={"strategy": p.strategy})
+
+
 def cost_usd(cfg: GRPOConfig, seconds: float) -> float:
     """Compute cost of the run so far: reserved CPUs and GPUs times their hourly price."""
     gpus = (cfg.num_policy_workers + cfg.num_rollout_workers) * cfg.gpus_per_worker
@@ -427,6 +452,7 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
         else:  # a local cluster: declare enough logical CPUs for the actors this run asks for
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus(cfg))))
     check_fits_cluster(cfg)  # before any reporter marks the run started or any actor is asked for
+    cfg = check_memory_plan(cfg, ray.cluster_resources())
     reporters = [LocalReporter(cfg.run_dir), RayMetricsReporter(job_id), *(reporters or [])]
     for r in reporters:
         r.on_start(cfg, job_id=job_id)

@@ -164,7 +164,10 @@ class SessionWorker:
         torch.manual_seed(seed)
         self.rank, self.world = rank, world
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(self.device)
+        # fp32 master weights and AdamW state whatever `dtype` says; bfloat16 is the compute dtype (autocast), as
+        # in the trainer: bf16 weights would round an lr-1e-6 update away
+        self.compute_dtype = dtype
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(self.device)
         self.lora = lora
         if lora is not None:
             from grpo.lora import add_adapter
@@ -201,7 +204,7 @@ class SessionWorker:
     def forward_backward(self, rows: list[dict[str, Any]], loss_fn: str, loss_config: dict[str, Any],
                          denominator: float) -> dict[str, Any]:
         """This worker's share of a batch: gradients accumulate until optim_step."""
-        from grpo.loss import token_logprobs
+        from grpo import logprobs, parallel
 
         if not rows:
             return {"logprobs": [], "loss": 0.0, "clipped": 0.0, "weight": 0.0}
@@ -213,8 +216,10 @@ class SessionWorker:
             ids[i, : lengths[i]] = torch.tensor(r["tokens"])
             attn[i, : lengths[i]] = 1
         ids, attn = ids.to(self.device), attn.to(self.device)
-        logits = self.model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1]).logits  # (B, T-1, V)
-        logp = token_logprobs(logits, ids[:, 1:]).cpu()  # (B, T-1)
+        with parallel.compute_context(self.model, dtype=self.compute_dtype, device=self.device):
+            logp, _ = logprobs.token_stats(self.model, ids[:, 1:], input_ids=ids[:, :-1], attention_mask=attn[:, :-1],
+                                           use_cache=False)  # (B, T-1), fp32, no (B, T-1, V) logits
+        logp = logp.cpu()
         mask = attn[:, 1:].cpu().float()
         per_tok, clipped = row_losses(logp, rows, loss_fn, loss_config, mask)
         scale = 1.0 if loss_config.get("normalize", "token-mean") == "sum" else 1.0 / max(denominator, 1e-8)
@@ -254,8 +259,10 @@ class SessionWorker:
         if self.lora is not None:
             from grpo.lora import adapter_state
 
-            return adapter_state(self.model)
-        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            return adapter_state(self.model, dtype=getattr(torch, self.compute_dtype))
+        dtype = getattr(torch, self.compute_dtype)  # what the sampler holds: half the bytes in bf16
+        return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype, copy=True)
+                for k, v in self.model.state_dict().items()}
 
     def _optimizer(self) -> torch.optim.Optimizer:
         if self.optimizer is None:  # a state saved before the first step still has an optimizer to load into

@@ -112,6 +112,8 @@ def save_tiny_model(
     seed: int = 0,
     overwrite: bool = False,
     chat: bool = False,
+    vocab_size: int | None = None,
+    tie_embeddings: bool = False,
 ) -> Path:
     """Random-init a float32 Llama/Qwen2 causal LM and save it with its tokenizer to `out_dir`.
 
@@ -120,7 +122,9 @@ def save_tiny_model(
     <|im_end|> and <|endoftext|>), while the tokenizer's own eos stays <|eos|>.
 
     The weights depend only on the arguments (the init runs under its own seeded RNG, leaving the
-    caller's RNG state alone). An existing model directory (one with config.json) is returned
+    caller's RNG state alone). `vocab_size` above the tokenizer's pads the embedding (and head) with rows the
+    byte tokenizer never emits: a model with a real model's shape and memory (e.g. Qwen2.5-0.5B's 151,936),
+    whose extra rows cost what real ones do. An existing model directory (one with config.json) is returned
     untouched unless `overwrite`, so several workers can call this for the same path.
     """
     out = Path(out_dir)
@@ -134,7 +138,7 @@ def save_tiny_model(
 
     tokenizer = build_tokenizer(chat=chat)
     common = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), vocab_size or 0),
         hidden_size=hidden_size,
         # 4x is the classic transformer MLP width; exact SwiGLU ratios do not matter at this size.
         intermediate_size=intermediate_size or 4 * hidden_size,
@@ -142,7 +146,7 @@ def save_tiny_model(
         num_attention_heads=num_heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -176,6 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=4, help="decoder layers")
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default 4 x hidden)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: heads)")
+    parser.add_argument("--vocab", type=int, default=None, help="vocabulary rows (default: the tokenizer's)")
+    parser.add_argument("--tie", action="store_true", help="tie the head to the input embedding")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model")
     parser.add_argument("--chat", action="store_true", help="an Instruct-shaped model: ChatML template, two stop tokens")
     args = parser.parse_args(argv)
@@ -186,6 +194,10 @@ def main(argv: list[str] | None = None) -> None:
         num_layers=args.layers,
         num_heads=args.heads,
         seed=args.seed,
+        intermediate_size=args.intermediate,
+        num_kv_heads=args.kv_heads,
+        vocab_size=args.vocab,
+        tie_embeddings=args.tie,
         overwrite=args.overwrite,
         chat=args.chat,
     )

@@ -29,7 +29,7 @@ import ray.train.torch
 import torch
 from ray.util import ActorPool
 
-from grpo import lora, parallel
+from grpo import lora, memory, parallel
 from grpo.config import GRPOConfig
 from grpo.learner import Learner, ScoredBatch, scheduled_lr, score_agent_batch, score_batch
 from grpo.sampling import Rollout, concat_rollouts
@@ -286,7 +286,8 @@ def setup(config: dict[str, Any]) -> Worker:
             policy = _load_model(str(resume_dir or cfg.model), torch.float32)
         else:  # the base, then a fresh adapter; a resume restores the adapter and its optimizer from the shards
             policy = lora.add_adapter(_load_model(str(cfg.model), torch.float32), lora_kw)
-        model = parallel.wrap_policy(policy, strategy=cfg.strategy, dtype=cfg.dtype, device=device)
+        model = parallel.wrap_policy(policy, strategy=cfg.strategy, dtype=cfg.dtype, device=device,
+                                     activation_checkpointing=cfg.uses_activation_checkpointing)
         ref_model = None
         if cfg.kl_coef > 0 and lora_kw is not None:  # the base is the policy with its adapter off: no copy
             ref_model = lora.AdapterOff(parallel.unwrap(model))
@@ -306,12 +307,12 @@ def setup(config: dict[str, Any]) -> Worker:
         elif cfg.environment is not None and cfg.sft_warmup_steps:  # fresh agent runs only
             w.warmup_loss = sft_warmup(cfg, w.dataset, w.learner, tokenizer, pad_id, rank=rank, world=world)
             if ref_model is not None and lora_kw is None:  # KL then holds the policy near what the warm-up taught
-                ref_model.load_state_dict(parallel.full_state_dict(model, dtype=compute_dtype))
+                ref_model.load_state_dict(parallel.full_state_dict(model, dtype=compute_dtype, all_ranks=True))
                 w.ref_from_warmup = True
     w.version = w.start_step
     if rank == 0:  # before anything of this attempt reaches the driver: it drops the lost attempt's steps
         ray.get(w.monitor.resumed.remote(w.start_step))
-    publish(w, w.version)
+    publish(w, w.version, restart=True)  # a resumed attempt replaces what the lost one published
     w.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts") if cfg.async_rollouts else None
     w.t_start = time.perf_counter()
     return w
@@ -333,30 +334,35 @@ def resume(w: Worker, d: Path) -> None:
     random.setstate(rngs["py_rng"])
 
 
-def publish(w: Worker, version: int) -> None:
-    """Rank 0 puts the weights in the object store ONCE (in the compute dtype: bf16 halves the bytes) and
-    hands every rollout actor the same reference; the board keeps it for actors that restart or lag and
-    pull later. The loads are not awaited here: an actor runs rank 0's calls in order, so it loads before
-    rank 0's next generate, and any other caller's generate carries min_version and pulls if it got there
-    first. Every rank takes part in gathering the weights (FSDP2 shards them)."""
+def publish(w: Worker, version: int, *, restart: bool = False) -> None:
+    """The weights to the rollout side in the compute dtype (bf16 halves the bytes), in buckets of
+    `publish_bucket_mb`: every rank takes part in gathering each tensor from the FSDP2 shards, rank 0 hands
+    each bucket to the weight board as soon as it is full (the board owns the objects, so they outlive this
+    worker), then posts the version and tells every rollout actor to load it bucket by bucket. The loads are
+    not awaited here: an actor runs rank 0's calls in order, so it loads before rank 0's next generate, and
+    any other caller's generate carries min_version and pulls from the board if it got there first."""
     dtype = getattr(torch, w.cfg.dtype)
-    if w.cfg.lora_rank:  # the adapter only: the actors hold the same base
-        sd = lora.adapter_state(w.learner.model, dtype=dtype)
+    if w.cfg.lora_rank:  # the adapter only (a few MB): the actors hold the same base
+        buckets = iter([lora.adapter_state(w.learner.model, dtype=dtype)] if w.rank == 0 else [])
     else:
-        sd = parallel.full_state_dict(w.learner.model, dtype=dtype)
-    w.publish_bytes = lora.nbytes(sd)
+        buckets = parallel.weight_buckets(w.learner.model, dtype=dtype, bucket_bytes=w.cfg.publish_bucket_mb << 20)
+    refs, nbytes = [], 0
+    for bucket in buckets:  # on ranks > 0 this only runs the gathers
+        nbytes += lora.nbytes(bucket)
+        refs += ray.get(w.board.put.remote(bucket))
+        del bucket
     if w.rank == 0:
-        ref = ray.put(sd)
-        ray.get(w.board.publish.remote(version, [ref]))
+        w.publish_bytes = nbytes
+        ray.get(w.board.publish.remote(version, refs, restart))
         ray.get(w.loading)  # the previous step's loads, long done: surfaces their errors
-        w.loading[:] = [a.load_weights.remote(ref, version) for a in w.actors]
+        w.loading[:] = [a.load_weights.remote(refs, version) for a in w.actors]
 
 
 def save_checkpoint(w: Worker, step: int, metrics: dict[str, float]) -> None:
     """Every rank writes its shard of model and optimizer and its RNG state; rank 0 also writes the full
     model as a Hugging Face directory, the tokenizer, the step and (after a warm-up) the KL reference.
     Ray Train merges the ranks' directories into one checkpoint."""
-    sd = None if w.cfg.lora_rank else parallel.full_state_dict(w.learner.model)
+    sd = None if w.cfg.lora_rank else parallel.full_state_dict(w.learner.model)  # on rank 0 only
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         parallel.save_sharded(w.learner.model, w.learner.optimizer, d)
@@ -401,6 +407,7 @@ def train_step(w: Worker, step: int) -> tuple[dict[str, float], Collected]:
     """One GRPO step on this worker: 1-3 sample, score, advantages; 4 update; 5 publish; 6 metrics summed
     across workers (every rank returns the same global values)."""
     cfg, t0 = w.cfg, time.perf_counter()
+    memory.reset_peak(w.learner.device)
     got = fetch(w, step)
     staleness = w.version - got.batch.rollout.version
     batch = got.batch
@@ -426,6 +433,7 @@ def train_step(w: Worker, step: int) -> tuple[dict[str, float], Collected]:
            float(got.sampling_rounds)]
         + [got.agent[k] for k in agent_keys]
     )
+    (peak,) = w.collectives.max([memory.peak_bytes(w.learner.device) / memory.GIB])  # the fullest rank
     metrics = dict(zip(keys, summed[: len(keys)], strict=True))
     s, s2, n, toks, errs, tos, stops, stale, kept, rounds = summed[len(keys) : len(keys) + 10]
     agent = dict(zip(agent_keys, summed[len(keys) + 10 :], strict=True))
@@ -437,7 +445,7 @@ def train_step(w: Worker, step: int) -> tuple[dict[str, float], Collected]:
         staleness=stale / w.world, kept_frac=kept / n, step_time_s=step_s, train_time_s=train_s,
         rollout_time_s=t_train - t0, gen_time_s=ro.gen_seconds, publish_time_s=publish_s,
         publish_bytes=float(w.publish_bytes), tokens_per_s=toks / step_s, elapsed_s=time.perf_counter() - w.t_start,
-        policy_version=w.version,
+        policy_version=w.version, peak_memory_gib=peak,
     )
     if cfg.dynamic_sampling:  # the most refill rounds any worker needed, and how full the batch ended
         metrics.update(sampling_rounds=rounds / w.world, trained_frac=kept / (cfg.prompts_per_step * cfg.group_size))

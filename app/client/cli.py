@@ -435,6 +435,45 @@ def submit(
 
 
 @cli.command()
+def plan(
+    config: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="the YAML `submit` takes (or a grpo.run "
+                                                                           "YAML)")],
+    device_memory: Annotated[float | None, typer.Option("--device-memory", help="GiB per GPU (or per CPU worker); "
+                                                       "default: the job's device_memory_gib, else the GPU "
+                                                       "model the Ray cluster at RAY_ADDRESS reports")] = None,
+    model_config: Annotated[Path | None, typer.Option("--model-config", help="the model's config.json, when "
+                                                      "config.model is not a local directory")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the plan as JSON")] = False,
+) -> None:
+    """The memory plan of a job, offline: predicted peak per device of policy workers and rollout actors.
+    Exit 0 when it fits, 1 when it does not (the reason and the knob to turn are printed)."""
+    from grpo import memplan
+    from grpo.config import ConfigError
+
+    try:
+        spec = yaml.safe_load(config.read_text())
+        cfg = memplan.config_from_spec(spec if isinstance(spec, dict) else {})
+        dims = memplan.ModelDims.from_config(model_config or cfg.model)
+    except (ConfigError, ValueError, OSError, yaml.YAMLError) as e:
+        err.print(f"[red]plan[/red]: {e}")
+        raise typer.Exit(2) from None
+    memory = device_memory or cfg.device_memory_gib
+    if memory is None and cfg.gpus_per_worker > 0 and os.environ.get("RAY_ADDRESS") \
+            and importlib.util.find_spec("ray") is not None:
+        import ray
+
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR", log_to_driver=False)
+        try:
+            memory = memplan.device_memory_from_cluster(ray.cluster_resources())
+        finally:
+            ray.shutdown()
+    p = memplan.plan(cfg, dims, device_memory_gib=memory)
+    typer.echo(json.dumps(p.as_dict(), indent=2) if as_json else memplan.render(p))
+    if p.fits is False:
+        raise typer.Exit(1)
+
+
+@cli.command()
 def status(ctx: typer.Context, job_id: str,
            follow_: Annotated[bool, typer.Option("--follow", "-f", help="poll until the job ends")] = False) -> None:
     """Status, progress, metrics and cost of a job."""

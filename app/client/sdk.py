@@ -169,6 +169,8 @@ class Metrics(Reply):
     eval_reward: float | None = None
     trajectories_generated: int = 0
     tokens_per_s: float | None = None
+    peak_memory_gib: float | None = None
+    """the last step's largest peak over the policy ranks: device memory on GPUs, resident memory on CPUs"""
 
 
 class CheckpointRef(Reply):

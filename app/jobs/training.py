@@ -332,9 +332,11 @@ def engine_config(params: StartParams, *, settings: Settings, engine: Any, datas
     check_job_imports(mapping, settings, reward_field="config.reward", environment_field="config.agent.environment")
     try:
         cfg = load_config(None, mapping)
-        from grpo.run import preflight
+        from grpo.run import check_memory_plan, preflight
 
         preflight(cfg, probe_source=functools.partial(probe_on_cluster, resources=settings.reward_worker_resources))
+        ray = sys.modules.get("ray")
+        check_memory_plan(cfg, ray.cluster_resources() if ray is not None and ray.is_initialized() else None)
     except ConfigError as e:
         message = str(e).replace("invalid config: ", "")
         raise RPCError(VALIDATION_FAILED, "config: " + message, {"field": _api_field(message)}) from None
@@ -446,7 +448,8 @@ def status_of(job: TrainingJob, best: Any | None) -> dict[str, Any]:
         "progress_percent": round(progress, 2),
         "metrics": {"loss": m.get("loss"), "avg_reward": m.get("reward_mean"), "reward_std": m.get("reward_std"),
                     "kl": m.get("kl"), "eval_reward": m.get("eval_reward"),
-                    "trajectories_generated": job.trajectories_generated, "tokens_per_s": m.get("tokens_per_s")},
+                    "trajectories_generated": job.trajectories_generated, "tokens_per_s": m.get("tokens_per_s"),
+                    "peak_memory_gib": m.get("peak_memory_gib")},
         "cost_usd": money(job.cost_usd), "budget_usd": money(job.budget_usd),
         "budget_remaining_usd": money(remaining),
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,

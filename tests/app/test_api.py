@@ -133,6 +133,14 @@ def test_lora_settings_reach_the_engine(client):
     assert fsdp["code"] == -40002 and fsdp["data"]["field"] == "config.lora_rank", fsdp
 
 
+def test_a_job_whose_memory_plan_does_not_fit_is_refused_with_the_number(client):
+    err = start(client, config={"reward": "digit", "max_budget_usd": "1",
+                                "engine": {"device_memory_gib": 0.05}})["error"]
+    assert err["code"] == -40002 and "memory: needs" in err["message"] and "has 0.05" in err["message"], err
+    with db.session_scope(client.ctx.engine) as s:  # nothing was queued
+        assert db.list_jobs(s, limit=10)[0] == []
+
+
 def test_training_queries_alias_and_idempotency(client):
     a = start(client, training_queries=ROWS, idempotency_key="k-1")
     # the same key again: the same job, not a second one

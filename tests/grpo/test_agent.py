@@ -179,8 +179,8 @@ def test_sampled_logprobs_line_up_with_the_trainer_across_turns(tiny_model_dir, 
     learner = Learner(cfg, model, ref_model=None, pad_id=worker.pad_id)
     with torch.no_grad():
         ids, mask, pos = training_tensors(ro, worker.pad_id)
-        full = L.token_logprobs(learner._logits(model, ids, mask, pos, ro.completion_ids.shape[1]), ro.completion_ids)
-        shared = L.token_logprobs(learner._shared_prefix_logits(model, ro, torch.arange(2)), ro.completion_ids)
+        full, _ = learner._stats(model, ids, mask, pos, ro.completion_ids, 1.0)
+        shared, _ = learner._shared_prefix_stats(model, ro, torch.arange(2), ro.completion_ids, 1.0)
         m = ro.loss_mask
         assert torch.allclose(full[m], ro.logprobs[m], atol=1e-4)
         assert torch.allclose(shared[m], ro.logprobs[m], atol=1e-4)

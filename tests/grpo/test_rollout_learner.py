@@ -184,7 +184,7 @@ def test_overlong_penalty_shapes_rewards(tiny_model_dir, worker):
         assert float(batch.rewards[i]) == pytest.approx(expected)
 
 
-def test_prompt_shared_once_per_group_gives_the_same_logits_and_update(tiny_model_dir, worker):
+def test_prompt_shared_once_per_group_gives_the_same_logprobs_and_update(tiny_model_dir, worker):
     # Prompts of different lengths (left padding) and completions that stop early (right padding).
     r = worker.generate(["digit 1:", "a longer prompt, digit 7:", "x"], group_size=4, max_new_tokens=6, seed=5)
     rewards = [float(i % 2) for i in range(len(r.texts))]
@@ -199,10 +199,11 @@ def test_prompt_shared_once_per_group_gives_the_same_logits_and_update(tiny_mode
     shared, plain = learners[True], learners[False]
     ids, mask, pos = training_tensors(r, worker.pad_id)
     with torch.no_grad():
-        a = shared._shared_prefix_logits(shared.model, r, torch.arange(3))
-        b = plain._logits(plain.model, ids, mask, pos, r.completion_ids.shape[1])
+        a = shared._shared_prefix_stats(shared.model, r, torch.arange(3), r.completion_ids, 1.0)
+        b = plain._stats(plain.model, ids, mask, pos, r.completion_ids, 1.0)
     m = r.completion_mask
-    torch.testing.assert_close(a[m], b[m], atol=2e-5, rtol=1e-4)
+    for x, y in zip(a, b, strict=True):  # log-probs, then entropies
+        torch.testing.assert_close(x[m], y[m], atol=2e-5, rtol=1e-4)
     for learner in (shared, plain):
         cfg = learner.cfg
         batch = score_batch(r, rewards, cfg)
@@ -247,3 +248,11 @@ def test_two_workers_with_global_counts_make_the_one_worker_update(tiny_model_di
     b = delta(_take_groups(r, [2, 3]), rewards[8:], n_tok, n_seq)
     for k in one:
         torch.testing.assert_close(a[k] + b[k], one[k], atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_without_stop_tokens_every_row_decodes_to_the_limit_on_every_seed(tiny_model_dir):
+    worker = RolloutWorker(tiny_model_dir)
+    worker.set_stop_ids([])
+    for seed in range(6):
+        r = worker.generate(["digit 1:", "x"], group_size=4, max_new_tokens=12, seed=seed)
+        assert bool((r.lengths == 12).all()) and set(r.finish_reasons) == {"length"}, (seed, r.lengths)

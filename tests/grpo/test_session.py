@@ -86,3 +86,18 @@ def test_a_worker_step_matches_a_hand_computed_adam_step(tiny_model_dir):
 
 
 LIMITS_BIG = Limits(vocab_size=1000)
+
+
+def test_a_bf16_session_keeps_fp32_master_weights_and_a_tiny_update_still_moves_them(tiny_model_dir):
+    """dtype bfloat16 is the compute dtype: the weights and AdamW stay fp32, so lr 1e-6 does not round away
+    (in bf16 weights, an update of 1e-6 on a weight of about 0.02 is below half an ulp); the sampler gets bf16."""
+    worker = SessionWorker(tiny_model_dir, dtype="bfloat16")
+    assert all(p.dtype == torch.float32 for p in worker.params)
+    before = [p.detach().clone() for p in worker.params]
+    rows = [{"tokens": [10, 20, 30, 40, 50]}, {"tokens": [5, 6, 7]}]
+    out = worker.forward_backward(rows, "cross_entropy", {}, check_batch(rows, "cross_entropy", {}, LIMITS_BIG))
+    assert all(isinstance(x, float) for x in out["logprobs"][0])
+    worker.optim_step({"learning_rate": 1e-6})
+    moved = sum(int((p != b).sum()) for p, b in zip(worker.params, before, strict=True))
+    assert moved > 0.5 * sum(b.numel() for b in before)
+    assert {v.dtype for v in worker.weights().values() if v.is_floating_point()} == {torch.bfloat16}
