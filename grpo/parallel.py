@@ -202,6 +202,34 @@ def weight_buckets(model: nn.Module, *, dtype: torch.dtype, bucket_bytes: int) -
         yield bucket
 
 
+def pack_bucket(bucket: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """A bucket as raw bytes for the object store: {name: (uint8 array, dtype name, shape)}. Ray stores numpy
+    arrays out of band, so the board re-puts and the rollout actors read them without unpickling a copy (a
+    torch tensor would be pickled, copied at every hop); bf16 has no numpy dtype, hence the bytes."""
+    out = {}
+    for k, t in bucket.items():
+        t = t.detach().contiguous()
+        out[k] = (t.view(torch.uint8).reshape(-1).numpy(), str(t.dtype).removeprefix("torch."), tuple(t.shape))
+    return out
+
+
+def unpack_bucket(packed: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of `pack_bucket`'s output, as views of its (read-only) buffers: copy them before writing."""
+    import warnings
+
+    out = {}
+    for k, v in packed.items():
+        if isinstance(v, torch.Tensor):  # an unpacked state dict passes through
+            out[k] = v
+            continue
+        raw, dtype, shape = v
+        with warnings.catch_warnings():  # the object store's buffer is read-only; load_state_dict only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(raw)
+        out[k] = t.view(getattr(torch, dtype)).reshape(shape)
+    return out
+
+
 def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
     """Model and optimizer, each rank its own shard under `path/dcp` (rank 0 adds the metadata)."""
     import torch.distributed.checkpoint as dcp

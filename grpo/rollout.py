@@ -15,6 +15,7 @@ import time
 import torch
 from torch import Tensor
 
+from grpo.parallel import unpack_bucket
 from grpo.sampling import Prompt, PromptFormat, Rollout, left_pad, position_ids, sample_token, stop_token_ids
 
 
@@ -39,9 +40,17 @@ class WeightBoard:
 
         return [ray.put(bucket)]
 
-    def publish(self, version: int, refs: list, restart: bool = False) -> None:
+    def publish(self, version: int, refs: list, restart: bool = False, puts: list | None = None) -> list:
+        """Post `version`, its buckets being `refs` plus those of `puts`: the pending results of this board's own
+        `put` calls, which ran before this one (so the trainer waits for one round trip, not one per bucket).
+        Returns the version's bucket references."""
+        if puts:
+            import ray
+
+            refs = list(refs) + [r for got in ray.get(puts) for r in got]
         if restart or version >= self.version:
             self.version, self.refs = version, refs
+        return refs
 
     def latest(self) -> tuple[int, list]:
         return self.version, self.refs
@@ -102,6 +111,7 @@ class RolloutWorker:
                 import ray
 
                 bucket = ray.get(bucket)
+            bucket = unpack_bucket(bucket)  # views of the object store's bytes, copied into the model here
             with torch.no_grad():
                 result = self.model.load_state_dict(bucket, strict=False)
             unexpected += result.unexpected_keys

@@ -346,14 +346,17 @@ def publish(w: Worker, version: int, *, restart: bool = False) -> None:
         buckets = iter([lora.adapter_state(w.learner.model, dtype=dtype)] if w.rank == 0 else [])
     else:
         buckets = parallel.weight_buckets(w.learner.model, dtype=dtype, bucket_bytes=w.cfg.publish_bucket_mb << 20)
-    refs, nbytes = [], 0
+    puts, nbytes = [], 0
     for bucket in buckets:  # on ranks > 0 this only runs the gathers
         nbytes += lora.nbytes(bucket)
-        refs += ray.get(w.board.put.remote(bucket))
+        if len(puts) >= 2:  # at most two buckets on their way: memory stays bounded, the gathers overlap the puts
+            ray.wait([puts[-2]])
+        puts.append(w.board.put.remote(parallel.pack_bucket(bucket)))
         del bucket
     if w.rank == 0:
         w.publish_bytes = nbytes
-        ray.get(w.board.publish.remote(version, refs, restart))
+        # one round trip: the board runs the puts in order before this call, and resolves them itself
+        refs = ray.get(w.board.publish.remote(version, [], restart, puts=puts))
         ray.get(w.loading)  # the previous step's loads, long done: surfaces their errors
         w.loading[:] = [a.load_weights.remote(refs, version) for a in w.actors]
 
