@@ -352,9 +352,11 @@ class GRPOConfig(BaseModel):
 
     @property
     def uses_activation_checkpointing(self) -> bool:
-        if self.activation_checkpointing is None:
-            return self.strategy == "fsdp"
-        return self.activation_checkpointing
+        return self.activation_checkpointing_for(self.strategy)
+
+    def activation_checkpointing_for(self, strategy: str) -> bool:
+        """Whether the policy recomputes activations under `strategy` (the run's, once auto is resolved)."""
+        return strategy == "fsdp" if self.activation_checkpointing is None else self.activation_checkpointing
 
     @property
     def prompts_per_worker(self) -> int:

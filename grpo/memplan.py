@@ -220,8 +220,7 @@ def _policy(cfg: Any, d: ModelDims, strategy: str, world: int, device: str) -> t
     t_all = cfg.max_prompt_tokens + cfg.max_new_tokens
     tokens = rows * t_all
     per_layer = tokens * (10 * d.hidden + 4 * d.intermediate) * c  # q,k,v, attention out, norms, MLP in/outs
-    ac = cfg.activation_checkpointing if cfg.activation_checkpointing is not None else strategy == "fsdp"
-    if ac:
+    if cfg.activation_checkpointing_for(strategy):
         r.add("activations", d.layers * tokens * d.hidden * c + per_layer,
               "each layer's input, one layer recomputed (activation checkpointing)", "update")
     else:
@@ -229,20 +228,28 @@ def _policy(cfg: Any, d: ModelDims, strategy: str, world: int, device: str) -> t
     chunk = min(cfg.logprob_chunk_tokens, rows * cfg.max_new_tokens)
     r.add("logprob_head", chunk * d.vocab * 4 * 4, "one chunk of fp32 logits, its softmax and gradient", "update")
     largest = d.vocab * d.hidden
-    bucket = min(cfg.publish_bucket_mb * 2**20, p * c)
     if device == "cpu":
-        r.add("publish", 2 * bucket + largest * c, "one bucket, its serialized copy, one gathered tensor", "publish")
-        r.add("runtime", CPU_RUNTIME_GIB * GIB, "interpreter and libraries")
+        r.add("publish", 2 * _bucket(cfg, d, c) + largest * c, "one bucket, its serialized copy, one gathered tensor",
+              "publish")
     else:
         r.add("publish", largest * c, "one gathered tensor (the bucket is host memory)", "publish")
-        r.add("runtime", GPU_RUNTIME_GIB * GIB, "CUDA context, NCCL, allocator slack")
+    r.add("runtime", _runtime(device), "interpreter and libraries" if device == "cpu"
+          else "CUDA context, NCCL, allocator slack")
     ref = c * p if cfg.kl_coef > 0 and not lora else 0
     if device == "cpu":  # every rank reads the whole fp32 model into host memory, then shards it
-        load = 4 * p + 4 * p / shard + ref + CPU_RUNTIME_GIB * GIB
+        load = 4 * p + 4 * p / shard
     else:  # fully_shard moves one layer at a time to the device (grpo.parallel.wrap_policy); DDP moves it all
-        load = (4 * p / shard + 4 * max(d.layer_params, d.embed_params) if shard > 1 else 4 * p) + ref \
-            + GPU_RUNTIME_GIB * GIB
-    return r, load / GIB
+        load = 4 * p / shard + 4 * max(d.layer_params, d.embed_params) if shard > 1 else 4 * p
+    return r, (load + ref + _runtime(device)) / GIB
+
+
+def _bucket(cfg: Any, d: ModelDims, c: int) -> float:
+    """One publish bucket: `publish_bucket_mb`, or the whole model when it is smaller."""
+    return min(cfg.publish_bucket_mb * 2**20, d.params * c)
+
+
+def _runtime(device: str) -> float:
+    return (CPU_RUNTIME_GIB if device == "cpu" else GPU_RUNTIME_GIB) * GIB
 
 
 def _rollout(cfg: Any, d: ModelDims, device: str, rollout_dtype: str) -> RolePlan:
@@ -257,15 +264,16 @@ def _rollout(cfg: Any, d: ModelDims, device: str, rollout_dtype: str) -> RolePla
     r.add("logits", rows * d.vocab * 4 * 3, "a row of fp32 logits per sequence, sampled", "generate")
     r.add("prefill", rows * cfg.max_prompt_tokens * (4 * d.hidden + 2 * d.intermediate) * c,
           "one layer's prompt pass", "generate")
-    r.add("publish", min(cfg.publish_bucket_mb * 2**20, d.params * c), "one bucket of the next weights", "publish")
-    r.add("runtime", (CPU_RUNTIME_GIB if device == "cpu" else GPU_RUNTIME_GIB) * GIB, "")
+    r.add("publish", _bucket(cfg, d, c), "one bucket of the next weights", "publish")
+    r.add("runtime", _runtime(device), "")
     return r
 
 
 def plan(cfg: Any, dims: ModelDims, *, device_memory_gib: float | None = None, strategy: str | None = None,
-         device: str | None = None) -> Plan:
+         device: str | None = None, with_advice: bool = True) -> Plan:
     """The plan of `cfg` (a GRPOConfig) for a model of `dims`. `strategy` overrides cfg's (auto resolved
-    here); `device` is "gpu" or "cpu" (default: gpu when the config asks for GPUs)."""
+    here); `device` is "gpu" or "cpu" (default: gpu when the config asks for GPUs). A plan that does not fit
+    carries advice unless `with_advice` is off (the advice's own trial plans)."""
     device = device or ("gpu" if cfg.gpus_per_worker > 0 else "cpu")
     world = cfg.num_policy_workers
     strategy = strategy or cfg.strategy
@@ -275,7 +283,7 @@ def plan(cfg: Any, dims: ModelDims, *, device_memory_gib: float | None = None, s
     policy, load = _policy(cfg, dims, strategy, world, device)
     out = Plan(dims=dims, strategy=strategy, world=world, device=device, device_memory_gib=device_memory_gib,
                policy=policy, rollout=_rollout(cfg, dims, device, rollout_dtype), load_gib=load)
-    if out.fits is False:
+    if with_advice and out.fits is False:
         out.advice = advise(cfg, dims, out)
     return out
 
@@ -285,10 +293,8 @@ def choose_strategy(cfg: Any, dims: ModelDims, *, device_memory_gib: float | Non
     much a device has), FSDP2 when it would not; LoRA always DDP (the adapter is small)."""
     if getattr(cfg, "lora_rank", 0) or cfg.num_policy_workers == 1 or device_memory_gib is None:
         return "ddp"
-    ddp = Plan(dims=dims, strategy="ddp", world=cfg.num_policy_workers, device=device,
-               device_memory_gib=device_memory_gib, policy=_policy(cfg, dims, "ddp", cfg.num_policy_workers, device)[0],
-               rollout=RolePlan("rollout actor"), load_gib=0.0)
-    return "ddp" if ddp.fits else "fsdp"
+    replica, _ = _policy(cfg, dims, "ddp", cfg.num_policy_workers, device)
+    return "ddp" if replica.total_gib <= device_memory_gib * (1 - HEADROOM) else "fsdp"
 
 
 def advise(cfg: Any, dims: ModelDims, p: Plan) -> list[str]:
@@ -301,7 +307,7 @@ def advise(cfg: Any, dims: ModelDims, p: Plan) -> list[str]:
 
     def trial(**update: Any) -> Plan:
         return plan(cfg.model_copy(update=update), dims, device_memory_gib=p.device_memory_gib,
-                    strategy=update.get("strategy", p.strategy), device=p.device)
+                    strategy=update.get("strategy", p.strategy), device=p.device, with_advice=False)
 
     def policy_fits(**update: Any) -> bool:
         return trial(**update).policy_peak_gib <= usable

@@ -187,11 +187,16 @@ def weight_buckets(model: nn.Module, *, dtype: torch.dtype, bucket_bytes: int) -
             continue
         seen.add(id(t))
         t = t.detach()
-        if hasattr(t, "full_tensor"):  # a DTensor shard: all ranks gather it together
+        gathered = hasattr(t, "full_tensor")
+        if gathered:  # a DTensor shard: all ranks gather it together, into a new tensor
             t = t.full_tensor()
         if rank != 0:
             continue
-        t = (t.to(dtype) if t.is_floating_point() else t).to("cpu", copy=True)
+        if t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)  # cast where it lives (halves a device-to-host copy to bf16): a new tensor
+        elif not gathered and t.device.type == "cpu":
+            t = t.clone()  # a snapshot, not a view of the live weights
+        t = t.cpu()
         nbytes = t.numel() * t.element_size()
         if bucket and size + nbytes > bucket_bytes:
             yield bucket

@@ -40,14 +40,13 @@ class WeightBoard:
 
         return [ray.put(bucket)]
 
-    def publish(self, version: int, refs: list, restart: bool = False, puts: list | None = None) -> list:
-        """Post `version`, its buckets being `refs` plus those of `puts`: the pending results of this board's own
-        `put` calls, which ran before this one (so the trainer waits for one round trip, not one per bucket).
+    def publish(self, version: int, puts: list, restart: bool = False) -> list:
+        """Post `version`, its buckets being those of `puts`: the results of this board's own `put` calls, which
+        ran before this one, still pending for the caller (so it waits for one round trip, not one per bucket).
         Returns the version's bucket references."""
-        if puts:
-            import ray
+        import ray
 
-            refs = list(refs) + [r for got in ray.get(puts) for r in got]
+        refs = [r for got in ray.get(puts) for r in got]
         if restart or version >= self.version:
             self.version, self.refs = version, refs
         return refs

@@ -356,7 +356,7 @@ def publish(w: Worker, version: int, *, restart: bool = False) -> None:
     if w.rank == 0:
         w.publish_bytes = nbytes
         # one round trip: the board runs the puts in order before this call, and resolves them itself
-        refs = ray.get(w.board.publish.remote(version, [], restart, puts=puts))
+        refs = ray.get(w.board.publish.remote(version, puts, restart))
         ray.get(w.loading)  # the previous step's loads, long done: surfaces their errors
         w.loading[:] = [a.load_weights.remote(refs, version) for a in w.actors]
 

@@ -59,11 +59,9 @@ def test_the_board_hands_out_weights_after_rank_0_died_and_forgets_a_lost_attemp
             with torch.no_grad():
                 for p in model.parameters():
                     p.mul_(scale)
-            refs = []
-            for bucket in parallel.weight_buckets(model, dtype=torch.float32, bucket_bytes=500_000):
-                refs += ray.get(board.put.remote(parallel.pack_bucket(bucket)))  # as trainer.publish sends them
-            ray.get(board.publish.remote(version, refs, restart))
-            return len(refs)
+            puts = [board.put.remote(parallel.pack_bucket(bucket))  # as trainer.publish sends them
+                    for bucket in parallel.weight_buckets(model, dtype=torch.float32, bucket_bytes=500_000)]
+            return len(ray.get(board.publish.remote(version, puts, restart)))
 
     board = ray.remote(num_cpus=0)(WeightBoard).remote()
     lost = ray.remote(num_cpus=0)(_Rank0).remote()
