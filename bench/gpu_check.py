@@ -47,7 +47,7 @@ import torch.distributed as dist
 import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from grpo import parallel
+from grpo import loading, parallel
 from grpo.config import GRPOConfig
 from grpo.learner import Learner, score_batch
 from grpo.rollout import RolloutWorker
@@ -181,8 +181,10 @@ def main() -> int:
         cfg = GRPOConfig(model=str(model_dir), dtype="bfloat16", strategy="fsdp", group_size=s.group,
                          max_new_tokens=s.update_len // 2, micro_batch_size=s.micro_batch, learning_rate=1e-6,
                          kl_coef=0.0)
-        policy = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-        policy = parallel.wrap_policy(policy, strategy="fsdp", dtype="bfloat16", device=device)
+        # built on the meta device, sharded, then its shards read from the files (trainer.build_policy's way)
+        policy = parallel.wrap_policy(loading.empty_model(model_dir, torch.float32), strategy="fsdp",
+                                      dtype="bfloat16", device=device)
+        loading.materialize(policy, device, loading.SafetensorsIndex.of(Path(model_dir)))
         learner = Learner(cfg, policy, ref_model=None, pad_id=worker.pad_id)
         batch = update_batch(s, cfg)
         reset_peak()

@@ -13,7 +13,7 @@ bytes that exist at the step's peak:
   and its fp32 reduce-scatter input at the end of the backward (at a 152k vocabulary and untied head, the
   largest transient of a 7B step);
 - DDP under bf16 autocast: the bf16 copy of every weight autocast keeps for the backward;
-- the frozen KL reference (compute dtype, whole on every rank);
+- the frozen KL reference (compute dtype): whole on every DDP rank, 1/N of it on each FSDP2 rank;
 - activations of one micro-batch: every layer's saved tensors, or with activation checkpointing each
   layer's input plus one layer being recomputed; the log-prob head's one chunk of logits (grpo.logprobs);
 - publishing: one gathered tensor and one bucket (grpo.parallel.weight_buckets);
@@ -154,7 +154,7 @@ class Plan:
     policy: RolePlan
     rollout: RolePlan
     load_gib: float
-    """a policy worker's peak while it loads (the whole fp32 model, before sharding)"""
+    """a policy worker's peak while it loads: its shards under FSDP2 (read by rows), the whole model under DDP"""
     advice: list[str] = field(default_factory=list)
 
     @property
@@ -214,7 +214,8 @@ def _policy(cfg: Any, d: ModelDims, strategy: str, world: int, device: str) -> t
     elif cfg.dtype == "bfloat16":
         r.add("autocast", 2 * p, "bf16 copies autocast keeps for the backward", "update")
     if cfg.kl_coef > 0 and not lora:
-        r.add("reference", c * p, "the frozen KL reference, whole on every rank")
+        r.add("reference", c * p / shard, "the frozen KL reference" + (", sharded (1/N each)" if shard > 1
+                                                                          else ", whole"))
     g = cfg.group_size
     rows = max(1, cfg.micro_batch_size // g) * g
     t_all = cfg.max_prompt_tokens + cfg.max_new_tokens
@@ -235,11 +236,13 @@ def _policy(cfg: Any, d: ModelDims, strategy: str, world: int, device: str) -> t
         r.add("publish", largest * c, "one gathered tensor (the bucket is host memory)", "publish")
     r.add("runtime", _runtime(device), "interpreter and libraries" if device == "cpu"
           else "CUDA context, NCCL, allocator slack")
-    ref = c * p if cfg.kl_coef > 0 and not lora else 0
-    if device == "cpu":  # every rank reads the whole fp32 model into host memory, then shards it
+    ref = c * p / shard if cfg.kl_coef > 0 and not lora else 0
+    if shard > 1 and not lora:  # built on the meta device, each rank reads its rows (grpo.loading)
+        load = 4 * p / shard + 4 * largest / shard
+    elif device == "cpu":  # the whole fp32 model read into host memory, then (LoRA under FSDP2) sharded
         load = 4 * p + 4 * p / shard
-    else:  # fully_shard moves one layer at a time to the device (grpo.parallel.wrap_policy); DDP moves it all
-        load = 4 * p / shard + 4 * max(d.layer_params, d.embed_params) if shard > 1 else 4 * p
+    else:  # DDP moves it all to the device
+        load = 4 * p
     return r, (load + ref + _runtime(device)) / GIB
 
 

@@ -10,7 +10,8 @@ GPU check (bench/gpu_check.py) and the CPU tests (gloo) use the same code as a R
   FSDP2 shards every decoder layer and the root (`fully_shard`) and computes in bf16 with fp32
   gradient reduction (`MixedPrecisionPolicy`), so AdamW's state and the update stay fp32 and an lr of
   1e-6 does not round away. FSDP2 gradients stay sharded through accumulation (`no_grad_sync`).
-- `full_state_dict`: the unsharded weights on rank 0 (the Hugging Face export) or every rank (the KL reference).
+- `shard`: FSDP2 units per decoder layer and the root, for the policy and the frozen KL reference.
+- `full_state_dict`: the unsharded weights on rank 0 (the Hugging Face export).
 - `weight_buckets`: the weights for the rollout side, gathered one tensor at a time into bounded buckets.
 - `save_sharded` / `load_sharded`: model and optimizer with `torch.distributed.checkpoint`, each rank
   writing its own shard; the same files load into any world size.
@@ -73,23 +74,35 @@ def wrap_policy(model: nn.Module, *, strategy: str, dtype: str, device: torch.de
     if activation_checkpointing:
         enable_activation_checkpointing(model)
     world = dist.get_world_size() if _distributed() else 1
-    if strategy != "fsdp":
-        model = model.to(device)
-    else:  # fully_shard moves each layer to the device as it shards it: the device never holds the whole model
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        mesh = init_device_mesh(device.type, (world,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bfloat16" \
             else MixedPrecisionPolicy()
-        for layer in decoder_layers(model):  # each layer gathers its own weights, so peak memory is one layer
-            fully_shard(layer, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)  # the rest: embeddings, final norm, lm_head
-        return model
+        return shard(model, device=device, mp_policy=mp)
+    model = model.to(device)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def shard(model: nn.Module, *, device: torch.device, mp_policy: Any = None) -> nn.Module:
+    """FSDP2 over all ranks: every decoder layer its own unit (each gathers only its own weights, so the
+    working set is a layer or two), then the root (embeddings, final norm, head). fully_shard moves each layer
+    to the device as it shards it, so the device never holds the whole model; a model on the meta device
+    (grpo.loading) stays there, sharded, until `loading.materialize` allocates the shards. The frozen KL
+    reference goes through here too, without a mixed-precision policy (it is stored in the compute dtype)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    world = dist.get_world_size() if _distributed() else 1
+    mesh = init_device_mesh(device.type, (world,))
+    kw = {"mesh": mesh} | ({"mp_policy": mp_policy} if mp_policy is not None else {})
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
     return model
 
 
@@ -155,20 +168,31 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
-def full_state_dict(model: nn.Module, *, dtype: torch.dtype | None = None, all_ranks: bool = False,
-                    ) -> dict[str, torch.Tensor]:
-    """The full, unsharded weights on the CPU (every rank must call this: FSDP2 gathers). Only rank 0 gets
-    them unless `all_ranks` (the KL reference after a warm-up): the others take part in each gather and keep
-    nothing. `dtype` casts floating tensors, e.g. bf16 copies."""
+def full_state_dict(model: nn.Module, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The full, unsharded weights on the CPU of rank 0 (every rank must call this: FSDP2 gathers; the others
+    take part in each gather and keep nothing). `dtype` casts floating tensors, e.g. bf16 copies."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    rank0_only = _distributed() and not all_ranks
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=rank0_only))
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=_distributed()))
     out = {}
     for k, v in sd.items():
         v = v.detach().to("cpu")
         out[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v.clone()
     return out
+
+
+@torch.no_grad()
+def copy_weights(dst: nn.Module, src: nn.Module) -> None:
+    """`src`'s weights into `dst` (the KL reference after a warm-up), shard by shard: both have the same
+    structure and sharding, so nothing is gathered; cast to `dst`'s dtype."""
+    for m in (*unwrap(dst).modules(), *unwrap(src).modules()):
+        if is_fsdp(m):  # the root stays unsharded after a forward without backward: shards again first
+            m.reshard()
+    pairs = zip(unwrap(dst).named_parameters(), unwrap(src).named_parameters(), strict=True)
+    for (n, d), (m, s) in pairs:
+        if n != m:
+            raise ValueError(f"copy_weights: {n} is not {m}")
+        (d.to_local() if hasattr(d, "to_local") else d).copy_(s.to_local() if hasattr(s, "to_local") else s)
 
 
 def weight_buckets(model: nn.Module, *, dtype: torch.dtype, bucket_bytes: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import logging
 import random
 import tempfile
 import time
@@ -29,11 +31,13 @@ import ray.train.torch
 import torch
 from ray.util import ActorPool
 
-from grpo import lora, memory, parallel
+from grpo import loading, lora, memory, parallel
 from grpo.config import GRPOConfig
 from grpo.learner import Learner, ScoredBatch, scheduled_lr, score_agent_batch, score_batch
 from grpo.sampling import Rollout, concat_rollouts
 from grpo.tasks import Dataset, Sample
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 REFERENCE_DIR = "reference"  # the KL reference, when a warm-up made it differ from the base model
@@ -231,6 +235,47 @@ def _load_model(path: str, dtype: torch.dtype) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
+def build_policy(cfg: GRPOConfig, device: torch.device, resume_dir: Path | None) -> torch.nn.Module:
+    """The trainable policy, fp32 master weights, wrapped for the strategy. Under FSDP2 it is built on the
+    meta device and each rank reads only its shards (grpo.loading), so no rank ever holds the whole model;
+    a resume with a sharded checkpoint reads no weights here at all (resume() loads the shards). A model
+    without safetensors covering it loads whole first, the plain way."""
+    wrap = functools.partial(parallel.wrap_policy, strategy=cfg.strategy, dtype=cfg.dtype, device=device,
+                             activation_checkpointing=cfg.uses_activation_checkpointing)
+    lora_kw = cfg.lora_config()
+    if lora_kw is not None:  # the base, then a fresh adapter; a resume restores the adapter from the shards
+        return wrap(lora.add_adapter(_load_model(str(cfg.model), torch.float32), lora_kw))
+    path = resume_dir or Path(cfg.model)
+    if cfg.strategy == "fsdp":
+        model = loading.empty_model(path, torch.float32)
+        source = loading.SafetensorsIndex.of(path)
+        if source is not None and source.covers(model):
+            model = wrap(model)
+            sharded_resume = resume_dir is not None and parallel.has_shards(resume_dir)
+            loading.materialize(model, device, None if sharded_resume else source)
+            return model
+        log.warning("%s: no safetensors covering the model; each rank loads it whole before sharding", path)
+    return wrap(_load_model(str(path), torch.float32))
+
+
+def build_reference(cfg: GRPOConfig, device: torch.device, path: Path) -> torch.nn.Module:
+    """The frozen KL reference in the compute dtype (it never updates: no fp32 master, no gradients). Under
+    FSDP2 it is sharded like the policy (meta device, each rank its rows), so each rank holds 1/N of it and
+    gathers a layer at a time in the forward; under DDP every rank holds it whole, as it does the policy."""
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.strategy == "fsdp":
+        ref = loading.empty_model(path, dtype)
+        source = loading.SafetensorsIndex.of(path)
+        if source is not None and source.covers(ref):
+            ref = parallel.shard(ref, device=device)
+            loading.materialize(ref, device, source)
+        else:
+            ref = parallel.shard(_load_model(str(path), dtype), device=device)
+    else:
+        ref = _load_model(str(path), dtype).to(device)
+    return ref.requires_grad_(False).eval()
+
+
 @dataclass
 class Worker:
     """Everything one policy worker holds across steps."""
@@ -274,30 +319,20 @@ def setup(config: dict[str, Any]) -> Worker:
     device = ray.train.torch.get_device()
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    compute_dtype = getattr(torch, cfg.dtype)
 
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as found:
         resume_dir = Path(found) if found else None
         if resume_dir is None:
             torch.manual_seed(cfg.seed)
-        lora_kw = cfg.lora_config()
-        if lora_kw is None:
-            policy = _load_model(str(resume_dir or cfg.model), torch.float32)
-        else:  # the base, then a fresh adapter; a resume restores the adapter and its optimizer from the shards
-            policy = lora.add_adapter(_load_model(str(cfg.model), torch.float32), lora_kw)
-        model = parallel.wrap_policy(policy, strategy=cfg.strategy, dtype=cfg.dtype, device=device,
-                                     activation_checkpointing=cfg.uses_activation_checkpointing)
+        model = build_policy(cfg, device, resume_dir)
+        lora_on = cfg.lora_rank > 0
         ref_model = None
-        if cfg.kl_coef > 0 and lora_kw is not None:  # the base is the policy with its adapter off: no copy
+        if cfg.kl_coef > 0 and lora_on:  # the base is the policy with its adapter off: no copy
             ref_model = lora.AdapterOff(parallel.unwrap(model))
-        elif cfg.kl_coef > 0:
-            # The frozen reference is the initial policy (or the warm-up's result, saved with the checkpoints);
-            # it needs no wrapper since it never trains, and no fp32 master since it never updates.
+        elif cfg.kl_coef > 0:  # the initial policy, or the warm-up's result saved with the checkpoints
             saved_ref = resume_dir / REFERENCE_DIR if resume_dir is not None else None
-            ref_path = saved_ref if saved_ref is not None and saved_ref.is_dir() else cfg.model
-            ref_model = _load_model(str(ref_path), compute_dtype).to(device)
-            ref_model.requires_grad_(False).eval()
+            ref_model = build_reference(cfg, device, saved_ref if saved_ref and saved_ref.is_dir() else Path(cfg.model))
         w = Worker(cfg=cfg, rank=rank, world=world, tokenizer=tokenizer, pad_id=pad_id,
                    dataset=cfg.load_dataset(), learner=Learner(cfg, model, ref_model=ref_model, pad_id=pad_id),
                    actors=config["rollout_actors"], reward_actors=config["reward_actors"],
@@ -306,8 +341,8 @@ def setup(config: dict[str, Any]) -> Worker:
             resume(w, resume_dir)
         elif cfg.environment is not None and cfg.sft_warmup_steps:  # fresh agent runs only
             w.warmup_loss = sft_warmup(cfg, w.dataset, w.learner, tokenizer, pad_id, rank=rank, world=world)
-            if ref_model is not None and lora_kw is None:  # KL then holds the policy near what the warm-up taught
-                ref_model.load_state_dict(parallel.full_state_dict(model, dtype=compute_dtype, all_ranks=True))
+            if ref_model is not None and not lora_on:  # KL then holds the policy near what the warm-up taught
+                parallel.copy_weights(ref_model, model)
                 w.ref_from_warmup = True
     w.version = w.start_step
     if rank == 0:  # before anything of this attempt reaches the driver: it drops the lost attempt's steps
@@ -366,6 +401,8 @@ def save_checkpoint(w: Worker, step: int, metrics: dict[str, float]) -> None:
     model as a Hugging Face directory, the tokenizer, the step and (after a warm-up) the KL reference.
     Ray Train merges the ranks' directories into one checkpoint."""
     sd = None if w.cfg.lora_rank else parallel.full_state_dict(w.learner.model)  # on rank 0 only
+    ref_sd = (parallel.full_state_dict(w.learner.ref_model)  # gathered like the policy when it is sharded
+              if w.ref_from_warmup and w.learner.ref_model is not None and not w.cfg.lora_rank else None)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         parallel.save_sharded(w.learner.model, w.learner.optimizer, d)
@@ -382,8 +419,8 @@ def save_checkpoint(w: Worker, step: int, metrics: dict[str, float]) -> None:
                 w.learner.base_model.save_pretrained(d, state_dict=sd)
             w.tokenizer.save_pretrained(d)
             torch.save({"step": step, "config": w.cfg.model_dump(), "strategy": w.cfg.strategy}, d / STATE_FILE)
-            if w.ref_from_warmup and w.learner.ref_model is not None:
-                w.learner.ref_model.save_pretrained(d / REFERENCE_DIR)
+            if ref_sd is not None:
+                w.learner.ref_model.save_pretrained(d / REFERENCE_DIR, state_dict=ref_sd)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 

@@ -44,3 +44,30 @@ def fsdp_buckets(rank: int, world: int, out: Path, model_dir: str, bucket_bytes:
     buckets = list(parallel.weight_buckets(model, dtype=torch.bfloat16, bucket_bytes=bucket_bytes))
     full = parallel.full_state_dict(model)
     return {"buckets": buckets, "full_keys": sorted(full)}
+
+
+def sharded_load(rank: int, world: int, out: Path, model_dir: str, dtype: str) -> dict:
+    """The policy built on the meta device and read shard by shard (grpo.loading), as trainer.build_policy
+    does under FSDP2, next to the reference built the same way; what each rank holds and the gathered whole."""
+    from grpo import loading, parallel
+
+    device = torch.device("cpu")
+    model = parallel.wrap_policy(loading.empty_model(model_dir, torch.float32), strategy="fsdp", dtype=dtype,
+                                 device=device)
+    loading.materialize(model, device, loading.SafetensorsIndex.of(Path(model_dir)))
+    local_bytes = sum(p.to_local().numel() * p.to_local().element_size() for p in model.parameters())
+    ids = torch.arange(1, 13).reshape(2, 6)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    ref = parallel.shard(loading.empty_model(model_dir, torch.bfloat16), device=device)
+    loading.materialize(ref, device, loading.SafetensorsIndex.of(Path(model_dir)))
+    ref_local = {n: p.to_local().clone() for n, p in ref.named_parameters()}
+    full = parallel.full_state_dict(model)
+    model.reshard()  # the root keeps its gathered weights after a forward without backward
+    with torch.no_grad():  # a "warm-up": the policy moves, then the reference takes its weights shard by shard
+        for p in model.parameters():
+            p.to_local().add_(0.5)
+    parallel.copy_weights(ref.requires_grad_(False), model)
+    return {"local_bytes": local_bytes, "logits": logits, "full": full,
+            "buffers": {n: b.clone() for n, b in model.named_buffers()}, "ref_before": ref_local,
+            "ref_full_after": parallel.full_state_dict(ref)}

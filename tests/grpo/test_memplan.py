@@ -54,6 +54,19 @@ def test_a_7b_policy_on_eight_80gb_gpus_is_planned_sharded_and_fits():
     assert ddp.fits is False and ddp.policy.total_gib > 7.6e9 * 20 / 2**30  # 16 B + DDP's buckets, whole
 
 
+def test_under_fsdp2_the_kl_reference_and_the_load_are_sharded_and_under_ddp_whole():
+    dims = memplan.ModelDims.from_config(QWEN_7B)
+    fsdp = memplan.plan(_cfg(kl_coef=0.02), dims, device_memory_gib=80, strategy="fsdp")
+    ddp = memplan.plan(_cfg(kl_coef=0.02), dims, device_memory_gib=80, strategy="ddp")
+    fs = {x.name: x.bytes for x in fsdp.policy.parts}
+    dd = {x.name: x.bytes for x in ddp.policy.parts}
+    assert fs["reference"] == pytest.approx(2 * dims.params / 8) and dd["reference"] == pytest.approx(2 * dims.params)
+    # loading: each FSDP2 rank its eighth of the fp32 weights and reference (read by rows), not the whole model
+    shard_gib = (4 + 2) * dims.params / 8 / memplan.GIB
+    assert shard_gib < fsdp.load_gib < shard_gib + memplan.GPU_RUNTIME_GIB + 0.5
+    assert ddp.load_gib > (4 + 2) * dims.params / memplan.GIB
+
+
 def test_on_24gb_gpus_it_does_not_fit_and_the_advice_is_checked_against_the_plan():
     cfg = _cfg()
     dims = memplan.ModelDims.from_config(QWEN_7B)

@@ -156,14 +156,15 @@ def test_dynamic_sampling_refills_the_flat_groups_to_a_full_batch(ray_session, d
 
 def test_warmup_with_kl_on_two_workers_keeps_its_reference_across_a_resume(ray_session, tmp_path):
     """The warm-up's policy becomes the KL reference on every rank (rank 1 used to get an empty state dict
-    and crash), and the checkpoint carries it, so a resumed run keeps it instead of the base model."""
+    and crash), and the checkpoint carries it, so a resumed run keeps it instead of the base model. Under
+    FSDP2, where the reference is sharded like the policy: copied shard by shard, gathered only to save."""
     from grpo.tiny import save_tiny_model
     from grpo.trainer import REFERENCE_DIR
 
     model = save_tiny_model(tmp_path / "tiny", hidden_size=64, num_layers=2, seed=0)
     over = dict(environment="calculator", tool_instructions=False, max_new_tokens=16, max_trajectory_tokens=48,
                 max_steps_per_trajectory=2, sft_warmup_steps=3, sft_learning_rate=2e-3, kl_coef=0.05,
-                num_policy_workers=2, prompts_per_step=4, group_size=2)
+                num_policy_workers=2, prompts_per_step=4, group_size=2, strategy="fsdp")
     first = run(_cfg(str(model), tmp_path, "warm", num_steps=1, **over))
     assert first.status == "completed", first.error
     ref = _weights(Path(first.checkpoint) / REFERENCE_DIR)
