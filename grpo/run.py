@@ -432,12 +432,38 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
     once; while training, the loop checkpoints and stops at its next step boundary, and if it has not got
     there within `stop_grace_s` (a worker group still waiting for resources, a step that does not end)
     the training is aborted and the run ends with the checkpoint it last saved.
-    """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from grpo.trainer import train_loop
+    The steps: connect and check (`_connect`), book the whole demand (`_Driver.book`), start the actors and
+    the trainer together (`_start`), drive the run to its end (`_Driver.drive`), report and clean up.
+    """
+    cfg = _connect(cfg)
+    reporters = [LocalReporter(cfg.run_dir), RayMetricsReporter(job_id), *(reporters or [])]
+    for r in reporters:
+        r.on_start(cfg, job_id=job_id)
+    driver = _Driver(cfg, reporters, poll_s=poll_s, stop_grace_s=stop_grace_s)
+    driver.handle_signals()
+    owned = handles is None
+    # Gang reservation (grpo.gang): book the whole demand before asking Ray for anything; while the
+    # cluster cannot hold it next to the runs starting, hold nothing and wait (a stop ends the wait).
+    demand = {"CPU": required_cpus(cfg) if owned else cfg.num_policy_workers * cfg.cpus_per_worker,
+              "GPU": required_gpus(cfg) if owned else cfg.num_policy_workers * cfg.gpus_per_worker}
+    booking = Booking(job_id or f"{cfg.run_name}-{uuid.uuid4().hex[:8]}", demand)
+    if not driver.book(booking):
+        return driver.finish(RunResult(status=driver.stop_reason["reason"], steps=0, last_metrics={}, cost_usd=0.0))
+    handles, ready, actor_pg = _start(cfg, booking.run) if owned else (handles, [], None)
+    driver.drive(_trainer(cfg, handles), handles["monitor"], ready, booking)
+    summary = driver.finish(driver.result())
+    booking.release()
+    if owned:
+        _shutdown(handles, actor_pg)
+    return summary
+
+
+def _connect(cfg: GRPOConfig) -> GRPOConfig:
+    """Preflight, the cluster (the Ray Job's own, RAY_ADDRESS's, or a local one), then what must hold before
+    anything is asked of it: the run fits the cluster, and its memory plan fits the devices (strategy auto
+    resolved)."""
+    import ray
 
     preflight(cfg)
     # ray.train.report waits for the Train controller's health-check poll; 2 s by default is longer
@@ -452,218 +478,274 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
         else:  # a local cluster: declare enough logical CPUs for the actors this run asks for
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus(cfg))))
     check_fits_cluster(cfg)  # before any reporter marks the run started or any actor is asked for
-    cfg = check_memory_plan(cfg, ray.cluster_resources())
-    reporters = [LocalReporter(cfg.run_dir), RayMetricsReporter(job_id), *(reporters or [])]
-    for r in reporters:
-        r.on_start(cfg, job_id=job_id)
+    return check_memory_plan(cfg, ray.cluster_resources())
 
-    stop_reason: dict[str, str] = {}
-    t0 = time.time()
 
-    def check_stop() -> str | None:
-        for r in reporters:
-            reason = r.should_stop()
-            if reason:
-                stop_reason.setdefault("reason", reason)
-        return stop_reason.get("reason")
+def _start(cfg: GRPOConfig, run_id: str) -> tuple[dict[str, Any], list, Any]:
+    """The actors, asked for at once (not awaited: `ready` holds their constructors). They and Ray Train's
+    worker group start together: each loads torch and the model in its own process, and waiting for one
+    before asking for the other made start-up their sum. The train loop's first calls on an actor still
+    starting queue until it is up. The actors share one placement group: placed all together or not at all."""
+    from ray.util.placement_group import placement_group
 
-    def on_sigterm(signum: int, frame: Any) -> None:  # `ray job stop` and Ctrl-C: checkpoint, then exit
-        stop_reason.setdefault("reason", "cancelled")  # the poll loop passes it on
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_sigterm)
-        signal.signal(signal.SIGINT, on_sigterm)
-
-    owned = handles is None
-    # Gang reservation (grpo.gang): book the whole demand before asking Ray for anything; while the
-    # cluster cannot hold it next to the runs starting, hold nothing and wait (a stop ends the wait).
-    demand = {"CPU": required_cpus(cfg) if owned else cfg.num_policy_workers * cfg.cpus_per_worker,
-              "GPU": required_gpus(cfg) if owned else cfg.num_policy_workers * cfg.gpus_per_worker}
-    booking = Booking(job_id or f"{cfg.run_name}-{uuid.uuid4().hex[:8]}", demand)
-    waited = ""
-    while not booking.try_book():
-        if booking.reason != waited:
-            waited = booking.reason
-            log.info("%s", waited)
-            notify_waiting(reporters, waited)
-        if reason := check_stop():
-            summary = RunResult(status=reason, steps=0, last_metrics={}, cost_usd=0.0)
-            for r in reporters:
-                r.on_end(reason, error=None, summary={"steps": 0, "checkpoint": None, "best_checkpoints": [],
-                                                      "checkpoint_scores": {}, "cost_usd": 0.0, "last_metrics": {}})
-            return summary
-        time.sleep(poll_s)
-    if waited:
-        log.info("resources booked after %.1f s of waiting", time.time() - t0)
-        notify_waiting(reporters, None)
-    ready: list[Any] = []
     actor_pg = None
-    if owned:
-        # The actors and Ray Train's worker group start together: each loads torch and the model in its
-        # own process, and waiting for one before asking for the other made start-up their sum. The
-        # train loop's first calls on an actor still starting queue until it is up. The actors share one
-        # placement group, so they are placed all together or not at all.
-        from ray.util.placement_group import placement_group
+    if bundles := actor_bundles(cfg):
+        actor_pg = placement_group(bundles, strategy="PACK", name=f"raygrpo-actors-{run_id}")
+    handles = build_actors(cfg, wait=False, placement_group=actor_pg)
+    return handles, handles.pop("ready"), actor_pg
 
-        if bundles := actor_bundles(cfg):
-            actor_pg = placement_group(bundles, strategy="PACK", name=f"raygrpo-actors-{booking.run}")
-        handles = build_actors(cfg, wait=False, placement_group=actor_pg)
-        ready = handles.pop("ready")
-    monitor = handles["monitor"]
-    evaluating = cfg.eval_size > 0
-    trainer = TorchTrainer(
+
+def _trainer(cfg: GRPOConfig, handles: dict[str, Any]) -> Any:
+    """Ray Train's TorchTrainer for grpo.trainer.train_loop: the policy workers, their checkpoints (the best by
+    eval reward when evaluating), and a restart of the worker group from the latest checkpoint on a failure."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from grpo.trainer import train_loop
+
+    gpus = {"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {}
+    return TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(), **handles},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_policy_workers, use_gpu=cfg.gpus_per_worker > 0,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})},
-        ),
+        scaling_config=ScalingConfig(num_workers=cfg.num_policy_workers, use_gpu=cfg.gpus_per_worker > 0,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **gpus}),
         run_config=RunConfig(
             name=cfg.run_name, storage_path=str(cfg.run_dir.parent),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
-                checkpoint_score_attribute="eval_reward" if evaluating else None,
+                checkpoint_score_attribute="eval_reward" if cfg.eval_size > 0 else None,
                 checkpoint_score_order="max",
             ),
-            # A policy worker that dies restarts the worker group from the latest checkpoint.
-            failure_config=FailureConfig(max_failures=3),
+            failure_config=FailureConfig(max_failures=3),  # a dead policy worker: restart from the checkpoint
         ),
     )
 
-    outcome: dict[str, Any] = {}
 
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except Exception as e:  # reported as the run's failure below, with its message
-            outcome["error"] = e
+def _shutdown(handles: dict[str, Any], actor_pg: Any) -> None:
+    import ray
 
-    stop_requested: dict[str, float] = {}
+    for h in handles["rollout_actors"] + handles["reward_actors"] + [handles["weight_board"], handles["monitor"]]:
+        ray.kill(h)
+    if actor_pg is not None:
+        from ray.util.placement_group import remove_placement_group
 
-    def request_stop(reason: str) -> None:
-        stop_reason.setdefault("reason", reason)
-        if "at" not in stop_requested:
-            stop_requested["at"] = time.monotonic()
-            monitor.request_stop.remote(stop_reason["reason"])
+        remove_placement_group(actor_pg)
 
-    worker = threading.Thread(target=fit, name="trainer-fit", daemon=True)
-    worker.start()
-    progress: _Progress | None = None
-    last: dict[str, float] = {}
-    warned: set[int] = set()
-    recent: collections.deque[float] = collections.deque(maxlen=cfg.target_window)
-    pending = list(ready)
-    stored_through = 0  # the mailbox's posts this driver's reporters have stored (RunMonitor.stored)
-    fault = FaultHook(cfg.run_dir)
-    # The cost meter starts once the run holds resources: its actors are up (not while they waited).
-    metered_from: float | None = None if pending else time.time()
-    while True:
-        alive = worker.is_alive()
-        if pending:
+
+class _Driver:
+    """The driver's side of one run while it lives: waiting for resources, then polling the run monitor
+    (metrics and trajectories to the reporters, progress, the target reward, the budget, stop requests)
+    until the trainer's fit ends, aborting a fit that does not reach a step boundary after a stop."""
+
+    def __init__(self, cfg: GRPOConfig, reporters: list[Reporter], *, poll_s: float, stop_grace_s: float):
+        self.cfg, self.reporters, self.poll_s, self.stop_grace_s = cfg, reporters, poll_s, stop_grace_s
+        self.t0 = time.time()
+        self.stop_reason: dict[str, str] = {}
+        self.stop_requested: dict[str, float] = {}
+        self.outcome: dict[str, Any] = {}
+        self.progress: _Progress | None = None
+        self.last: dict[str, float] = {}
+        self.warned: set[int] = set()
+        self.recent: collections.deque[float] = collections.deque(maxlen=cfg.target_window)
+        self.metered_from: float | None = None
+        """the cost meter starts once the run holds resources: its actors are up (not while they waited)"""
+        self.stored_through = 0
+        """the mailbox's posts this driver's reporters have stored (RunMonitor.stored)"""
+        self.monitor: Any = None
+
+    # ---- stops ---------------------------------------------------------------------------------------
+    def check_stop(self) -> str | None:
+        for r in self.reporters:
+            reason = r.should_stop()
+            if reason:
+                self.stop_reason.setdefault("reason", reason)
+        return self.stop_reason.get("reason")
+
+    def handle_signals(self) -> None:
+        """`ray job stop` and Ctrl-C: checkpoint, then exit (the poll loop passes the stop on)."""
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            self.stop_reason.setdefault("reason", "cancelled")
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)
+            signal.signal(signal.SIGINT, on_sigterm)
+
+    def request_stop(self, reason: str, *, now: bool = False) -> None:
+        """Ask the train loop to stop at its next step boundary; `now`: no step can end, abort at once."""
+        self.stop_reason.setdefault("reason", reason)
+        if "at" not in self.stop_requested:
+            self.stop_requested["at"] = time.monotonic()
+            self.monitor.request_stop.remote(self.stop_reason["reason"])
+        if now:
+            self.stop_requested["at"] = time.monotonic() - self.stop_grace_s - 1
+
+    # ---- the phases ----------------------------------------------------------------------------------
+    def book(self, booking: Booking) -> bool:
+        """Wait until the booking holds (False: a stop came first)."""
+        waited = ""
+        while not booking.try_book():
+            if booking.reason != waited:
+                waited = booking.reason
+                log.info("%s", waited)
+                notify_waiting(self.reporters, waited)
+            if self.check_stop():
+                return False
+            time.sleep(self.poll_s)
+        if waited:
+            log.info("resources booked after %.1f s of waiting", time.time() - self.t0)
+            notify_waiting(self.reporters, None)
+        return True
+
+    def drive(self, trainer: Any, monitor: Any, ready: list, booking: Booking) -> None:
+        """The trainer's fit in a thread, and this loop until it ends."""
+        import ray
+
+        self.monitor, self.ready, self.pending, self.booking = monitor, ready, list(ready), booking
+        self.metered_from = None if self.pending else time.time()
+
+        def fit() -> None:
             try:
-                _, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
-                if not pending:
-                    ray.get(ready)  # constructor errors (bad model files, unimportable reward) surface here
-                    metered_from = time.time()
-                    log.info("actors up %.1f s after the start", metered_from - t0)
-            except Exception as e:  # an actor that cannot start fails the run with its own error
-                outcome["actor_error"] = e
-                pending = []
-                request_stop("failed")
-                stop_requested["at"] = time.monotonic() - stop_grace_s - 1  # no step can end: abort now
-        if pending and (reason := check_stop()):  # nothing can have trained yet: no step boundary to wait for
-            request_stop(reason)
-            stop_requested["at"] = time.monotonic() - stop_grace_s - 1
-        fault.check()  # a test's armed fault (kill or hold right after a checkpoint, before this drain)
-        posts, resumed_at, metrics, rows = ray.get(monitor.drain.remote())
+                self.outcome["result"] = trainer.fit()
+            except Exception as e:  # reported as the run's failure, with its message
+                self.outcome["error"] = e
+
+        worker = threading.Thread(target=fit, name="trainer-fit", daemon=True)
+        worker.start()
+        fault = FaultHook(self.cfg.run_dir)
+        while True:
+            alive = worker.is_alive()
+            self._poll_actors()
+            fault.check()  # a test's armed fault (kill or hold right after a checkpoint, before this drain)
+            posts = self._drain()
+            self._check_budget()
+            if reason := self.check_stop():
+                self.request_stop(reason)
+            if not alive:
+                break
+            if "at" in self.stop_requested and time.monotonic() - self.stop_requested["at"] > self.stop_grace_s:
+                self._abort(worker)
+                continue
+            # Until the next post (drained at once, so a checkpoint waiting on it is not held up) or the poll.
+            ray.get(monitor.wait_posted.remote(posts, self.poll_s))
+        if self.progress is not None:
+            self.progress.close()
+
+    def _poll_actors(self) -> None:
+        """Whether the actors are up; an actor that cannot start fails the run with its own error, and a stop
+        before they are up ends the run at once (nothing can have trained: no step boundary to wait for)."""
+        import ray
+
+        if not self.pending:
+            return
+        try:
+            _, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
+            if not self.pending:
+                ray.get(self.ready)  # constructor errors (bad model files, unimportable reward) surface here
+                self.metered_from = time.time()
+                log.info("actors up %.1f s after the start", self.metered_from - self.t0)
+        except Exception as e:
+            self.outcome["actor_error"] = e
+            self.pending = []
+            self.request_stop("failed", now=True)
+        if self.pending and (reason := self.check_stop()):
+            self.request_stop(reason, now=True)
+
+    def cost(self) -> float:
+        return cost_usd(self.cfg, time.time() - self.metered_from) if self.metered_from is not None else 0.0
+
+    def _drain(self) -> int:
+        """What the train loop posted: a (re)start, trajectories and each step's metrics to the reporters,
+        progress, the target reward; then tells the monitor they are stored. Returns the posts seen."""
+        import ray
+
+        posts, resumed_at, metrics, rows = ray.get(self.monitor.drain.remote())
         if resumed_at is not None:  # a (re)start: the steps after it are re-run, stored again once
-            notify_resume(reporters, resumed_at)
-        for r in reporters:
+            notify_resume(self.reporters, resumed_at)
+        for r in self.reporters:
             if rows:
                 r.on_trajectories(rows)
-        cost = cost_usd(cfg, time.time() - metered_from) if metered_from is not None else 0.0
+        cost = self.cost()
         for m in metrics:
             m["cost_usd"] = cost
-            if progress is None:
-                progress = _Progress(cfg.num_steps, int(m["step"]) - 1)
-                log.info("first step %.1f s after the start", time.time() - t0)
-                booking.release()  # its workers train and its actors are up (or coming): Ray counts them now
-            progress.update(m, cost)
-            for r in reporters:
+            if self.progress is None:
+                self.progress = _Progress(self.cfg.num_steps, int(m["step"]) - 1)
+                log.info("first step %.1f s after the start", time.time() - self.t0)
+                self.booking.release()  # its workers train and its actors are up (or coming): Ray counts them now
+            self.progress.update(m, cost)
+            for r in self.reporters:
                 r.on_step(m)
-            last = m
-            recent.append(float(m.get("reward_mean", 0.0)))
-            if (cfg.target_reward is not None and len(recent) == recent.maxlen
-                    and sum(recent) / len(recent) >= cfg.target_reward and "at" not in stop_requested):
-                # Done: the policy solves the task. The step in flight ends, then a final checkpoint.
-                log.info("mean reward %.3f over the last %d steps reached the target %.3g at step %d: stopping",
-                         sum(recent) / len(recent), len(recent), cfg.target_reward, int(m["step"]))
-                request_stop("completed")
-        if posts > stored_through:  # every reporter has these now: a checkpoint after them may be written
-            monitor.stored.remote(posts)
-            stored_through = posts
-        if cfg.max_budget_usd:
-            used = cost / cfg.max_budget_usd
-            for pct in (75, 90):
-                if used * 100 >= pct and pct not in warned:
-                    warned.add(pct)
-                    log.warning("run has used %d%% of its budget ($%.6g of $%.6g)", pct, cost, cfg.max_budget_usd)
-            # Stop before the step that would cross the budget: the step in flight ends first (the loop
-            # stops at a boundary), then the final checkpoint and the workers' release, which cost too; so
-            # stop when the cost after the step in flight, one more and that reserve would be over.
-            if last:
-                step_s = float(last.get("step_time_s", 0.0))
-                ahead = cost_usd(cfg, 2 * step_s + cfg.budget_stop_reserve_s)
-                if used >= 1.0 or cost + ahead > cfg.max_budget_usd:
-                    request_stop("budget_exceeded")
-            elif used >= 1.0:
-                request_stop("budget_exceeded")
-        if reason := check_stop():
-            request_stop(reason)
-        if not alive:
-            break
-        if "at" in stop_requested and time.monotonic() - stop_requested["at"] > stop_grace_s:
-            # Again each round until the fit ends: a controller still being created is not there to stop yet.
-            if not outcome.get("aborted") and metered_from is not None and "actor_error" not in outcome:
-                log.warning("no step boundary %.0f s after the stop (%s): aborting the training", stop_grace_s,
-                            stop_reason["reason"])
-            outcome["aborted"] = True
-            abort_training()
-            worker.join(timeout=max(poll_s, 2.0))
-            outcome.pop("error", None)  # the abort's own error: the run ended because it was stopped
-            continue
-        # Until the next post (drained at once, so a checkpoint waiting on it is not held up) or the poll.
-        ray.get(monitor.wait_posted.remote(posts, poll_s))
-    if progress is not None:
-        progress.close()
+            self.last = m
+            self._check_target(m)
+        if posts > self.stored_through:  # every reporter has these now: a checkpoint after them may be written
+            self.monitor.stored.remote(posts)
+            self.stored_through = posts
+        return posts
 
-    result = outcome.get("result")
-    error = outcome.get("actor_error") or outcome.get("error") or (result.error if result is not None else None)
-    cost = cost_usd(cfg, time.time() - metered_from) if metered_from is not None else 0.0
-    summary = RunResult(status="failed" if error else stop_reason.get("reason", "completed"),
-                        steps=int(last.get("step", 0)), last_metrics=last, cost_usd=cost)
-    if error is not None:
-        summary.error = f"{type(error).__name__}: {error}"
-    if result is not None and result.checkpoint is not None:
-        summary.checkpoint = result.checkpoint.path
-        summary.best_checkpoints, summary.checkpoint_scores = rank_checkpoints(result.best_checkpoints or [])
-    elif outcome.get("aborted"):
-        summary.checkpoint = latest_checkpoint(cfg.run_dir)
-    for r in reporters:
-        r.on_end(summary.status, error=summary.error, summary={
-            "steps": summary.steps, "checkpoint": summary.checkpoint, "best_checkpoints": summary.best_checkpoints,
-            "checkpoint_scores": summary.checkpoint_scores, "cost_usd": summary.cost_usd,
-            "last_metrics": summary.last_metrics,
-        })
-    booking.release()
-    if owned:
-        for h in handles["rollout_actors"] + handles["reward_actors"] + [handles["weight_board"], monitor]:
-            ray.kill(h)
-        if actor_pg is not None:
-            from ray.util.placement_group import remove_placement_group
+    def _check_target(self, m: dict[str, float]) -> None:
+        """Done when the mean reward over the last `target_window` steps reaches `target_reward`: the step in
+        flight ends, then a final checkpoint."""
+        cfg, recent = self.cfg, self.recent
+        recent.append(float(m.get("reward_mean", 0.0)))
+        if (cfg.target_reward is not None and len(recent) == recent.maxlen
+                and sum(recent) / len(recent) >= cfg.target_reward and "at" not in self.stop_requested):
+            log.info("mean reward %.3f over the last %d steps reached the target %.3g at step %d: stopping",
+                     sum(recent) / len(recent), len(recent), cfg.target_reward, int(m["step"]))
+            self.request_stop("completed")
 
-            remove_placement_group(actor_pg)
-    return summary
+    def _check_budget(self) -> None:
+        """Warnings at 75 and 90 %; a stop before the step that would cross the budget: the step in flight ends
+        first (the loop stops at a boundary), then the final checkpoint and the workers' release, which cost
+        too; so stop when the cost after the step in flight, one more and that reserve would be over."""
+        cfg = self.cfg
+        if not cfg.max_budget_usd:
+            return
+        cost = self.cost()
+        used = cost / cfg.max_budget_usd
+        for pct in (75, 90):
+            if used * 100 >= pct and pct not in self.warned:
+                self.warned.add(pct)
+                log.warning("run has used %d%% of its budget ($%.6g of $%.6g)", pct, cost, cfg.max_budget_usd)
+        ahead = cost_usd(cfg, 2 * float(self.last.get("step_time_s", 0.0)) + cfg.budget_stop_reserve_s) \
+            if self.last else 0.0
+        if used >= 1.0 or (self.last and cost + ahead > cfg.max_budget_usd):
+            self.request_stop("budget_exceeded")
+
+    def _abort(self, worker: threading.Thread) -> None:
+        """No step boundary within the grace after a stop: abort the training. Again each round until the fit
+        ends: a controller still being created is not there to stop yet."""
+        if not self.outcome.get("aborted") and self.metered_from is not None and "actor_error" not in self.outcome:
+            log.warning("no step boundary %.0f s after the stop (%s): aborting the training", self.stop_grace_s,
+                        self.stop_reason["reason"])
+        self.outcome["aborted"] = True
+        abort_training()
+        worker.join(timeout=max(self.poll_s, 2.0))
+        self.outcome.pop("error", None)  # the abort's own error: the run ended because it was stopped
+
+    # ---- the end -------------------------------------------------------------------------------------
+    def result(self) -> RunResult:
+        outcome = self.outcome
+        result = outcome.get("result")
+        error = outcome.get("actor_error") or outcome.get("error") or (result.error if result is not None else None)
+        summary = RunResult(status="failed" if error else self.stop_reason.get("reason", "completed"),
+                            steps=int(self.last.get("step", 0)), last_metrics=self.last, cost_usd=self.cost())
+        if error is not None:
+            summary.error = f"{type(error).__name__}: {error}"
+        if result is not None and result.checkpoint is not None:
+            summary.checkpoint = result.checkpoint.path
+            summary.best_checkpoints, summary.checkpoint_scores = rank_checkpoints(result.best_checkpoints or [])
+        elif outcome.get("aborted"):
+            summary.checkpoint = latest_checkpoint(self.cfg.run_dir)
+        return summary
+
+    def finish(self, summary: RunResult) -> RunResult:
+        for r in self.reporters:
+            r.on_end(summary.status, error=summary.error, summary={
+                "steps": summary.steps, "checkpoint": summary.checkpoint,
+                "best_checkpoints": summary.best_checkpoints, "checkpoint_scores": summary.checkpoint_scores,
+                "cost_usd": summary.cost_usd, "last_metrics": summary.last_metrics,
+            })
+        return summary
 
 
 def main(argv: list[str] | None = None) -> int:
