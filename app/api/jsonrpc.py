@@ -16,6 +16,7 @@ Not covered: result validation against `result_model` (it only documents the rep
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import json
 import logging
@@ -144,10 +145,17 @@ class _NoParams(BaseModel):
 class Registry:
     """The methods of one JSON-RPC endpoint, and the code that answers a request body with them."""
 
-    def __init__(self, *, max_body_bytes: int = 10 * 2**20, max_batch: int = 100, sync_in_thread: bool = False):
+    def __init__(self, *, max_body_bytes: int = 10 * 2**20, max_batch: int = 100, sync_in_thread: bool = False,
+                 handler_threads: int = 256):
         self.max_body_bytes = max_body_bytes
         self.max_batch = max_batch
         self.sync_in_thread = sync_in_thread
+        self.handler_threads = handler_threads
+        """threads for sync handlers (sync_in_thread): more than the calls a replica admits at once
+        (Serve's max_ongoing_requests, 64), so no admitted call waits for a thread. A call may block on
+        another call (a session's numbered calls run in order): asyncio's default executor (cpu + 4
+        threads) let calls that arrived early hold every thread while the call they wait for had none."""
+        self._executor: Any = None
         self._methods: dict[str, Method] = {}
         self._guards: list[Guard] = []
         self._observers: list[Observer] = []
@@ -283,6 +291,13 @@ class Registry:
 
     # ---- answering requests ----
 
+    def _handler_executor(self) -> Any:
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(self.handler_threads, thread_name_prefix="rpc-handler")
+        return self._executor
+
     async def handle(self, body: bytes | str, ctx: Any = None) -> dict | list | None:
         """Answer one HTTP body: a reply object, a list of replies (batch), or None when nothing is
         owed (a notification, or a batch of only notifications)."""
@@ -405,7 +420,8 @@ class Registry:
         # thread-safe. A registry whose handlers open their own sessions (sync_in_thread=True) runs
         # them in worker threads instead, so a blocking query does not stall other requests.
         if self.sync_in_thread and not inspect.iscoroutinefunction(method.handler):
-            result = await asyncio.to_thread(method.handler, params, ctx)
+            result = await asyncio.get_running_loop().run_in_executor(
+                self._handler_executor(), contextvars.copy_context().run, method.handler, params, ctx)
         else:
             result = method.handler(params, ctx)
         if inspect.isawaitable(result):

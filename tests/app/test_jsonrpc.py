@@ -501,3 +501,35 @@ def test_describe_lists_methods_sorted_with_discover():
             "permission": None,
         },
     ]
+
+
+class _Seq(BaseModel):
+    n: int
+
+
+def test_calls_that_wait_for_each_other_never_starve_for_a_thread():
+    """A session's numbered calls run in order on the server: call n blocks until call n-1 is done. 40 calls
+    sent at once, last first: with asyncio's default executor (cpu + 4 threads, at most 32) the early
+    arrivals held every thread while call 1 waited for one, until their order timeout failed them all."""
+    import threading
+
+    reg = Registry(sync_in_thread=True)
+    done = {"n": 0}
+    cv = threading.Condition()
+
+    @reg.method("ordered", params=_Seq)
+    def ordered(p: _Seq, ctx: Any) -> int:
+        with cv:
+            if not cv.wait_for(lambda: done["n"] == p.n - 1, timeout=60):
+                raise RPCError(INVALID_PARAMS, f"call {p.n} waited for call {done['n'] + 1}")
+            done["n"] = p.n
+            cv.notify_all()
+        return p.n
+
+    async def send_all() -> list:
+        calls = [reg.handle(json.dumps({"jsonrpc": "2.0", "id": n, "method": "ordered", "params": {"n": n}}))
+                 for n in range(40, 0, -1)]
+        return await asyncio.gather(*calls)
+
+    answers = asyncio.run(send_all())
+    assert sorted(a["result"] for a in answers) == list(range(1, 41)), [a.get("error") for a in answers][:3]
