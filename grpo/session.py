@@ -326,50 +326,12 @@ class SessionHost:
 
     # ---- life ------------------------------------------------------------------------------------
     def _start(self) -> None:
-        import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from grpo.gang import Booking
-        from grpo.rollout import RolloutWorker
-
-        s = self.spec
-        n, cpus, gpus = int(s.get("num_workers", 1)), float(s.get("cpus_per_worker", 1.0)), float(s.get("gpus_per_worker", 0.0))
-        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        """Book the resources, place them, start the workers and the sampler; then active (or, if the session
+        was closed while it started, freed again)."""
         try:
-            booking = Booking(f"session-{self.id}", {"CPU": cpus * (n + 1), "GPU": gpus * (n + 1)})
-            while not booking.try_book():
-                if self.state in ("closed", "expired", "failed"):
-                    return
-                self.state, self.error = "waiting", booking.reason
-                time.sleep(0.5)
-            if self.state in ("closed", "expired", "failed"):
-                booking.release()
+            if not self._place():
                 return
-            self.state, self.error = "starting", None
-            self.pg = placement_group([bundle] * (n + 1), strategy="PACK", name=host_name(self.id))
-            ray.get(self.pg.ready(), timeout=float(s.get("start_timeout_s", 600)))
-            self.held_since = time.monotonic()
-            booking.release()
-
-            def at(i: int) -> Any:
-                return PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=i)
-
-            worker_cls = ray.remote(num_cpus=cpus, num_gpus=gpus)(SessionWorker)
-            self.workers = [worker_cls.options(scheduling_strategy=at(i)).remote(
-                s["model"], s.get("tokenizer"), rank=i, world=n, dtype=s.get("dtype", "float32"),
-                torch_threads=int(s.get("torch_threads", 1)), lora=s.get("lora"), seed=int(s.get("seed", 0)))
-                for i in range(n)]
-            self.sampler = ray.remote(num_cpus=cpus, num_gpus=gpus)(RolloutWorker).options(scheduling_strategy=at(n)).remote(
-                s["model"], s.get("tokenizer"), dtype=s.get("dtype", "float32"), torch_threads=int(s.get("torch_threads", 1)),
-                max_prompt_tokens=int(s.get("max_prompt_tokens", 1024)), chat_template=s.get("chat_template"), lora=s.get("lora"))
-            if n > 1:
-                ip, port = ray.get(self.workers[0].address.remote())
-                ray.get([w.join.remote(ip, port) for w in self.workers])
-            self.limits = Limits(vocab_size=ray.get(self.workers[0].vocab_size.remote()),
-                                 max_seq_len=int(s.get("max_seq_len", 2048)), max_rows=int(s.get("max_rows", 1024)),
-                                 max_tokens=int(s.get("max_tokens", 262_144)))
-            ray.get(self.sampler.ping.remote())
+            self._spawn()
             if self.state == "starting":
                 self.state = "active"
                 self.last_used = time.monotonic()
@@ -378,6 +340,68 @@ class SessionHost:
         except Exception as e:  # a worker that cannot load the model, a placement group never granted
             self.error = f"{type(e).__name__}: {e}"
             self._free("failed")
+
+    def _sizes(self) -> tuple[int, float, float]:
+        s = self.spec
+        return int(s.get("num_workers", 1)), float(s.get("cpus_per_worker", 1.0)), float(s.get("gpus_per_worker", 0.0))
+
+    def _place(self) -> bool:
+        """The gang booking (grpo.gang: waits while the cluster cannot hold it), then one placement group of
+        a bundle per worker and one for the sampler. False: the session ended while it waited."""
+        import ray
+        from ray.util.placement_group import placement_group
+
+        from grpo.gang import Booking
+
+        n, cpus, gpus = self._sizes()
+        booking = Booking(f"session-{self.id}", {"CPU": cpus * (n + 1), "GPU": gpus * (n + 1)})
+        while not booking.try_book():
+            if self.state in ("closed", "expired", "failed"):
+                return False
+            self.state, self.error = "waiting", booking.reason
+            time.sleep(0.5)
+        if self.state in ("closed", "expired", "failed"):
+            booking.release()
+            return False
+        self.state, self.error = "starting", None
+        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        self.pg = placement_group([bundle] * (n + 1), strategy="PACK", name=host_name(self.id))
+        ray.get(self.pg.ready(), timeout=float(self.spec.get("start_timeout_s", 600)))
+        self.held_since = time.monotonic()
+        booking.release()
+        return True
+
+    def _spawn(self) -> None:
+        """The training workers (bundles 0..n-1, joined in one process group when n > 1) and the sampler
+        (bundle n); the input limits from the model's vocabulary."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from grpo.rollout import RolloutWorker
+
+        s = self.spec
+        n, cpus, gpus = self._sizes()
+
+        def at(i: int) -> Any:
+            return PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=i)
+
+        threads = int(s.get("torch_threads", 1))
+        worker_cls = ray.remote(num_cpus=cpus, num_gpus=gpus)(SessionWorker)
+        self.workers = [worker_cls.options(scheduling_strategy=at(i)).remote(
+            s["model"], s.get("tokenizer"), rank=i, world=n, dtype=s.get("dtype", "float32"), torch_threads=threads,
+            lora=s.get("lora"), seed=int(s.get("seed", 0))) for i in range(n)]
+        sampler_cls = ray.remote(num_cpus=cpus, num_gpus=gpus)(RolloutWorker)
+        self.sampler = sampler_cls.options(scheduling_strategy=at(n)).remote(
+            s["model"], s.get("tokenizer"), dtype=s.get("dtype", "float32"), torch_threads=threads,
+            max_prompt_tokens=int(s.get("max_prompt_tokens", 1024)), chat_template=s.get("chat_template"),
+            lora=s.get("lora"))
+        if n > 1:
+            ip, port = ray.get(self.workers[0].address.remote())
+            ray.get([w.join.remote(ip, port) for w in self.workers])
+        self.limits = Limits(vocab_size=ray.get(self.workers[0].vocab_size.remote()),
+                             max_seq_len=int(s.get("max_seq_len", 2048)), max_rows=int(s.get("max_rows", 1024)),
+                             max_tokens=int(s.get("max_tokens", 262_144)))
+        ray.get(self.sampler.ping.remote())
 
     def _watch_idle(self) -> None:
         """Free everything after `idle_timeout_s` without a call; the host itself (no CPU, only the final
