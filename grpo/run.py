@@ -317,19 +317,12 @@ def _checkpoint_step(path: str) -> int:
 
 
 def latest_checkpoint(run_dir: Path) -> str | None:
-    """The newest checkpoint a run folder holds (by the step it saved), for a run that ended without Ray
-    Train's result (aborted)."""
-    import torch
+    """The newest complete checkpoint a run folder holds (by the step it saved), for a run that ended without
+    Ray Train's result (aborted)."""
+    from grpo.trainer import checkpoint_step
 
-    best: tuple[int, str] | None = None
-    for state in run_dir.glob("checkpoint_*/trainer_state.pt"):
-        try:
-            step = int(torch.load(state, map_location="cpu", weights_only=False)["step"])
-        except (OSError, KeyError, RuntimeError, EOFError):  # a checkpoint still being written
-            continue
-        if best is None or step > best[0]:
-            best = (step, str(state.parent))
-    return best[1] if best else None
+    found = [(step, str(d)) for d in run_dir.glob("checkpoint_*") if (step := checkpoint_step(d)) is not None]
+    return max(found)[1] if found else None
 
 
 def abort_training() -> int:

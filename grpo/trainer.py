@@ -320,7 +320,7 @@ def setup(config: dict[str, Any]) -> Worker:
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = resume_point(ray.train.get_checkpoint(), cfg.run_dir)
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as found:
         resume_dir = Path(found) if found else None
         if resume_dir is None:
@@ -351,6 +351,52 @@ def setup(config: dict[str, Any]) -> Worker:
     w.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts") if cfg.async_rollouts else None
     w.t_start = time.perf_counter()
     return w
+
+
+def checkpoint_step(d: Path) -> int | None:
+    """The step of the checkpoint folder `d` if every rank's part of it is there in full, else None: rank 0's
+    state, each rank's RNG file, and every byte range the sharded checkpoint's metadata points at (a
+    checkpoint is uploaded rank by rank; one whose upload a kill cut short must not be resumed)."""
+    try:
+        state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
+        world = int(state["config"].get("num_policy_workers", 1))
+        if not all((d / "rng" / f"rank{r}.pt").is_file() for r in range(world)):
+            return None
+        if parallel.has_shards(d):
+            from torch.distributed.checkpoint import FileSystemReader
+
+            shards = d / parallel.SHARDS_DIR
+            ends: dict[str, int] = {}
+            for info in FileSystemReader(str(shards)).read_metadata().storage_data.values():
+                ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+            if any(not (shards / f).is_file() or (shards / f).stat().st_size < end for f, end in ends.items()):
+                return None
+        return int(state["step"])
+    except Exception:  # unreadable, truncated (pickle errors), or not a checkpoint of this engine
+        return None
+
+
+def resume_point(registered: Any, run_dir: Path) -> Any:
+    """Where a (re)started worker group resumes: the newest complete checkpoint. Ray Train hands the last one
+    its controller registered; a checkpoint is registered when the controller next polls (every
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) after the workers put it on their result queue, so when the workers die
+    in between, one that is complete on storage is not registered and the group would restart from an older
+    one (or from step 0). Every rank reads the same folder and picks the same checkpoint."""
+    best = None
+    if registered is not None:
+        best = checkpoint_step(Path(registered.path)) if Path(registered.path).is_dir() else None
+        if best is None:  # remote storage, or a layout this cannot read: Ray Train's choice stands
+            return registered
+    newer = None
+    for d in run_dir.glob("checkpoint_*"):
+        step = checkpoint_step(d)
+        if step is not None and (best is None or step > best):
+            best, newer = step, d
+    if newer is None:
+        return registered
+    log.warning("resuming from %s (step %d): complete on storage, newer than the checkpoint Ray Train registered "
+                "(%s)", newer.name, best, registered.path if registered is not None else "none")
+    return ray.train.Checkpoint.from_directory(str(newer))
 
 
 def resume(w: Worker, d: Path) -> None:

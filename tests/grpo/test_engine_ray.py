@@ -237,9 +237,12 @@ def test_a_ray_job_whose_driver_dies_after_a_checkpoint_resumes_and_stores_every
 @pytest.mark.slow
 def test_a_killed_train_worker_restarts_from_the_checkpoint_and_every_step_is_stored_once(
         ray_session, tiny_model_dir, tmp_path):
-    """SIGKILL a Ray Train worker between checkpoints (step 5, the last checkpoint at 3): Ray Train restarts
+    """SIGKILL the Ray Train workers between checkpoints (step 5, the last checkpoint at 3): Ray Train restarts
     the worker group from step 3 and steps 4-5 run again. The job API's database and metrics.jsonl hold
-    each step once: prompts_per_step x group_size trajectories per step, the re-run's."""
+    each step once: prompts_per_step x group_size trajectories per step, the re-run's. Then a rollout actor
+    restarts after the group did: it loads the resumed attempt's weights from the weight board (never an
+    object of the dead rank 0, never the lost attempt's newer version) and the run completes."""
+    import ray
     from ray.util.state import list_actors
     from sqlalchemy import func, select
 
@@ -257,24 +260,42 @@ def test_a_killed_train_worker_restarts_from_the_checkpoint_and_every_step_is_st
         job_id = job.id
     cfg = _cfg(tiny_model_dir, tmp_path, num_steps=8, checkpoint_interval=3, num_policy_workers=2,
                num_rollout_workers=2)
+    handles = build_actors(cfg)
+    board, sampler = handles["weight_board"], handles["rollout_actors"][0]
+    sampler_pid = ray.get(sampler.ping.remote())
     metrics = cfg.run_dir / "metrics.jsonl"
     killed: list[int] = []
+    seen: dict[str, int] = {}
 
     def killer() -> None:
         deadline = time.time() + 300
-        while time.time() < deadline:
+        while time.time() < deadline and not killed:
             if metrics.exists() and len(_rows(metrics)) >= 5:
-                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-                os.kill(workers[-1].pid, signal.SIGKILL)
-                killed.append(workers[-1].pid)
-                return
+                seen["before"] = ray.get(board.latest.remote())[0]
+                for w in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
+                    os.kill(w.pid, signal.SIGKILL)  # rank 0, the publisher, among them
+                    killed.append(w.pid)
             time.sleep(0.05)
+        while time.time() < deadline:  # the resumed attempt posts the checkpoint's version over the lost newer one
+            version = ray.get(board.latest.remote())[0]
+            if version < seen["before"]:
+                seen["resumed"] = version
+                ray.kill(sampler, no_restart=False)
+                return
+            time.sleep(0.01)
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    result = run(cfg, reporters=[DBReporter(cfg=cfg, job_id=job_id, db_url=url)], job_id=job_id)
-    t.join(timeout=5)
-    assert killed and result.status == "completed" and result.steps == 8, result.error
+    try:
+        result = run(cfg, reporters=[DBReporter(cfg=cfg, job_id=job_id, db_url=url)], job_id=job_id, handles=handles)
+        t.join(timeout=5)
+        assert killed and result.status == "completed" and result.steps == 8, result.error
+        assert seen.get("resumed") == 3, seen  # the checkpoint's step, posted by the restarted group
+        assert ray.get(sampler.ping.remote()) != sampler_pid  # a new process, which caught up from the board
+        assert ray.get(sampler.get_version.remote()) == 8
+    finally:
+        for h in handles["rollout_actors"] + handles["reward_actors"] + [board, handles["monitor"]]:
+            ray.kill(h)
     assert [m["step"] for m in _rows(metrics)] == list(range(1, 9))
     with db.session_scope(engine) as s:
         per_step = dict(s.execute(select(Trajectory.step, func.count()).where(Trajectory.job_id == job_id)
