@@ -11,7 +11,9 @@ ordinary Hugging Face directories.
 
 Printed per case and mode, the larger of the two ranks: the peak resident set during the load (VmHWM, less
 shared memory, from just before the load) and what stays resident after it, in GiB, and the ratio
-sharded / whole. The plan's load figure (grpo.memplan) is printed next to it. glibc's mmap threshold is
+sharded / whole; then rank 0's peak growth while it exports the checkpoint's Hugging Face directory
+(whole: the full fp32 state dict gathered to rank 0, then `save_pretrained`; sharded: `parallel.save_hf`,
+one file of at most 2 GiB at a time). The plan's load figure (grpo.memplan) is printed next to it. glibc's mmap threshold is
 fixed at 64 KiB as in bench/memory_plan.py, so freed tensors leave the resident set.
 """
 
@@ -57,13 +59,27 @@ def _rank(rank: int, world: int, port: int, model: str, mode: str, out: str) -> 
         ref = trainer.build_reference(cfg, device, Path(model))
     peak = memory.peak_bytes() - base
     held = memory.resident_bytes() - base
-    torch.save({"peak": peak, "held": held}, f"{out}/rank{rank}.pt")
+    # the checkpoint's Hugging Face export: before, the whole fp32 state dict on rank 0, then save_pretrained;
+    # after, parallel.save_hf (gathered and written one file at a time)
+    export_dir = Path(out) / f"export{rank}"
+    export_dir.mkdir()
+    before = memory.resident_bytes()
+    memory.reset_peak()
+    if mode == "whole":
+        sd = parallel.full_state_dict(policy)
+        if rank == 0:
+            policy.save_pretrained(export_dir, state_dict=sd)
+        del sd
+    else:
+        parallel.save_hf(policy, export_dir if rank == 0 else None)
+    export_peak = memory.peak_bytes() - before
+    torch.save({"peak": peak, "held": held, "export": export_peak}, f"{out}/rank{rank}.pt")
     del policy, ref
     dist.barrier()
     dist.destroy_process_group()
 
 
-def measure(model: Path, mode: str) -> tuple[float, float]:
+def measure(model: Path, mode: str) -> tuple[float, float, float]:
     import torch
     import torch.multiprocessing as mp
 
@@ -73,7 +89,7 @@ def measure(model: Path, mode: str) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_rank, args=(2, port, str(model), mode, out), nprocs=2, join=True)
         ranks = [torch.load(f"{out}/rank{r}.pt") for r in range(2)]
-    return max(r["peak"] for r in ranks) / GIB, max(r["held"] for r in ranks) / GIB
+    return max(r["peak"] for r in ranks) / GIB, max(r["held"] for r in ranks) / GIB, ranks[0]["export"] / GIB
 
 
 def planned_load(model: Path) -> float:
@@ -93,7 +109,7 @@ def main() -> None:
     from grpo.tiny import save_tiny_model
 
     print(f"# {datetime.date.today()}, {os.cpu_count()} cores, 2 gloo ranks, FSDP2 + bf16 KL reference")
-    print(f"{'case':8} {'params':>8} {'mode':8} {'peak GiB':>9} {'held GiB':>9} {'plan GiB':>9}")
+    print(f"{'case':8} {'params':>8} {'mode':8} {'peak GiB':>9} {'held GiB':>9} {'plan GiB':>9} {'export GiB':>10}")
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases.split(","):
             model = save_tiny_model(Path(tmp) / case, arch="qwen2", **CASES[case])
@@ -104,9 +120,10 @@ def main() -> None:
             for mode in ("whole", "sharded"):
                 got[mode] = measure(model, mode)
                 plan = f"{planned_load(model):9.2f}" if mode == "sharded" else f"{'':9}"
-                print(f"{case:8} {params / 1e6:7.0f}M {mode:8} {got[mode][0]:9.2f} {got[mode][1]:9.2f} {plan}")
+                print(f"{case:8} {params / 1e6:7.0f}M {mode:8} {got[mode][0]:9.2f} {got[mode][1]:9.2f} {plan} "
+                      f"{got[mode][2]:10.2f}")
             print(f"{case:8} {'':8} {'ratio':8} {got['sharded'][0] / got['whole'][0]:8.2f}x "
-                  f"{got['sharded'][1] / got['whole'][1]:8.2f}x")
+                  f"{got['sharded'][1] / got['whole'][1]:8.2f}x {'':9} {got['sharded'][2] / got['whole'][2]:9.2f}x")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ GPU check (bench/gpu_check.py) and the CPU tests (gloo) use the same code as a R
   1e-6 does not round away. FSDP2 gradients stay sharded through accumulation (`no_grad_sync`).
 - `shard`: FSDP2 units per decoder layer and the root, for the policy and the frozen KL reference.
 - `full_state_dict`: the unsharded weights on rank 0 (the Hugging Face export).
-- `weight_buckets`: the weights for the rollout side, gathered one tensor at a time into bounded buckets.
+- `weight_buckets`: the weights for the rollout side, gathered one tensor at a time into bounded buckets;
+  `save_hf` writes them as a checkpoint's Hugging Face safetensors, one file at a time.
 - `save_sharded` / `load_sharded`: model and optimizer with `torch.distributed.checkpoint`, each rank
   writing its own shard; the same files load into any world size.
 
@@ -229,6 +230,48 @@ def weight_buckets(model: nn.Module, *, dtype: torch.dtype, bucket_bytes: int) -
         size += nbytes
     if bucket:
         yield bucket
+
+
+def save_hf(model: nn.Module, path: Path | None, *, dtype: torch.dtype = torch.float32,
+            shard_bytes: int = 2 << 30) -> None:
+    """The model as a Hugging Face directory at `path` (rank 0; the other ranks pass None): config.json,
+    generation_config.json and safetensors files of at most about `shard_bytes` each, written one at a time as
+    `weight_buckets` gathers them, so rank 0 holds one file's tensors, never the whole model (the plain
+    `save_pretrained(state_dict=...)` needs the whole fp32 state dict in rank 0's memory: 28 GiB at 7B).
+    Several files get HF's names (model-00001-of-00003.safetensors) and an index. Every rank must call this
+    under FSDP2 (the gathers)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    files: list[tuple[Path, list[str]]] = []
+    total = 0
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+    for i, bucket in enumerate(weight_buckets(model, dtype=dtype, bucket_bytes=shard_bytes)):
+        if path is None:  # weight_buckets yields nothing on ranks > 0; they only take part in the gathers
+            continue
+        f = path / f"part-{i:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in bucket.items()}, str(f), metadata={"format": "pt"})
+        files.append((f, list(bucket)))
+        total += sum(v.numel() * v.element_size() for v in bucket.values())
+        del bucket
+    if path is None:
+        return
+    hf = unwrap(model)
+    hf.config.save_pretrained(path)
+    if getattr(hf, "generation_config", None) is not None and hf.can_generate():
+        hf.generation_config.save_pretrained(path)
+    if len(files) == 1:
+        files[0][0].rename(path / "model.safetensors")
+        return
+    weight_map = {}
+    for i, (f, names) in enumerate(files):
+        name = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        f.rename(path / name)
+        weight_map |= dict.fromkeys(names, name)
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def pack_bucket(bucket: dict[str, torch.Tensor]) -> dict[str, tuple]:

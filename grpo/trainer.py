@@ -444,29 +444,28 @@ def publish(w: Worker, version: int, *, restart: bool = False) -> None:
 
 def save_checkpoint(w: Worker, step: int, metrics: dict[str, float]) -> None:
     """Every rank writes its shard of model and optimizer and its RNG state; rank 0 also writes the full
-    model as a Hugging Face directory, the tokenizer, the step and (after a warm-up) the KL reference.
-    Ray Train merges the ranks' directories into one checkpoint."""
-    sd = None if w.cfg.lora_rank else parallel.full_state_dict(w.learner.model)  # on rank 0 only
-    ref_sd = (parallel.full_state_dict(w.learner.ref_model)  # gathered like the policy when it is sharded
-              if w.ref_from_warmup and w.learner.ref_model is not None and not w.cfg.lora_rank else None)
+    model as a Hugging Face directory (gathered and written one safetensors file at a time), the tokenizer,
+    the step and (after a warm-up) the KL reference. Ray Train merges the ranks' directories into one
+    checkpoint."""
+    ref = w.learner.ref_model if w.ref_from_warmup and not w.cfg.lora_rank else None
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         parallel.save_sharded(w.learner.model, w.learner.optimizer, d)
         (d / "rng").mkdir()
         torch.save({"torch_rng": torch.get_rng_state(), "py_rng": random.getstate()}, d / "rng" / f"rank{w.rank}.pt")
+        if not w.cfg.lora_rank:  # every rank gathers, rank 0 writes one safetensors file at a time
+            parallel.save_hf(w.learner.model, d if w.rank == 0 else None)
+        if ref is not None:  # the warm-up's reference, gathered the same way when it is sharded
+            parallel.save_hf(ref, d / REFERENCE_DIR if w.rank == 0 else None, dtype=getattr(torch, w.cfg.dtype))
         if w.rank == 0:
-            if sd is None:  # a PEFT adapter directory (adapter_config.json names the base by its path)
+            if w.cfg.lora_rank:  # a PEFT adapter directory (adapter_config.json names the base by its path)
                 w.learner.base_model.save_pretrained(d)
                 if w.cfg.lora_merged_export:
                     merged = copy.deepcopy(w.learner.base_model).merge_and_unload()
                     merged.save_pretrained(d / "merged")
                     w.tokenizer.save_pretrained(d / "merged")
-            else:
-                w.learner.base_model.save_pretrained(d, state_dict=sd)
             w.tokenizer.save_pretrained(d)
             torch.save({"step": step, "config": w.cfg.model_dump(), "strategy": w.cfg.strategy}, d / STATE_FILE)
-            if ref_sd is not None:
-                w.learner.ref_model.save_pretrained(d / REFERENCE_DIR, state_dict=ref_sd)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 

@@ -111,3 +111,20 @@ def test_a_tied_head_is_sent_once_and_the_receiver_stays_tied(tmp_path):
     worker = RolloutWorker(path)
     assert worker.load_weights(buckets, 3) == 3
     torch.testing.assert_close(worker.model.lm_head.weight, model.lm_head.weight)
+
+
+@pytest.mark.parametrize("shard_bytes", [2 << 30, 300_000])
+def test_the_checkpoint_export_is_a_hugging_face_directory_written_a_file_at_a_time(tiny_model_dir, tmp_path,
+                                                                                     shard_bytes):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    parallel.save_hf(model, tmp_path / "out", shard_bytes=shard_bytes)
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    if shard_bytes > 1 << 30:
+        assert files == ["model.safetensors"]
+    else:  # HF's names and index, each file bounded (a tensor larger than the bound alone in its file)
+        assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+        assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, atol=0, rtol=0, msg=k)
+    assert loaded.generation_config.to_dict() == model.generation_config.to_dict()
