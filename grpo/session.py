@@ -3,13 +3,15 @@
 A client writes the RL loop; a session holds the model on the cluster and runs what the loop asks for:
 
     forward_backward(data, loss_fn)  log-probs of the targets, loss, gradients accumulated
-    optim_step(adam)                 all-reduce the gradients across the policy workers, one AdamW step
+    optim_step(adam)                 one AdamW step on the whole batch's gradients (summed over the workers)
     sample(prompts, n, ...)          completions from the session's sampler, on the latest weights
     save_state / load_state          model and optimizer (torch.distributed.checkpoint), resumable
     save_weights                     a Hugging Face (or PEFT adapter) directory
 
 Pieces: `SessionWorker` (one per policy worker: the model, its optimizer, a gloo/NCCL group over the
-workers), the sampler (a `RolloutWorker`, the same sampler runs use), and `SessionHost`, one named Ray
+workers; with several workers and no LoRA the model is sharded with FSDP2 as the trainer's policy is,
+each worker reading only its rows of the model's files; under LoRA the small adapter's gradients are
+all-reduced instead), the sampler (a `RolloutWorker`, the same sampler runs use), and `SessionHost`, one named Ray
 actor per session that owns them, places them in one placement group (booked whole, grpo.gang), orders
 the training calls by the client's sequence numbers, meters cost and frees everything after an idle
 timeout. `app.jobs.sessions` serves them over JSON-RPC; nothing here imports `app`.
@@ -153,6 +155,12 @@ def row_losses(logp: torch.Tensor, rows: list[dict[str, Any]], loss_fn: str, los
     return loss * w, clipped & (w > 0)
 
 
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    from grpo.parallel import is_fsdp
+
+    return is_fsdp(model)
+
+
 class SessionWorker:
     """One policy worker of a session: the model, its AdamW, and (with several) a process group."""
 
@@ -167,7 +175,16 @@ class SessionWorker:
         # fp32 master weights and AdamW state whatever `dtype` says; bfloat16 is the compute dtype (autocast), as
         # in the trainer: bf16 weights would round an lr-1e-6 update away
         self.compute_dtype = dtype
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(self.device)
+        self.model_path = model
+        # Several workers without LoRA shard the model with FSDP2 once their process group exists (`join`):
+        # until then the model is only its structure on the meta device (grpo.loading), no weights.
+        self.sharded = world > 1 and lora is None
+        if self.sharded:
+            from grpo.loading import empty_model
+
+            self.model = empty_model(model, torch.float32)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(self.device)
         self.lora = lora
         if lora is not None:
             from grpo.lora import add_adapter
@@ -195,7 +212,28 @@ class SessionWorker:
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                     init_method=f"tcp://{ip}:{port}", rank=self.rank, world_size=self.world)
+        if self.sharded and not _is_fsdp(self.model):
+            self._shard()
         return self.rank
+
+    def _shard(self) -> None:
+        """FSDP2 over the session's workers, as the trainer's policy: fp32 master shards, bf16 compute when
+        asked, each worker reading only its rows of the model's safetensors (whole first where the files do
+        not cover it)."""
+        from transformers import AutoModelForCausalLM
+
+        from grpo import loading, parallel
+
+        wrap = dict(strategy="fsdp", dtype=self.compute_dtype, device=self.device)
+        source = loading.SafetensorsIndex.of(Path(self.model_path))
+        if source is not None and source.covers(self.model):
+            self.model = parallel.wrap_policy(self.model, **wrap)
+            loading.materialize(self.model, self.device, source)
+        else:
+            whole = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+            self.model = parallel.wrap_policy(whole, **wrap)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
@@ -207,6 +245,10 @@ class SessionWorker:
         from grpo import logprobs, parallel
 
         if not rows:
+            if _is_fsdp(self.model):  # the others gather each layer with this worker: a zero-weight pass
+                ids = torch.zeros((1, 2), dtype=torch.long, device=self.device)
+                logp, _ = logprobs.token_stats(self.model, ids[:, 1:], input_ids=ids[:, :-1], use_cache=False)
+                (logp.sum() * 0.0).backward()
             return {"logprobs": [], "loss": 0.0, "clipped": 0.0, "weight": 0.0}
         lengths = [len(r["tokens"]) for r in rows]
         width = max(lengths)
@@ -224,7 +266,10 @@ class SessionWorker:
         per_tok, clipped = row_losses(logp, rows, loss_fn, loss_config, mask)
         scale = 1.0 if loss_config.get("normalize", "token-mean") == "sum" else 1.0 / max(denominator, 1e-8)
         loss = per_tok.sum() * scale
-        loss.to(self.device).backward() if self.device.type != "cpu" else loss.backward()
+        # FSDP2's reduce-scatter averages over the workers; the sum is wanted (each worker's loss already
+        # carries the whole batch's divisor), so its backward is scaled by the world size
+        grad_scale = self.world if _is_fsdp(self.model) else 1
+        (loss * grad_scale).to(self.device).backward()
         return {"logprobs": [logp[i, : n - 1].tolist() for i, n in enumerate(lengths)],
                 "loss": float(loss.detach()), "clipped": float(clipped.sum()),
                 "weight": float((_pad(rows, "weights", logp.shape[1], 1.0) * mask).sum())}
@@ -239,23 +284,36 @@ class SessionWorker:
             self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=betas, eps=eps, weight_decay=wd)
         for g in self.optimizer.param_groups:  # Tinker's shape: the caller sets them every step
             g.update(lr=lr, betas=betas, eps=eps, weight_decay=wd)
-        if self.world > 1:
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)  # sum: each worker's loss already carries the whole batch's divisor
         max_norm = adam.get("max_grad_norm")
-        grads = [p.grad for p in self.params if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.tensor(0.0)
-        if max_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, float(max_norm))
+        if _is_fsdp(self.model):  # the gradients are reduced shards already; the norm is reduced across workers
+            from grpo.parallel import clip_grad_norm
+
+            norm = torch.tensor(clip_grad_norm(self.model, float(max_norm or 0)))
+        else:
+            if self.world > 1:
+                for p in self.params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)  # sum: each worker's loss already carries the whole batch's divisor
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
+                if grads else torch.tensor(0.0)
+            if max_norm:
+                torch.nn.utils.clip_grad_norm_(self.params, float(max_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         return {"grad_norm": float(norm), "learning_rate": lr, "step": self.steps}
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """What the sampler loads: the full state dict, or the adapter's tensors under LoRA."""
+        """What the sampler loads: the full state dict, or the adapter's tensors under LoRA; from rank 0 (under
+        FSDP2 every worker must call this: they gather together; the others return nothing)."""
+        if _is_fsdp(self.model):
+            from grpo.parallel import full_state_dict
+
+            return full_state_dict(self.model, dtype=getattr(torch, self.compute_dtype))
+        if self.rank != 0:
+            return {}
         if self.lora is not None:
             from grpo.lora import adapter_state
 
@@ -291,10 +349,17 @@ class SessionWorker:
         return {} if self.optimizer is None else self.optimizer.state_dict()
 
     def save_weights(self, path: str, tokenizer: str) -> str:
-        if self.rank == 0:
-            from transformers import AutoTokenizer
+        """A Hugging Face directory (a PEFT one under LoRA), written by rank 0; under FSDP2 every worker calls
+        this (the gathers)."""
+        from transformers import AutoTokenizer
 
+        if _is_fsdp(self.model):
+            from grpo.parallel import save_hf
+
+            save_hf(self.model, Path(path) if self.rank == 0 else None)
+        elif self.rank == 0:
             self.model.save_pretrained(path)
+        if self.rank == 0:
             AutoTokenizer.from_pretrained(tokenizer).save_pretrained(path)
         return path
 
@@ -555,7 +620,9 @@ class SessionHost:
 
         if self.sampler_version != self.version:
             version = self.version
-            ray.get(self.sampler.load_weights.remote(self.workers[0].weights.remote(), version))
+            refs = [w.weights.remote() for w in self.workers]  # under FSDP2 all gather, rank 0 holds them
+            ray.get(self.sampler.load_weights.remote(refs[0], version))
+            ray.get(refs[1:])
             self.sampler_version = version
 
     def sample(self, prompts: list[str] | None = None, prompt_tokens: list[list[int]] | None = None, *, n: int = 1,
@@ -620,7 +687,8 @@ class SessionHost:
         import ray
 
         def go() -> dict[str, Any]:
-            ray.get(self.workers[0].save_weights.remote(path, self.spec.get("tokenizer") or self.spec["model"]))
+            tokenizer = self.spec.get("tokenizer") or self.spec["model"]
+            ray.get([w.save_weights.remote(path, tokenizer) for w in self.workers])
             return {"path": path, "step": self.version}
 
         return self._ordered(seq, go)
@@ -634,7 +702,8 @@ class SessionHost:
         """(generation, object ref of the newest weights) for a policy server following this session."""
         with self.train_lock:
             self._check_active()
-            return self.generation, self.workers[0].weights.remote()
+            refs = [w.weights.remote() for w in self.workers]  # every worker takes part in the gathers
+            return self.generation, refs[0]
 
 
 def start_host(session_id: str, spec: dict[str, Any]) -> Any:

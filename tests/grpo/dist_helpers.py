@@ -71,3 +71,20 @@ def sharded_load(rank: int, world: int, out: Path, model_dir: str, dtype: str) -
     return {"local_bytes": local_bytes, "logits": logits, "full": full,
             "buffers": {n: b.clone() for n, b in model.named_buffers()}, "ref_before": ref_local,
             "ref_full_after": parallel.full_state_dict(ref)}
+
+
+def session_step(rank: int, world: int, out: Path, model_dir: str, rows: list, denominator: float) -> dict:
+    """One session step on `world` workers (grpo.session.SessionWorker, FSDP2 when world > 1): the rows split
+    round-robin as the host splits them (a worker may get none), one AdamW step, then the weights as the
+    sampler gets them and as save_weights writes them."""
+    from grpo.session import SessionWorker
+
+    w = SessionWorker(model_dir, rank=rank, world=world)
+    w.join("127.0.0.1", 0)  # the group exists already: this shards the model
+    got = w.forward_backward(rows[rank::world], "cross_entropy", {}, denominator)
+    step = w.optim_step({"learning_rate": 1e-2})
+    weights = w.weights()
+    w.save_weights(str(out / "saved"), model_dir)
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in w.model.parameters())
+    return {"logprobs": got["logprobs"], "grad_norm": step["grad_norm"], "weights": weights, "local": local,
+            "sharded": hasattr(next(w.model.parameters()), "to_local")}

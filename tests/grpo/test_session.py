@@ -101,3 +101,37 @@ def test_a_bf16_session_keeps_fp32_master_weights_and_a_tiny_update_still_moves_
     moved = sum(int((p != b).sum()) for p, b in zip(worker.params, before, strict=True))
     assert moved > 0.5 * sum(b.numel() for b in before)
     assert {v.dtype for v in worker.weights().values() if v.is_floating_point()} == {torch.bfloat16}
+
+
+def test_two_sharded_workers_take_the_single_workers_step(tiny_model_dir, tmp_path):
+    """With several workers a session shards the model with FSDP2 (1/N each); the whole batch's step is the
+    same as one worker's, a worker with no rows of its own still takes part, and rank 0 hands the sampler
+    and save_weights the whole model."""
+    from dist_helpers import run_ranks, session_step
+    from transformers import AutoModelForCausalLM
+
+    rows = [{"tokens": [10, 20, 30, 40]}, {"tokens": [5, 6, 7], "weights": [0.0, 1.0]}, {"tokens": [9, 8, 7, 6, 5]}]
+    denominator = check_batch(rows, "cross_entropy", {}, LIMITS_BIG)
+    (one,) = run_ranks(session_step, _dir(tmp_path, "one"), tiny_model_dir, rows, denominator, world=1)
+    two = run_ranks(session_step, _dir(tmp_path, "two"), tiny_model_dir, rows, denominator, world=2)
+    assert not one["sharded"] and all(r["sharded"] for r in two)
+    assert all(r["local"] < 0.6 * one["local"] for r in two)  # each holds about half
+    assert two[0]["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+    assert two[1]["weights"] == {}  # rank 0 holds what the sampler loads
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "saved").state_dict()
+    for got in (two[0]["weights"], saved):
+        assert got.keys() >= {k for k in base if k != "lm_head.weight"}
+        # the same sums in another order; Adam's first step is lr * g/|g|, so only weights whose gradient is
+        # near zero can move differently (test_parallel_ray.py's criterion for the trainer's workers)
+        da = torch.cat([(one["weights"][k] - base[k]).flatten() for k in base if k in got])
+        db = torch.cat([(got[k] - base[k]).flatten() for k in base if k in got])
+        assert float((da - db).norm() / da.norm()) < 0.02
+        assert float(((da - db).abs() > 1e-4).float().mean()) < 0.002
+    lone = run_ranks(session_step, _dir(tmp_path, "lone"), tiny_model_dir, rows[:1], 3.0, world=2)
+    assert lone[0]["logprobs"] and lone[1]["logprobs"] == []  # rank 1 had no rows and still stepped with rank 0
+
+
+def _dir(tmp_path, name: str):
+    (tmp_path / name).mkdir()
+    return tmp_path / name
