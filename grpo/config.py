@@ -189,6 +189,10 @@ class GRPOConfig(BaseModel):
     sharded across the workers, sharded checkpoints); both run on GPUs (NCCL) and CPUs (gloo). auto: the
     memory plan (grpo.memplan) picks FSDP2 when a whole replica's training state would not fit one device,
     DDP otherwise (and where the device memory is unknown, or with LoRA)"""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """how Ray places the policy workers (Ray Train's placement group strategy): PACK on as few nodes as
+    possible, SPREAD over as many, STRICT_SPREAD one node each (refused at once where there are fewer nodes),
+    STRICT_PACK all on one node. Where they landed: `rank_nodes` in summary.json"""
     device_memory_gib: float | None = Field(None, gt=0.0, le=1_000_000.0)
     """memory of one device for the memory plan, GiB; None: the GPU model Ray reports (GPU runs), or no check
     (CPU runs). A run whose plan does not fit is refused before any actor starts"""

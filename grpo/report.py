@@ -76,6 +76,14 @@ class RunMonitor:
         self.acked = 0
         """the posts the driver has stored through its reporters (the highest `drain` number it acknowledged)"""
         self._changed = asyncio.Condition()
+        self.nodes: dict[int, str] = {}
+        """the Ray node id of each policy rank (the latest attempt's)"""
+
+    def rank_node(self, rank: int, node_id: str) -> None:
+        self.nodes[rank] = node_id
+
+    def rank_nodes(self) -> list[str]:
+        return [self.nodes[r] for r in sorted(self.nodes)]
 
     async def _notify(self) -> None:
         async with self._changed:

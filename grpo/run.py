@@ -45,6 +45,8 @@ class RunResult:
     """eval_reward of each kept checkpoint that was evaluated"""
     last_metrics: dict[str, float] = field(default_factory=dict)
     cost_usd: float = 0.0
+    rank_nodes: list[str] = field(default_factory=list)
+    """the Ray node id of each policy rank, rank 0 first (where the last attempt ran)"""
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
@@ -165,6 +167,11 @@ def check_fits_cluster(cfg: GRPOConfig) -> None:
         for k, per_worker in (("CPU", cfg.cpus_per_worker), ("GPU", cfg.gpus_per_worker)):
             if per_worker > biggest[k] + 1e-9 and k not in {s.split()[1] for s in short}:
                 short.append(f"{per_worker:g} {k} on one node for one worker (the largest node has {biggest[k]:g})")
+    if cfg.placement_strategy == "STRICT_SPREAD" and not published:
+        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+        if cfg.num_policy_workers > alive:
+            short.append(f"{cfg.num_policy_workers} nodes for placement_strategy STRICT_SPREAD (the cluster has "
+                         f"{alive}; SPREAD places where it can)")
     if short:
         raise ConfigError("the cluster cannot hold this run: it needs " + " and ".join(short) + "; lower "
                           "num_policy_workers, num_rollout_workers, num_reward_workers or the per-worker "
@@ -445,7 +452,9 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
         return driver.finish(RunResult(status=driver.stop_reason["reason"], steps=0, last_metrics={}, cost_usd=0.0))
     handles, ready, actor_pg = _start(cfg, booking.run) if owned else (handles, [], None)
     driver.drive(_trainer(cfg, handles), handles["monitor"], ready, booking)
-    summary = driver.finish(driver.result())
+    summary = driver.result()
+    summary.rank_nodes = _rank_nodes(handles["monitor"])
+    driver.finish(summary)
     booking.release()
     if owned:
         _shutdown(handles, actor_pg)
@@ -501,7 +510,8 @@ def _trainer(cfg: GRPOConfig, handles: dict[str, Any]) -> Any:
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(), **handles},
         scaling_config=ScalingConfig(num_workers=cfg.num_policy_workers, use_gpu=cfg.gpus_per_worker > 0,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **gpus}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **gpus},
+                                     placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
             name=cfg.run_name, storage_path=str(cfg.run_dir.parent),
             checkpoint_config=CheckpointConfig(
@@ -512,6 +522,15 @@ def _trainer(cfg: GRPOConfig, handles: dict[str, Any]) -> Any:
             failure_config=FailureConfig(max_failures=3),  # a dead policy worker: restart from the checkpoint
         ),
     )
+
+
+def _rank_nodes(monitor: Any) -> list[str]:
+    import ray
+
+    try:
+        return ray.get(monitor.rank_nodes.remote(), timeout=30)
+    except Exception:  # the monitor is gone: the summary goes without it
+        return []
 
 
 def _shutdown(handles: dict[str, Any], actor_pg: Any) -> None:
@@ -736,7 +755,7 @@ class _Driver:
             r.on_end(summary.status, error=summary.error, summary={
                 "steps": summary.steps, "checkpoint": summary.checkpoint,
                 "best_checkpoints": summary.best_checkpoints, "checkpoint_scores": summary.checkpoint_scores,
-                "cost_usd": summary.cost_usd, "last_metrics": summary.last_metrics,
+                "cost_usd": summary.cost_usd, "last_metrics": summary.last_metrics, "rank_nodes": summary.rank_nodes,
             })
         return summary
 

@@ -345,6 +345,7 @@ def setup(config: dict[str, Any]) -> Worker:
                 parallel.copy_weights(ref_model, model)
                 w.ref_from_warmup = True
     w.version = w.start_step
+    w.monitor.rank_node.remote(rank, ray.get_runtime_context().get_node_id())  # summary.json's rank_nodes
     if rank == 0:  # before anything of this attempt reaches the driver: it drops the lost attempt's steps
         ray.get(w.monitor.resumed.remote(w.start_step))
     publish(w, w.version, restart=True)  # a resumed attempt replaces what the lost one published

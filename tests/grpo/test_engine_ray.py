@@ -513,6 +513,8 @@ def test_two_ray_job_runs_that_fit_only_one_at_a_time_both_complete(ray_session,
     ({"cpus_per_worker": 9.0, "num_policy_workers": 1, "num_rollout_workers": 1, "num_reward_workers": 1},
      "18.5 CPU"),
     ({"gpus_per_worker": 1.0, "num_policy_workers": 1, "num_rollout_workers": 1}, "2 GPU (the cluster has at most 0)"),
+    ({"num_policy_workers": 2, "placement_strategy": "STRICT_SPREAD"},
+     "2 nodes for placement_strategy STRICT_SPREAD (the cluster has 1"),
 ])
 def test_a_run_the_cluster_can_never_hold_fails_at_once_naming_what_is_missing(ray_session, tiny_model_dir,
                                                                                 tmp_path, overrides, missing):

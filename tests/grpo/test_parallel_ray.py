@@ -103,6 +103,12 @@ def test_two_workers_make_the_one_worker_update_with_ddp_and_fsdp2(ray_session, 
         # the fullest policy rank's peak resident memory that step: at least the loaded libraries and model
         steps = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
         assert all(0.2 < s["peak_memory_gib"] < 16 for s in steps), [s.get("peak_memory_gib") for s in steps]
+        # where each rank ran: both on this one-node cluster's node
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        assert result.rank_nodes == [node, node]
+        assert json.loads((cfg.run_dir / "summary.json").read_text())["rank_nodes"] == [node, node]
 
 
 def test_an_fsdp2_run_resumed_from_its_sharded_checkpoint_continues_exactly(ray_session, digit_model, tmp_path):
