@@ -10,6 +10,9 @@ in the host memory of every rank before any of it is sharded. Here:
 - `SafetensorsIndex.of(path)`: which file holds each tensor and at which byte offset (the format is an
   8-byte header length, a JSON header, then raw little-endian tensors), or None where the directory has
   no safetensors covering the model (then the caller loads the plain way).
+- `sharded(path, dtype, shard, device)`: the three together, as the trainer's policy, its KL reference and a
+  session's workers load: empty, sharded, then read; the whole model first only where the directory's
+  safetensors do not cover it.
 - `materialize(model, device, source)`: after `fully_shard`, allocates this rank's shards on `device`,
   puts the buffers back, and fills each shard from `source` by reading only its own rows (FSDP2 shards
   dimension 0): one slice in host memory at a time, no memory map (mapped pages would count against the
@@ -23,14 +26,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -164,3 +170,21 @@ def materialize(model: nn.Module, device: torch.device, source: SafetensorsIndex
         local, start, stop = _rows(p)
         if local.numel():
             local.copy_(source[name].read_rows(start, stop))
+
+
+def sharded(path: str | Path, dtype: torch.dtype, shard: Callable[[nn.Module], nn.Module], device: torch.device,
+            *, read: bool = True) -> nn.Module:
+    """`shard(model)` of the Hugging Face model at `path` in `dtype`, never whole on a rank: built on the meta
+    device, sharded, then each rank reads its rows (`read=False`: left uninitialised, for a resume that loads
+    its sharded checkpoint over them). A directory whose safetensors do not cover the model
+    (pytorch_model.bin, renamed keys, a Hub id) loads whole first, then shards, with a warning."""
+    model = empty_model(path, dtype)
+    source = SafetensorsIndex.of(Path(path))
+    if source is None or not source.covers(model):
+        from transformers import AutoModelForCausalLM
+
+        log.warning("%s: no safetensors covering the model; each rank loads it whole before sharding", path)
+        return shard(AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype))
+    model = shard(model)
+    materialize(model, device, source if read else None)
+    return model

@@ -28,6 +28,7 @@ tokens[t+1]), `weights` (0 masks the prompt; default 1), `advantages` (or one nu
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from grpo import parallel
 
 LOSS_FNS = ("cross_entropy", "importance_sampling", "ppo", "grpo")
 NEEDS = {"cross_entropy": (), "importance_sampling": ("advantages", "logprobs"),
@@ -155,12 +158,6 @@ def row_losses(logp: torch.Tensor, rows: list[dict[str, Any]], loss_fn: str, los
     return loss * w, clipped & (w > 0)
 
 
-def _is_fsdp(model: torch.nn.Module) -> bool:
-    from grpo.parallel import is_fsdp
-
-    return is_fsdp(model)
-
-
 class SessionWorker:
     """One policy worker of a session: the model, its AdamW, and (with several) a process group."""
 
@@ -212,7 +209,7 @@ class SessionWorker:
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                     init_method=f"tcp://{ip}:{port}", rank=self.rank, world_size=self.world)
-        if self.sharded and not _is_fsdp(self.model):
+        if self.sharded and not parallel.is_fsdp(self.model):
             self._shard()
         return self.rank
 
@@ -220,18 +217,10 @@ class SessionWorker:
         """FSDP2 over the session's workers, as the trainer's policy: fp32 master shards, bf16 compute when
         asked, each worker reading only its rows of the model's safetensors (whole first where the files do
         not cover it)."""
-        from transformers import AutoModelForCausalLM
+        from grpo import loading
 
-        from grpo import loading, parallel
-
-        wrap = dict(strategy="fsdp", dtype=self.compute_dtype, device=self.device)
-        source = loading.SafetensorsIndex.of(Path(self.model_path))
-        if source is not None and source.covers(self.model):
-            self.model = parallel.wrap_policy(self.model, **wrap)
-            loading.materialize(self.model, self.device, source)
-        else:
-            whole = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
-            self.model = parallel.wrap_policy(whole, **wrap)
+        wrap = functools.partial(parallel.wrap_policy, strategy="fsdp", dtype=self.compute_dtype, device=self.device)
+        self.model = loading.sharded(self.model_path, torch.float32, wrap, self.device)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
@@ -242,10 +231,10 @@ class SessionWorker:
     def forward_backward(self, rows: list[dict[str, Any]], loss_fn: str, loss_config: dict[str, Any],
                          denominator: float) -> dict[str, Any]:
         """This worker's share of a batch: gradients accumulate until optim_step."""
-        from grpo import logprobs, parallel
+        from grpo import logprobs
 
         if not rows:
-            if _is_fsdp(self.model):  # the others gather each layer with this worker: a zero-weight pass
+            if parallel.is_fsdp(self.model):  # the others gather each layer with this worker: a zero-weight pass
                 ids = torch.zeros((1, 2), dtype=torch.long, device=self.device)
                 logp, _ = logprobs.token_stats(self.model, ids[:, 1:], input_ids=ids[:, :-1], use_cache=False)
                 (logp.sum() * 0.0).backward()
@@ -268,7 +257,7 @@ class SessionWorker:
         loss = per_tok.sum() * scale
         # FSDP2's reduce-scatter averages over the workers; the sum is wanted (each worker's loss already
         # carries the whole batch's divisor), so its backward is scaled by the world size
-        grad_scale = self.world if _is_fsdp(self.model) else 1
+        grad_scale = self.world if parallel.is_fsdp(self.model) else 1
         (loss * grad_scale).to(self.device).backward()
         return {"logprobs": [logp[i, : n - 1].tolist() for i, n in enumerate(lengths)],
                 "loss": float(loss.detach()), "clipped": float(clipped.sum()),
@@ -285,10 +274,8 @@ class SessionWorker:
         for g in self.optimizer.param_groups:  # Tinker's shape: the caller sets them every step
             g.update(lr=lr, betas=betas, eps=eps, weight_decay=wd)
         max_norm = adam.get("max_grad_norm")
-        if _is_fsdp(self.model):  # the gradients are reduced shards already; the norm is reduced across workers
-            from grpo.parallel import clip_grad_norm
-
-            norm = torch.tensor(clip_grad_norm(self.model, float(max_norm or 0)))
+        if parallel.is_fsdp(self.model):  # the gradients are reduced shards already; the norm is reduced across workers
+            norm = torch.tensor(parallel.clip_grad_norm(self.model, float(max_norm or 0)))
         else:
             if self.world > 1:
                 for p in self.params:
@@ -308,10 +295,8 @@ class SessionWorker:
     def weights(self) -> dict[str, torch.Tensor]:
         """What the sampler loads: the full state dict, or the adapter's tensors under LoRA; from rank 0 (under
         FSDP2 every worker must call this: they gather together; the others return nothing)."""
-        if _is_fsdp(self.model):
-            from grpo.parallel import full_state_dict
-
-            return full_state_dict(self.model, dtype=getattr(torch, self.compute_dtype))
+        if parallel.is_fsdp(self.model):
+            return parallel.full_state_dict(self.model, dtype=getattr(torch, self.compute_dtype))
         if self.rank != 0:
             return {}
         if self.lora is not None:
@@ -328,9 +313,7 @@ class SessionWorker:
         return self.optimizer
 
     def save_state(self, path: str) -> int:
-        from grpo.parallel import save_sharded
-
-        save_sharded(self.model, self._optimizer(), Path(path))
+        parallel.save_sharded(self.model, self._optimizer(), Path(path))
         if self.rank == 0:
             (Path(path) / "session_state.json").write_text(f'{{"steps": {self.steps}}}')
         return self.steps
@@ -338,9 +321,7 @@ class SessionWorker:
     def load_state(self, path: str) -> int:
         import json
 
-        from grpo.parallel import load_sharded
-
-        load_sharded(self.model, self._optimizer(), Path(path))
+        parallel.load_sharded(self.model, self._optimizer(), Path(path))
         self.steps = int(json.loads((Path(path) / "session_state.json").read_text())["steps"])
         return self.steps
 
@@ -353,10 +334,8 @@ class SessionWorker:
         this (the gathers)."""
         from transformers import AutoTokenizer
 
-        if _is_fsdp(self.model):
-            from grpo.parallel import save_hf
-
-            save_hf(self.model, Path(path) if self.rank == 0 else None)
+        if parallel.is_fsdp(self.model):
+            parallel.save_hf(self.model, Path(path) if self.rank == 0 else None)
         elif self.rank == 0:
             self.model.save_pretrained(path)
         if self.rank == 0:
@@ -615,12 +594,16 @@ class SessionHost:
 
         return self._ordered(seq, go)
 
+    def _weight_refs(self) -> list:
+        """Every worker's `weights` call (under FSDP2 they gather together); rank 0's, first, holds them."""
+        return [w.weights.remote() for w in self.workers]
+
     def _publish(self) -> None:
         import ray
 
         if self.sampler_version != self.version:
             version = self.version
-            refs = [w.weights.remote() for w in self.workers]  # under FSDP2 all gather, rank 0 holds them
+            refs = self._weight_refs()
             ray.get(self.sampler.load_weights.remote(refs[0], version))
             ray.get(refs[1:])
             self.sampler_version = version
@@ -702,8 +685,7 @@ class SessionHost:
         """(generation, object ref of the newest weights) for a policy server following this session."""
         with self.train_lock:
             self._check_active()
-            refs = [w.weights.remote() for w in self.workers]  # every worker takes part in the gathers
-            return self.generation, refs[0]
+            return self.generation, self._weight_refs()[0]
 
 
 def start_host(session_id: str, spec: dict[str, Any]) -> Any:

@@ -247,14 +247,8 @@ def build_policy(cfg: GRPOConfig, device: torch.device, resume_dir: Path | None)
         return wrap(lora.add_adapter(_load_model(str(cfg.model), torch.float32), lora_kw))
     path = resume_dir or Path(cfg.model)
     if cfg.strategy == "fsdp":
-        model = loading.empty_model(path, torch.float32)
-        source = loading.SafetensorsIndex.of(path)
-        if source is not None and source.covers(model):
-            model = wrap(model)
-            sharded_resume = resume_dir is not None and parallel.has_shards(resume_dir)
-            loading.materialize(model, device, None if sharded_resume else source)
-            return model
-        log.warning("%s: no safetensors covering the model; each rank loads it whole before sharding", path)
+        sharded_resume = resume_dir is not None and parallel.has_shards(resume_dir)
+        return loading.sharded(path, torch.float32, wrap, device, read=not sharded_resume)
     return wrap(_load_model(str(path), torch.float32))
 
 
@@ -264,13 +258,7 @@ def build_reference(cfg: GRPOConfig, device: torch.device, path: Path) -> torch.
     gathers a layer at a time in the forward; under DDP every rank holds it whole, as it does the policy."""
     dtype = getattr(torch, cfg.dtype)
     if cfg.strategy == "fsdp":
-        ref = loading.empty_model(path, dtype)
-        source = loading.SafetensorsIndex.of(path)
-        if source is not None and source.covers(ref):
-            ref = parallel.shard(ref, device=device)
-            loading.materialize(ref, device, source)
-        else:
-            ref = parallel.shard(_load_model(str(path), dtype), device=device)
+        ref = loading.sharded(path, dtype, functools.partial(parallel.shard, device=device), device)
     else:
         ref = _load_model(str(path), dtype).to(device)
     return ref.requires_grad_(False).eval()
