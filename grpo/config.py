@@ -9,13 +9,16 @@ Every check that can fail does so here, before any Ray actor starts, with the fi
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from grpo.storage import cache_root, is_url, join, local_copy
 
 
 class ConfigError(ValueError):
@@ -222,8 +225,10 @@ class GRPOConfig(BaseModel):
     """a reward call slower than this scores 0 and is counted as a timeout"""
 
     # ---- checkpoints and output ----------------------------------------------------------------
-    output_dir: str = "runs"
-    """root folder: checkpoints, metrics.jsonl, trajectories and the plot go to output_dir/run_name"""
+    output_dir: str = Field("runs", validation_alias=AliasChoices("output_dir", "storage"))
+    """where runs keep their files (also `storage`): a local folder, or a URL (`s3://bucket/prefix`, any pyarrow
+    filesystem; credentials from the standard variables) for runs whose workers span nodes; checkpoints,
+    metrics.jsonl, trajectories and the plot go to output_dir/run_name"""
     run_name: str = Field("grpo", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
     """run folder name; starting a run with an existing name resumes it from its latest checkpoint"""
     checkpoint_interval: int = Field(10, ge=0, le=1_000_000)
@@ -267,9 +272,12 @@ class GRPOConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> GRPOConfig:
         if self.dataset is not None:
-            if not Path(self.dataset).expanduser().is_file():
+            if is_url(self.dataset):  # read where it is used (grpo.storage.local_copy); preflight checks it
+                pass
+            elif not Path(self.dataset).expanduser().is_file():
                 raise ValueError(f"dataset: no such file: {self.dataset}")
-            object.__setattr__(self, "dataset", str(Path(self.dataset).expanduser().resolve()))
+            else:
+                object.__setattr__(self, "dataset", str(Path(self.dataset).expanduser().resolve()))
             if self.task not in ("digit", "jsonl"):
                 raise ValueError("task: must be 'jsonl' (or left out) when dataset is given")
             object.__setattr__(self, "task", "jsonl")
@@ -278,12 +286,13 @@ class GRPOConfig(BaseModel):
         if self.eval_dataset is not None:
             if self.dataset is None:
                 raise ValueError("eval_dataset: needs dataset (the jsonl task)")
-            if not Path(self.eval_dataset).expanduser().is_file():
-                raise ValueError(f"eval_dataset: no such file: {self.eval_dataset}")
-            object.__setattr__(self, "eval_dataset", str(Path(self.eval_dataset).expanduser().resolve()))
+            if not is_url(self.eval_dataset):
+                if not Path(self.eval_dataset).expanduser().is_file():
+                    raise ValueError(f"eval_dataset: no such file: {self.eval_dataset}")
+                object.__setattr__(self, "eval_dataset", str(Path(self.eval_dataset).expanduser().resolve()))
         for field in ("model", "tokenizer"):
             value = getattr(self, field)
-            if value is None:
+            if value is None or is_url(value):  # a URL is checked by preflight, copied where it is used
                 continue
             local = Path(value).expanduser()
             try:
@@ -347,8 +356,27 @@ class GRPOConfig(BaseModel):
 
     # ---- derived values, computed in one place -------------------------------------------------
     @property
+    def run_storage(self) -> str:
+        """Where the run's files live: output_dir/run_name as a URL, or as an absolute local path."""
+        if is_url(self.output_dir):
+            return join(self.output_dir, self.run_name)
+        return str(Path(self.output_dir.removeprefix("file://")).expanduser().resolve() / self.run_name)
+
+    @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir).expanduser().resolve() / self.run_name
+        """The local folder the driver writes the run's files in: the run folder itself, or (storage at a URL)
+        this machine's copy of what the driver writes (metrics, trajectories, summary), uploaded as it goes."""
+        if is_url(self.output_dir):
+            key = hashlib.sha256(self.run_storage.encode()).hexdigest()[:16]
+            return cache_root() / "runs" / f"{self.run_name}-{key}"
+        return Path(self.run_storage)
+
+    def localized(self) -> GRPOConfig:
+        """This config with each input given as a URL (model, tokenizer, dataset) replaced by this node's
+        cached copy of it: what a worker or actor loads from."""
+        update = {f: local_copy(v) for f in ("model", "tokenizer", "dataset", "eval_dataset")
+                  if (v := getattr(self, f)) is not None and is_url(v)}
+        return self.model_copy(update=update) if update else self
 
     @property
     def tokenizer_path(self) -> str:
@@ -378,8 +406,9 @@ class GRPOConfig(BaseModel):
             from grpo.agents.environments import environment_class
 
             return environment_class(self.environment).load_dataset(self.eval_size, self.seed)
-        return load_dataset(self.task, dataset_path=self.dataset, eval_size=self.eval_size, seed=self.seed,
-                            eval_path=self.eval_dataset)
+        cfg = self.localized()
+        return load_dataset(cfg.task, dataset_path=cfg.dataset, eval_size=cfg.eval_size, seed=cfg.seed,
+                            eval_path=cfg.eval_dataset)
 
 
 def _format(err: ValidationError) -> str:

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from grpo import storage
 from grpo.config import GRPOConfig
 
 
@@ -153,20 +155,48 @@ def _clean(v: Any) -> Any:
 class LocalReporter:
     """Writes the run folder: metrics.jsonl (appended, so a resumed run continues the curve),
     trajectories.jsonl, and curves.png at the end. A resume cuts both files back to the steps the
-    checkpoint holds, so a re-run step appears once."""
+    checkpoint holds, so a re-run step appears once.
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
+    With the run's storage at a URL (`storage_url`), `run_dir` is this machine's copy: it starts from what
+    the bucket holds (a run resumed by another driver continues its files), and the files are uploaded
+    whole on every checkpoint step (before that checkpoint is written: rank 0 waits for this reporter),
+    at most every `sync_s` seconds between them, on a resume and at the end."""
+
+    def __init__(self, run_dir: Path, *, storage_url: str | None = None, checkpoint_interval: int = 0,
+                 sync_s: float = 10.0):
+        self.run_dir, self.storage_url = run_dir, storage_url
+        self.checkpoint_interval, self.sync_s = checkpoint_interval, sync_s
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = run_dir / "metrics.jsonl"
         self.traj_path = run_dir / "trajectories.jsonl"
+        self.synced_at = time.monotonic()
+        if storage_url is not None:
+            for path in (self.metrics_path, self.traj_path):
+                remote = storage.join(storage_url, path.name)
+                path.unlink(missing_ok=True)
+                if storage.is_file(remote):
+                    storage.download(remote, path)
+
+    def sync(self) -> None:
+        """The driver's files to the bucket (nothing to do for a local run folder)."""
+        if self.storage_url is None:
+            return
+        for name in ("config.json", "metrics.jsonl", "trajectories.jsonl", "summary.json", "curves.png"):
+            if (self.run_dir / name).is_file():
+                storage.upload(self.run_dir / name, storage.join(self.storage_url, name))
+        self.synced_at = time.monotonic()
 
     def on_start(self, cfg: GRPOConfig, *, job_id: str | None) -> None:
         (self.run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+        self.sync()
 
     def on_step(self, metrics: dict[str, float]) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({k: _clean(v) for k, v in metrics.items()}) + "\n")
+        step = int(metrics.get("step", 0))
+        if (self.checkpoint_interval and step % self.checkpoint_interval == 0) or \
+                time.monotonic() - self.synced_at > self.sync_s:
+            self.sync()
 
     def on_trajectories(self, rows: list[dict[str, Any]]) -> None:
         with self.traj_path.open("a") as f:
@@ -182,6 +212,7 @@ class LocalReporter:
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(path)  # atomic: a crash here leaves the old file or the new one
+        self.sync()
 
     def should_stop(self) -> str | None:
         return None
@@ -191,6 +222,7 @@ class LocalReporter:
                                                                default=str))
         if self.metrics_path.exists():
             plot_curves(read_metrics(self.metrics_path), self.run_dir / "curves.png")
+        self.sync()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

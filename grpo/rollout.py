@@ -75,6 +75,9 @@ class RolloutWorker:
         adapter on the same base and `load_weights` receives only the adapter's tensors."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from grpo.storage import local_copy
+
+        model, tokenizer = local_copy(model), local_copy(tokenizer) if tokenizer else None  # a URL: this node's copy
         torch.set_num_threads(torch_threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)

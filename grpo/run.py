@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grpo import storage
 from grpo.config import ConfigError, GRPOConfig, load_config
 from grpo.gang import Booking
 from grpo.report import LocalReporter, RayMetricsReporter, Reporter, RunMonitor, notify_resume, notify_waiting
@@ -55,7 +56,19 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 def check_model(field: str, path: str, *, tokenizer: bool = False) -> None:
     """A local model (or tokenizer) directory that `from_pretrained` will load: its config parses and its
-    weights (tokenizer files) are there. Hub ids are left to the workers, which download them."""
+    weights (tokenizer files) are there. Hub ids are left to the workers, which download them; a URL is
+    checked by its listing (nothing is downloaded to the driver)."""
+    if storage.is_url(path):
+        try:
+            names = set(storage.listdir(path))
+        except OSError as e:
+            raise ConfigError(f"{field}: {path}: cannot list it ({e})") from None
+        wanted = ("tokenizer.json", "tokenizer_config.json", "vocab.json") if tokenizer else WEIGHT_FILES
+        if not names:
+            raise ConfigError(f"{field}: no such folder: {path}")
+        if not names & set(wanted) or (not tokenizer and "config.json" not in names):
+            raise ConfigError(f"{field}: {path} holds no {'tokenizer files' if tokenizer else 'config.json and weights'}")
+        return
     local = Path(path)
     if not local.is_dir():
         return
@@ -83,6 +96,9 @@ def preflight(cfg: GRPOConfig, *, probe_source: Callable[[str, float], None] | N
     check_model("model", cfg.model)
     check_model("tokenizer", cfg.tokenizer or cfg.model, tokenizer=True)
 
+    for field in ("dataset", "eval_dataset"):
+        if (value := getattr(cfg, field)) is not None and storage.is_url(value) and not storage.is_file(value):
+            raise ConfigError(f"{field}: no such file: {value}")
     try:
         dataset = cfg.load_dataset()
     except (ValueError, OSError) as e:
@@ -186,8 +202,9 @@ def check_memory_plan(cfg: GRPOConfig, resources: dict[str, float] | None = None
     from grpo import memplan
 
     try:
-        dims = memplan.ModelDims.from_config(cfg.model)
-    except ValueError:
+        dims = memplan.ModelDims.from_config(storage.local_copy(storage.join(cfg.model, "config.json"))
+                                             if storage.is_url(cfg.model) else cfg.model)
+    except (ValueError, OSError):
         dims = None
     if dims is None:
         return cfg if cfg.strategy != "auto" else cfg.model_copy(update={"strategy": "ddp"})
@@ -277,8 +294,9 @@ def rank_checkpoints(kept: list[tuple[Any, dict[str, Any]]]) -> tuple[list[str],
         value = (metrics or {}).get("eval_reward")
         scored = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if scored:
-            scores[checkpoint.path] = float(value)
-        ranked.append((scored, float(value) if scored else 0.0, int((metrics or {}).get("step", 0)), checkpoint.path))
+            scores[storage.url_of(checkpoint.filesystem, checkpoint.path)] = float(value)
+        ranked.append((scored, float(value) if scored else 0.0, int((metrics or {}).get("step", 0)),
+                       storage.url_of(checkpoint.filesystem, checkpoint.path)))
     ranked.sort(reverse=True)
     return [path for *_, path in ranked], scores
 
@@ -290,8 +308,8 @@ class FaultHook:
     `<run_dir>/FAULT-HELD` and stop draining for good (`hold`: the test then kills the whole stack). One shot:
     the file goes when it fires, so the resumed run is not hit again. Inert without the variable."""
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / "FAULT"
+    def __init__(self, run_dir: Path, run_storage: str):
+        self.path, self.run_storage = run_dir / "FAULT", run_storage
         self.armed = os.environ.get("RAYGRPO_FAULT_HOOKS") == "1"
 
     def check(self) -> None:
@@ -302,8 +320,10 @@ class FaultHook:
             step = int(step)
         except ValueError:
             return
-        latest = latest_checkpoint(self.path.parent)
-        if what != "after-checkpoint" or latest is None or _checkpoint_step(latest) < step:
+        from grpo.trainer import checkpoint_step
+
+        latest = latest_checkpoint(self.run_storage)
+        if what != "after-checkpoint" or latest is None or (checkpoint_step(latest) or -1) < step:
             return
         self.path.unlink(missing_ok=True)
         log.warning("fault hook: the checkpoint of step %d exists; %s before the next drain", step, action)
@@ -314,21 +334,13 @@ class FaultHook:
             time.sleep(3600)
 
 
-def _checkpoint_step(path: str) -> int:
-    import torch
-
-    try:
-        return int(torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=False)["step"])
-    except (OSError, KeyError, RuntimeError, EOFError):
-        return -1
-
-
-def latest_checkpoint(run_dir: Path) -> str | None:
-    """The newest complete checkpoint a run folder holds (by the step it saved), for a run that ended without
-    Ray Train's result (aborted)."""
+def latest_checkpoint(run_storage: str) -> str | None:
+    """The newest complete checkpoint a run's storage holds (by the step it saved), for a run that ended
+    without Ray Train's result (aborted): a local path or a URL."""
     from grpo.trainer import checkpoint_step
 
-    found = [(step, str(d)) for d in run_dir.glob("checkpoint_*") if (step := checkpoint_step(d)) is not None]
+    found = [(step, d) for name in storage.listdir(run_storage) if name.startswith("checkpoint_")
+             if (step := checkpoint_step(d := storage.join(run_storage, name))) is not None]
     return max(found)[1] if found else None
 
 
@@ -437,7 +449,9 @@ def run(cfg: GRPOConfig, *, reporters: list[Reporter] | None = None, job_id: str
     the trainer together (`_start`), drive the run to its end (`_Driver.drive`), report and clean up.
     """
     cfg = _connect(cfg)
-    reporters = [LocalReporter(cfg.run_dir), RayMetricsReporter(job_id), *(reporters or [])]
+    remote = cfg.run_storage if storage.is_url(cfg.run_storage) else None
+    reporters = [LocalReporter(cfg.run_dir, storage_url=remote, checkpoint_interval=cfg.checkpoint_interval),
+                 RayMetricsReporter(job_id), *(reporters or [])]
     for r in reporters:
         r.on_start(cfg, job_id=job_id)
     driver = _Driver(cfg, reporters, poll_s=poll_s, stop_grace_s=stop_grace_s)
@@ -480,7 +494,92 @@ def _connect(cfg: GRPOConfig) -> GRPOConfig:
         else:  # a local cluster: declare enough logical CPUs for the actors this run asks for
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus(cfg))))
     check_fits_cluster(cfg)  # before any reporter marks the run started or any actor is asked for
-    return check_memory_plan(cfg, ray.cluster_resources())
+    check_shared_storage(cfg)
+    return stage_inputs(check_memory_plan(cfg, ray.cluster_resources()))
+
+
+INPUTS = ("model", "tokenizer", "dataset", "eval_dataset")
+
+
+def stage_inputs(cfg: GRPOConfig) -> GRPOConfig:
+    """With the run's storage at a URL, each input given as a local path (model or tokenizer folder, dataset
+    file) is uploaded under `<run>/inputs/<field>/` (file by file, skipped where a file of that size is there:
+    a resumed run uploads nothing) and every worker and actor is given the URL, which each node copies once
+    (grpo.storage.local_copy): no process needs a path that exists only on the driver's machine. Hub ids and
+    URLs stay as they are; a big model is better named by its URL (nothing to upload)."""
+    if not storage.is_url(cfg.run_storage):
+        return cfg
+    update: dict[str, str] = {}
+    staged: dict[str, str] = {}
+    for field in INPUTS:
+        value = getattr(cfg, field)
+        if value is None or storage.is_url(value) or not Path(value).exists():
+            continue
+        if value not in staged:
+            local = Path(value)
+            dest = storage.join(cfg.run_storage, "inputs", field, local.name)
+            files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+            for f in files:
+                target = dest if local.is_file() else storage.join(dest, *f.relative_to(local).parts)
+                if not storage.same_file(f, target):
+                    storage.upload(f, target)
+            staged[value] = dest
+            log.info("%s: staged %s to %s (%d files)", field, value, dest, len(files))
+        update[field] = staged[value]
+    return cfg.model_copy(update=update) if update else cfg
+
+
+def check_shared_storage(cfg: GRPOConfig, *, probe: Callable[[str, list[str]], list[str]] | None = None) -> None:
+    """A run on a cluster of several nodes with a local output_dir: every node that can hold a worker must see
+    the same folder (a shared mount), or a checkpoint written on one node could not be resumed on another.
+    Checked for real: a marker file written here is looked for on every such node (`probe`, a Ray task per
+    node by default); a node that does not see it refuses the run, naming the fix."""
+    import ray
+
+    if storage.is_url(cfg.run_storage):
+        return
+    nodes = [n["NodeID"] for n in ray.nodes()
+             if n.get("Alive") and (n["Resources"].get("CPU", 0) > 0 or n["Resources"].get("GPU", 0) > 0)]
+    if len(nodes) < 2:
+        return
+    root = Path(cfg.run_storage).parent
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / f".raygrpo-shared-{uuid.uuid4().hex}"
+    marker.write_text("raygrpo: is this folder shared by every node?\n")
+    try:
+        blind = (probe or _nodes_not_seeing)(str(marker), nodes)
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise ConfigError(
+            f"output_dir: {root} is a local folder that {len(blind)} of the cluster's {len(nodes)} nodes do not see "
+            f"({', '.join(n[:12] for n in blind)}): a worker there would keep its checkpoint where no other node can "
+            "resume it. Set output_dir (storage) to a URL (s3://bucket/prefix, credentials from AWS_* variables) "
+            "or to a folder every node mounts (docs/deploy.md)")
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def _nodes_not_seeing(path: str, nodes: list[str]) -> list[str]:
+    """The nodes on which `path` does not exist: a zero-CPU task pinned to each (one that does not answer
+    within 60 s is not counted either way, with a warning)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    look = ray.remote(num_cpus=0, max_retries=0)(_exists)
+    calls = {n: look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(path)
+             for n in nodes}
+    done, _ = ray.wait(list(calls.values()), num_returns=len(calls), timeout=60)
+    blind = []
+    for node, ref in calls.items():
+        if ref not in done:
+            log.warning("node %s did not answer whether it sees %s; not counted", node[:12], path)
+            ray.cancel(ref, force=True)
+        elif not ray.get(ref):
+            blind.append(node)
+    return blind
 
 
 def _start(cfg: GRPOConfig, run_id: str) -> tuple[dict[str, Any], list, Any]:
@@ -506,6 +605,10 @@ def _trainer(cfg: GRPOConfig, handles: dict[str, Any]) -> Any:
     from grpo.trainer import train_loop
 
     gpus = {"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {}
+    if storage.is_url(cfg.output_dir):  # Ray Train writes through the same pyarrow filesystem (credentials:
+        filesystem, storage_path = storage.resolve(cfg.output_dir)  # the standard variables on each node)
+    else:
+        filesystem, storage_path = None, str(Path(cfg.run_storage).parent)
     return TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(), **handles},
@@ -513,7 +616,7 @@ def _trainer(cfg: GRPOConfig, handles: dict[str, Any]) -> Any:
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **gpus},
                                      placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
-            name=cfg.run_name, storage_path=str(cfg.run_dir.parent),
+            name=cfg.run_name, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
                 checkpoint_score_attribute="eval_reward" if cfg.eval_size > 0 else None,
@@ -624,7 +727,7 @@ class _Driver:
 
         worker = threading.Thread(target=fit, name="trainer-fit", daemon=True)
         worker.start()
-        fault = FaultHook(self.cfg.run_dir)
+        fault = FaultHook(self.cfg.run_dir, self.cfg.run_storage)
         while True:
             alive = worker.is_alive()
             self._poll_actors()
@@ -744,10 +847,10 @@ class _Driver:
         if error is not None:
             summary.error = f"{type(error).__name__}: {error}"
         if result is not None and result.checkpoint is not None:
-            summary.checkpoint = result.checkpoint.path
+            summary.checkpoint = storage.url_of(result.checkpoint.filesystem, result.checkpoint.path)
             summary.best_checkpoints, summary.checkpoint_scores = rank_checkpoints(result.best_checkpoints or [])
         elif outcome.get("aborted"):
-            summary.checkpoint = latest_checkpoint(self.cfg.run_dir)
+            summary.checkpoint = latest_checkpoint(self.cfg.run_storage)
         return summary
 
     def finish(self, summary: RunResult) -> RunResult:
@@ -786,7 +889,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # the cluster cannot hold the run: say so at once
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"run {cfg.run_name}: {result.status} after {result.steps} steps; output in {cfg.run_dir}"
+    print(f"run {cfg.run_name}: {result.status} after {result.steps} steps; output in {cfg.run_storage}"
           + (f"; error: {result.error}" if result.error else ""), flush=True)
     return 0 if result.status in ("completed", "cancelled", "paused", "budget_exceeded") else 1
 

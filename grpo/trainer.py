@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import io
 import logging
+import pickle
 import random
 import tempfile
 import time
@@ -31,7 +33,7 @@ import ray.train.torch
 import torch
 from ray.util import ActorPool
 
-from grpo import loading, lora, memory, parallel
+from grpo import loading, lora, memory, parallel, storage
 from grpo.config import GRPOConfig
 from grpo.learner import Learner, ScoredBatch, scheduled_lr, score_agent_batch, score_batch
 from grpo.sampling import Rollout, concat_rollouts
@@ -300,7 +302,7 @@ def setup(config: dict[str, Any]) -> Worker:
     checkpoint when there is one; the warm-up on a fresh agent run; the first weights published."""
     from transformers import AutoTokenizer
 
-    cfg = GRPOConfig(**config["cfg"])
+    cfg = GRPOConfig(**config["cfg"]).localized()  # inputs at a URL: this node's copy
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.torch_threads)
@@ -308,7 +310,7 @@ def setup(config: dict[str, Any]) -> Worker:
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    checkpoint = resume_point(ray.train.get_checkpoint(), cfg.run_dir)
+    checkpoint = resume_point(ray.train.get_checkpoint(), cfg.run_storage)
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as found:
         resume_dir = Path(found) if found else None
         if resume_dir is None:
@@ -342,50 +344,54 @@ def setup(config: dict[str, Any]) -> Worker:
     return w
 
 
-def checkpoint_step(d: Path) -> int | None:
-    """The step of the checkpoint folder `d` if every rank's part of it is there in full, else None: rank 0's
-    state, each rank's RNG file, and every byte range the sharded checkpoint's metadata points at (a
-    checkpoint is uploaded rank by rank; one whose upload a kill cut short must not be resumed)."""
+def checkpoint_step(d: str | Path) -> int | None:
+    """The step of the checkpoint folder `d` (a local path or a URL) if every rank's part of it is there in
+    full, else None: rank 0's state, each rank's RNG file, and every byte range the sharded checkpoint's
+    metadata points at (a checkpoint is uploaded rank by rank; one whose upload a kill cut short must not be
+    resumed). A few listings and two small reads, so it costs little on an object store too."""
+    d = str(d)
     try:
-        state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
+        state = torch.load(io.BytesIO(storage.read_bytes(storage.join(d, STATE_FILE))), map_location="cpu",
+                           weights_only=False)
         world = int(state["config"].get("num_policy_workers", 1))
-        if not all((d / "rng" / f"rank{r}.pt").is_file() for r in range(world)):
+        rngs = storage.sizes(storage.join(d, "rng"))
+        if not all(f"rank{r}.pt" in rngs for r in range(world)):
             return None
-        if parallel.has_shards(d):
-            from torch.distributed.checkpoint import FileSystemReader
-
-            shards = d / parallel.SHARDS_DIR
+        shards = storage.join(d, parallel.SHARDS_DIR)
+        files = storage.sizes(shards)
+        if ".metadata" in files:  # the format torch.distributed.checkpoint's FileSystemWriter writes: a pickle
             ends: dict[str, int] = {}
-            for info in FileSystemReader(str(shards)).read_metadata().storage_data.values():
+            for info in pickle.loads(storage.read_bytes(storage.join(shards, ".metadata"))).storage_data.values():
                 ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
-            if any(not (shards / f).is_file() or (shards / f).stat().st_size < end for f, end in ends.items()):
+            if any(files.get(f, -1) < end for f, end in ends.items()):
                 return None
         return int(state["step"])
-    except Exception:  # unreadable, truncated (pickle errors), or not a checkpoint of this engine
+    except Exception:  # missing, unreadable, truncated (pickle errors), or not a checkpoint of this engine
         return None
 
 
-def resume_point(registered: Any, run_dir: Path) -> Any:
+def resume_point(registered: Any, run_storage: str) -> Any:
     """Where a (re)started worker group resumes: the newest complete checkpoint. Ray Train hands the last one
     its controller registered; a checkpoint is registered when the controller next polls (every
     RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) after the workers put it on their result queue, so when the workers die
     in between, one that is complete on storage is not registered and the group would restart from an older
-    one (or from step 0). Every rank reads the same folder and picks the same checkpoint."""
+    one (or from step 0). Every rank reads the same storage (a folder or a URL) and picks the same one."""
     best = None
     if registered is not None:
-        best = checkpoint_step(Path(registered.path)) if Path(registered.path).is_dir() else None
-        if best is None:  # remote storage, or a layout this cannot read: Ray Train's choice stands
+        best = checkpoint_step(storage.url_of(registered.filesystem, registered.path))
+        if best is None:  # a layout this cannot read: Ray Train's choice stands
             return registered
     newer = None
-    for d in run_dir.glob("checkpoint_*"):
-        step = checkpoint_step(d)
-        if step is not None and (best is None or step > best):
+    for name in storage.listdir(run_storage):
+        d = storage.join(run_storage, name)
+        if name.startswith("checkpoint_") and (step := checkpoint_step(d)) is not None and (best is None or step > best):
             best, newer = step, d
     if newer is None:
         return registered
     log.warning("resuming from %s (step %d): complete on storage, newer than the checkpoint Ray Train registered "
-                "(%s)", newer.name, best, registered.path if registered is not None else "none")
-    return ray.train.Checkpoint.from_directory(str(newer))
+                "(%s)", newer, best, registered.path if registered is not None else "none")
+    fs, path = storage.resolve(newer)
+    return ray.train.Checkpoint(path, filesystem=fs)
 
 
 def resume(w: Worker, d: Path) -> None:

@@ -154,7 +154,7 @@ class TrainingConfig(BaseModel):
 
 # Engine keys a job may not set through config.engine: the server owns them (paths, prices, the
 # budget it enforces), or an API field already maps onto them.
-SERVER_OWNED = {"output_dir", "run_name", "dataset", "eval_dataset", "task", "cpu_hour_usd", "gpu_hour_usd",
+SERVER_OWNED = {"output_dir", "storage", "run_name", "dataset", "eval_dataset", "task", "cpu_hour_usd", "gpu_hour_usd",
                 "max_budget_usd"}
 MAPPED = {"num_steps": "n_iterations", "prompts_per_step": "batch_size", "group_size": "n_trajectories_per_query",
           "learning_rate": "learning_rate", "checkpoint_interval": "checkpoint_interval", "model": "model",
