@@ -71,11 +71,13 @@ class ReservationLedger:
 
 
 def ledger() -> Any:
-    """The cluster's ledger actor, created on first use (it needs no CPU)."""
+    """The cluster's ledger actor, created on first use (it needs no CPU). On the head node: a worker node
+    may be lost or scaled away (an autoscaler counts a node holding only zero-CPU actors as idle)."""
     import ray
 
-    return ray.remote(num_cpus=0, max_restarts=-1)(ReservationLedger).options(
-        name=LEDGER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote()
+    return ray.remote(num_cpus=0, max_restarts=-1, resources={"node:__internal_head__": 0.001})(
+        ReservationLedger).options(name=LEDGER_NAME, namespace=NAMESPACE, lifetime="detached",
+                                   get_if_exists=True).remote()
 
 
 class Booking:

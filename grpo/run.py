@@ -96,9 +96,9 @@ def preflight(cfg: GRPOConfig, *, probe_source: Callable[[str, float], None] | N
     check_model("model", cfg.model)
     check_model("tokenizer", cfg.tokenizer or cfg.model, tokenizer=True)
 
-    for field in ("dataset", "eval_dataset"):
-        if (value := getattr(cfg, field)) is not None and storage.is_url(value) and not storage.is_file(value):
-            raise ConfigError(f"{field}: no such file: {value}")
+    for name in ("dataset", "eval_dataset"):
+        if (value := getattr(cfg, name)) is not None and storage.is_url(value) and not storage.is_file(value):
+            raise ConfigError(f"{name}: no such file: {value}")
     try:
         dataset = cfg.load_dataset()
     except (ValueError, OSError) as e:
@@ -243,14 +243,18 @@ def build_actors(cfg: GRPOConfig, *, wait: bool = True, placement_group: Any = N
     every actor is up (constructor errors surface there). With a `placement_group` (bundles as
     `actor_bundles` lists them) each actor takes its own bundle, so the actors start all or none."""
     import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
     from grpo.rewards import RewardWorker
     from grpo.rollout import RolloutWorker, WeightBoard
 
     reward_spec = cfg.reward or cfg.load_dataset().reward
-    board = ray.remote(num_cpus=0)(WeightBoard).remote()
-    monitor = ray.remote(num_cpus=0)(RunMonitor).remote()
+    # The board and the monitor hold the run's state and are not restarted: they live on the driver's node,
+    # whose loss ends the run anyway, never on a worker node that may go (the head holds one published copy
+    # of the weights in its object store: docs/deploy.md sizes it).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    board = ray.remote(num_cpus=0)(WeightBoard).options(scheduling_strategy=here).remote()
+    monitor = ray.remote(num_cpus=0)(RunMonitor).options(scheduling_strategy=here).remote()
     rollout_cls = ray.remote(
         num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker, max_restarts=-1, max_task_retries=-1
     )(RolloutWorker)
@@ -511,21 +515,21 @@ def stage_inputs(cfg: GRPOConfig) -> GRPOConfig:
         return cfg
     update: dict[str, str] = {}
     staged: dict[str, str] = {}
-    for field in INPUTS:
-        value = getattr(cfg, field)
+    for name in INPUTS:
+        value = getattr(cfg, name)
         if value is None or storage.is_url(value) or not Path(value).exists():
             continue
         if value not in staged:
             local = Path(value)
-            dest = storage.join(cfg.run_storage, "inputs", field, local.name)
+            dest = storage.join(cfg.run_storage, "inputs", name, local.name)
             files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
             for f in files:
                 target = dest if local.is_file() else storage.join(dest, *f.relative_to(local).parts)
                 if not storage.same_file(f, target):
                     storage.upload(f, target)
             staged[value] = dest
-            log.info("%s: staged %s to %s (%d files)", field, value, dest, len(files))
-        update[field] = staged[value]
+            log.info("%s: staged %s to %s (%d files)", name, value, dest, len(files))
+        update[name] = staged[value]
     return cfg.model_copy(update=update) if update else cfg
 
 
@@ -776,6 +780,9 @@ class _Driver:
 
         posts, resumed_at, metrics, rows = ray.get(self.monitor.drain.remote())
         if resumed_at is not None:  # a (re)start: the steps after it are re-run, stored again once
+            if resumed_at > 0:
+                log.info("policy workers resumed from the checkpoint of step %d: the steps after it run again",
+                         resumed_at)
             notify_resume(self.reporters, resumed_at)
         for r in self.reporters:
             if rows:

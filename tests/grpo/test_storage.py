@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
+from test_resume_point import _checkpoint
 
 from grpo import storage
 from grpo.config import ConfigError, GRPOConfig
 from grpo.report import LocalReporter
 from grpo.run import check_shared_storage, latest_checkpoint, stage_inputs
-from grpo.trainer import STATE_FILE, checkpoint_step, resume_point
-from test_resume_point import _checkpoint
+from grpo.trainer import checkpoint_step, resume_point
 
 
 def test_urls_and_local_paths():
