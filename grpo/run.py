@@ -243,7 +243,10 @@ def build_actors(cfg: GRPOConfig, *, wait: bool = True, placement_group: Any = N
     every actor is up (constructor errors surface there). With a `placement_group` (bundles as
     `actor_bundles` lists them) each actor takes its own bundle, so the actors start all or none."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+    from ray.util.scheduling_strategies import (
+        NodeAffinitySchedulingStrategy,
+        PlacementGroupSchedulingStrategy,
+    )
 
     from grpo.rewards import RewardWorker
     from grpo.rollout import RolloutWorker, WeightBoard

@@ -8,8 +8,8 @@ import json
 import os
 import re
 import subprocess
-import threading
 import sys
+import threading
 import time
 from collections import Counter
 
