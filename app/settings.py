@@ -64,6 +64,10 @@ class Settings(BaseSettings):
 
     default_model: str | None = None
     """model a job trains when its config names none"""
+    storage_url: str | None = None
+    """where jobs keep their run files (checkpoints, metrics, trajectories): a URL such as s3://bucket/prefix
+    (any pyarrow filesystem; credentials from the nodes' own AWS_* variables, never passed to a job), needed
+    once workers span nodes; unset: home/jobs, one node or a folder every node mounts"""
     min_step_seconds: float = Field(1.0, gt=0)
     """the shortest a step is assumed to take when checking that a budget covers one step"""
     cancel_wait_s: float = Field(60.0, ge=0)
@@ -161,6 +165,22 @@ class Settings(BaseSettings):
             raise ValueError(f"is {len(v.encode())} bytes; an HS256 key needs at least {MIN_JWT_SECRET_BYTES} "
                              "(openssl rand -hex 32)")
         return v
+
+    @field_validator("storage_url", mode="after")
+    @classmethod
+    def _a_storage_url(cls, v: str | None) -> str | None:
+        """A URL pyarrow opens (s3://bucket/prefix); the shipped placeholder and local paths are refused (a
+        local folder is RAYGRPO_HOME's business)."""
+        if v is None or not v.strip():
+            return None
+        if v.startswith(PLACEHOLDER):
+            raise ValueError("is the shipped placeholder (CHANGE-ME...); set your bucket (s3://bucket/prefix) or "
+                             "leave RAYGRPO_STORAGE_URL unset to keep runs under RAYGRPO_HOME")
+        from grpo.storage import is_url
+
+        if not is_url(v):
+            raise ValueError(f"{v[:100]!r} is not a URL (s3://bucket/prefix); a shared folder is RAYGRPO_HOME")
+        return v.rstrip("/")
 
     @field_validator("webhook_urls", "allowed_rewards", "allowed_environments", "model_roots", mode="before")
     @classmethod

@@ -70,6 +70,7 @@ def s3_server():
     import subprocess
     import sys
     import time
+    import uuid
 
     import httpx
 
@@ -97,7 +98,7 @@ def s3_server():
             time.sleep(0.2)
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                             "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")}
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="raygrpo-test", AWS_SECRET_ACCESS_KEY=f"secret-{uuid.uuid4().hex}",
                       AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
     yield endpoint
     for k, v in saved.items():

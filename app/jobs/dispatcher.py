@@ -501,7 +501,7 @@ class Dispatcher:
         return True
 
     def _submit(self, job: TrainingJob) -> None:
-        job_dir = Path(job.engine_config["output_dir"])
+        job_dir = self.settings.runs_dir / job.id  # the driver's files; the run's own may be at a storage URL
         job_dir.mkdir(parents=True, exist_ok=True)
         config_path = job_dir / "config.yaml"
         engine_config = dict(job.engine_config)

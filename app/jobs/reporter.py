@@ -168,8 +168,9 @@ class DBReporter:
                 chosen = max(scores, key=lambda p: (scores[p], _step_of(p))) if scores else (best[0] if best else latest)
                 set_best_checkpoint(s, job_id=self.job_id, checkpoint_id=ids[chosen])
             last = summary.get("last_metrics") or {}
-            if last:
-                record_progress(s, job_id=self.job_id, step=int(last.get("step", 0)), metrics=last,
+            if last:  # with the Ray node of each policy rank (get_status's rank_nodes)
+                record_progress(s, job_id=self.job_id, step=int(last.get("step", 0)),
+                                metrics={**last, "rank_nodes": list(summary.get("rank_nodes") or [])},
                                 cost_usd=self._cost(summary.get("cost_usd", 0.0)))
             if job_status == "paused":
                 set_status(s, job_id=self.job_id, status="paused")
@@ -207,14 +208,16 @@ def _without_nul(value: Any) -> Any:
 
 
 def _step_of(checkpoint_path: str) -> int:
-    """The step saved in a checkpoint directory's trainer state (0 if unreadable)."""
-    from pathlib import Path
+    """The step saved in a checkpoint's trainer state, a folder or a URL (0 if unreadable)."""
+    import io
 
     import torch
 
+    from grpo import storage
+
     try:
-        state = torch.load(Path(checkpoint_path) / "trainer_state.pt", map_location="cpu", weights_only=False)
-        return int(state["step"])
-    except (OSError, KeyError, RuntimeError) as e:
+        data = storage.read_bytes(storage.join(checkpoint_path, "trainer_state.pt"))
+        return int(torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)["step"])
+    except (OSError, KeyError, RuntimeError, ValueError, EOFError) as e:
         log.warning("cannot read the step of checkpoint %s: %s", checkpoint_path, e)
         return 0

@@ -39,6 +39,7 @@ from app.data.tables import JobStatus, TrainingJob
 from app.jobs.trust import check_job_imports, resolve_model
 from app.research.datasets import Row, training_rows
 from app.settings import Settings
+from grpo import storage
 from grpo.config import ConfigError, GRPOConfig, load_config
 
 EXPORT_LIMIT = 10_000
@@ -460,6 +461,7 @@ def status_of(job: TrainingJob, best: Any | None) -> dict[str, Any]:
             **({"path": best.path} if caller_is_admin() else {})},  # server paths: admins only
         "error_message": job.error_message, "stop_reason": job.stop_reason,
         "admission": admission_of(job),
+        "rank_nodes": m.get("rank_nodes"),  # the Ray node of each policy rank, once the run has ended
     }
 
 
@@ -526,7 +528,10 @@ def start_grpo(p: StartParams, ctx: Context) -> StartResult:
                 job_dir.mkdir(parents=True, exist_ok=True)
                 data = job_dir / "data.jsonl"
                 tmp.replace(data)
-                paths = {"dataset": str(data), "output_dir": str(job_dir)}
+                # the run's files: the job's folder, or its place at the cluster's storage URL (the data file
+                # stays here, on the driver's node, which stages it into the run's storage for the workers)
+                out = storage.join(ctx.settings.storage_url, "jobs", job.id) if ctx.settings.storage_url else str(job_dir)
+                paths = {"dataset": str(data), "output_dir": out}
                 if tmp_eval is not None:
                     tmp_eval.replace(job_dir / "eval.jsonl")
                     paths["eval_dataset"] = str(job_dir / "eval.jsonl")

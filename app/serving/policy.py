@@ -249,7 +249,10 @@ class PolicyEngine:
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        from grpo.storage import local_copy
+
         self.path = path
+        path = local_copy(path)  # a checkpoint at the storage URL: this node's copy
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
