@@ -150,11 +150,11 @@ def required_gpus(cfg: GRPOConfig) -> float:
     return (cfg.num_policy_workers + cfg.num_rollout_workers) * cfg.gpus_per_worker
 
 
-def check_fits_cluster(cfg: GRPOConfig) -> None:
-    """ConfigError, naming what is missing, for a run the cluster this driver joined can never hold: its
-    total, or one worker on the largest node. The autoscaler's maximum counts where Ray publishes it
-    (autoscaler v2, KubeRay), and RAYGRPO_CLUSTER_CAPACITY (JSON, e.g. {"CPU": 96}) overrides. Without
-    this a `ray job submit` of a run bigger than the cluster waited for resources forever."""
+def cluster_capacity() -> tuple[dict[str, float], dict[str, float]]:
+    """(the most CPU and GPU the cluster can ever hold, the autoscaler's maximum as known): the larger of what
+    it has and what its autoscaler publishes (Ray's cluster config in the GCS, where it is there), and
+    RAYGRPO_CLUSTER_CAPACITY (JSON, e.g. {"CPU": 96}) wins for what it names. The second is empty when no
+    maximum is known beyond the nodes there are."""
     import json
 
     import ray
@@ -164,16 +164,29 @@ def check_fits_cluster(cfg: GRPOConfig) -> None:
     try:
         from ray._private.state import state
 
-        published = state.get_max_resources_from_cluster_config() or {}
+        published = {k: float(v) for k, v in (state.get_max_resources_from_cluster_config() or {}).items()
+                     if k in capacity}
     except Exception:  # a private API of Ray: without it, count the cluster as it is now
         published = {}
     for k in capacity:
-        capacity[k] = max(capacity[k], float(published.get(k, 0.0)))
+        capacity[k] = max(capacity[k], published.get(k, 0.0))
     try:
-        capacity.update({k: float(v) for k, v in json.loads(os.environ.get("RAYGRPO_CLUSTER_CAPACITY") or "{}").items()
-                         if k in capacity})
+        declared = {k: float(v) for k, v in json.loads(os.environ.get("RAYGRPO_CLUSTER_CAPACITY") or "{}").items()
+                    if k in capacity}
     except (ValueError, AttributeError, TypeError):
-        pass
+        declared = {}
+    capacity.update(declared)
+    return capacity, {**published, **declared}
+
+
+def check_fits_cluster(cfg: GRPOConfig) -> None:
+    """ConfigError, naming what is missing, for a run the cluster this driver joined can never hold: its
+    total, or one worker on the largest node. The autoscaler's maximum counts where Ray publishes it
+    (autoscaler v2, KubeRay), and RAYGRPO_CLUSTER_CAPACITY (JSON, e.g. {"CPU": 96}) overrides. Without
+    this a `ray job submit` of a run bigger than the cluster waited for resources forever."""
+    import ray
+
+    capacity, published = cluster_capacity()
     demand = {"CPU": required_cpus(cfg), "GPU": required_gpus(cfg)}
     short = [f"{need:g} {k} (the cluster has at most {capacity[k]:g})" for k, need in demand.items()
              if need > capacity[k] + 1e-9]
@@ -192,6 +205,25 @@ def check_fits_cluster(cfg: GRPOConfig) -> None:
         raise ConfigError("the cluster cannot hold this run: it needs " + " and ".join(short) + "; lower "
                           "num_policy_workers, num_rollout_workers, num_reward_workers or the per-worker "
                           "resources, or add nodes")
+
+
+def nodes_needed(demand: dict[str, float]) -> str | None:
+    """Why a booked run still waits on its placement groups, or None when what is free holds it: the cluster
+    lacks the nodes (an autoscaler adds them, up to the maximum it publishes), or other work holds them."""
+    import ray
+
+    free = ray.available_resources()
+    short = {k: v for k, v in demand.items() if v and free.get(k, 0.0) + 1e-9 < v}
+    if not short:
+        return None
+    needs = ", ".join(f"{v:g} {k} (free {free.get(k, 0.0):g})" for k, v in sorted(short.items()))
+    now = ray.cluster_resources()
+    capacity, published = cluster_capacity()
+    if all(capacity.get(k, 0.0) + 1e-9 >= v for k, v in short.items()) and \
+            any(published.get(k, 0.0) > float(now.get(k, 0.0)) + 1e-9 for k in short):
+        most = ", ".join(f"{capacity.get(k, 0.0):g} {k}" for k in sorted(short))
+        return f"waiting for nodes: needs {needs}; the autoscaler adds them (the cluster may grow to {most})"
+    return f"waiting for resources held by other work: needs {needs}"
 
 
 def check_memory_plan(cfg: GRPOConfig, resources: dict[str, float] | None = None) -> GRPOConfig:
@@ -674,6 +706,8 @@ class _Driver:
         self.stored_through = 0
         """the mailbox's posts this driver's reporters have stored (RunMonitor.stored)"""
         self.monitor: Any = None
+        self.waiting_for_nodes = False
+        """booked, but the cluster has not the nodes yet: shown as waiting until the first step"""
 
     # ---- stops ---------------------------------------------------------------------------------------
     def check_stop(self) -> str | None:
@@ -717,6 +751,11 @@ class _Driver:
         if waited:
             log.info("resources booked after %.1f s of waiting", time.time() - self.t0)
             notify_waiting(self.reporters, None)
+        if reason := nodes_needed(booking.demand):
+            log.info("%s", reason)
+            if reason.startswith("waiting for nodes"):  # shown until the first step (the job API: admission)
+                notify_waiting(self.reporters, reason)
+                self.waiting_for_nodes = True
         return True
 
     def drive(self, trainer: Any, monitor: Any, ready: list, booking: Booking) -> None:
@@ -797,6 +836,9 @@ class _Driver:
                 self.progress = _Progress(self.cfg.num_steps, int(m["step"]) - 1)
                 log.info("first step %.1f s after the start", time.time() - self.t0)
                 self.booking.release()  # its workers train and its actors are up (or coming): Ray counts them now
+                if self.waiting_for_nodes:
+                    notify_waiting(self.reporters, None)
+                    self.waiting_for_nodes = False
             self.progress.update(m, cost)
             for r in self.reporters:
                 r.on_step(m)

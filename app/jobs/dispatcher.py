@@ -57,6 +57,7 @@ def submission_id(job: TrainingJob) -> str:
 # and whether the next job starts now, waits, or can never run here.
 
 EPS = 1e-9  # fractional CPUs (0.5 per reward actor) add up with float error
+SUBMIT_RETRY_S = 120.0  # how long a submission the Jobs API cannot take yet is tried again (_retry_submit)
 
 RESOURCE_FIELDS = {
     "CPU": ("num_policy_workers", "num_rollout_workers", "cpus_per_worker", "num_reward_workers",
@@ -251,6 +252,8 @@ class Dispatcher:
 
         ctx = Context.open(settings)
         self.settings, self.engine, self.queue = settings, ctx.engine, ctx.queue
+        self.submit_failures: dict[str, float] = {}
+        """job id -> when its submission first failed for a reason that may pass (_retry_submit)"""
         if jobs_client is None:
             # Without a configured URL: the cluster this actor runs on (its GCS names its dashboard), never
             # whatever cluster was started last on the machine.
@@ -436,7 +439,8 @@ class Dispatcher:
             taken = self._take(job, verdict)
             if taken is None:  # cancelled meanwhile, or another job went ahead of it: the next round decides
                 break
-            self._submit(taken)
+            if not self._submit(taken):  # the Jobs API cannot take it yet: back in the queue, next round
+                break
             started.append(taken.id)
         return started, refused
 
@@ -473,6 +477,30 @@ class Dispatcher:
         log.info("job %s admitted: %s", job.id, verdict.reason)
         return taken
 
+    def _retry_submit(self, job: TrainingJob, error: Exception) -> bool:
+        """A submission the Jobs API could not take for now (a 5xx such as "No available agent to submit job,
+        please try again later" while a head's dashboard agent starts, or no connection): the job goes back to
+        the queue at its place, the same attempt, and is tried again next round, for up to SUBMIT_RETRY_S.
+        False for a refusal that trying again cannot change (a 4xx), or once that time is spent."""
+        text = str(error)
+        first = self.submit_failures.setdefault(job.id, time.monotonic())
+        if re.search(r"status code 4\d\d", text) or time.monotonic() - first > SUBMIT_RETRY_S:
+            self.submit_failures.pop(job.id, None)
+            return False
+        reason = f"waiting for the Ray Jobs API, which cannot take the run yet ({text[:200]}); trying again"
+        with db.session_scope(self.engine) as s:
+            back = db.set_status(s, job_id=job.id, status=JobStatus.queued, only_from=[JobStatus.running],
+                                 attempts=max(job.attempts - 1, 0), started_at=None,
+                                 metrics={**(job.metrics or {}),
+                                          "admission": Admission("waiting", reason, {}).record()})
+        if back is None:  # cancelled meanwhile: nothing to retry
+            self.submit_failures.pop(job.id, None)
+            return True
+        if self.queue is not None:
+            self.queue.requeue(job.id)
+        log.warning("job %s: %s", job.id, reason)
+        return True
+
     def _note(self, job: TrainingJob, verdict: Admission) -> None:
         """Store why the next job waits, where training.get_status shows it (written only when it changes)."""
         current = (job.metrics or {}).get("admission") or {}
@@ -500,7 +528,8 @@ class Dispatcher:
         log.warning("job %s refused: %s", job.id, message)
         return True
 
-    def _submit(self, job: TrainingJob) -> None:
+    def _submit(self, job: TrainingJob) -> bool:
+        """Submit the taken job as a Ray Job; False when the Jobs API could not take it yet (requeued)."""
         job_dir = self.settings.runs_dir / job.id  # the driver's files; the run's own may be at a storage URL
         job_dir.mkdir(parents=True, exist_ok=True)
         config_path = job_dir / "config.yaml"
@@ -526,19 +555,23 @@ class Dispatcher:
         try:
             self.client.submit_job(entrypoint=entrypoint, submission_id=job.ray_submission_id,
                                    runtime_env={"env_vars": env}, metadata={"job_id": job.id, "agent": job.agent_id})
-        except RuntimeError as e:
+            self.submit_failures.pop(job.id, None)
+        except Exception as e:  # the Jobs API's RuntimeError (with its HTTP status), or no connection at all
             if "already exists" not in str(e):
+                if self._retry_submit(job, e):
+                    return False
                 with db.session_scope(self.engine) as s:
                     db.finish_job(s, job_id=job.id, status=JobStatus.failed,
                                   error_message=f"could not submit the Ray Job: {e}")
                 if self.queue is not None:
                     self.queue.ack(job.id)
-                return
+                return True
         if self.queue is not None:
             self.queue.set_status(job.id, JobStatus.running)
         self.webhooks.emit("training.job.started", {"job_id": job.id, "agent_id": job.agent_id,
                                                     "ray_submission_id": job.ray_submission_id})
         log.info("job %s submitted as Ray Job %s", job.id, job.ray_submission_id)
+        return True
 
     # ---- after a restart -------------------------------------------------------------------------
     def reconcile(self) -> dict[str, list[str]]:

@@ -377,3 +377,43 @@ def test_a_run_whose_driver_died_silently_is_queued_again_a_bounded_number_of_ti
 def view_sid(d: Dispatcher, job_id: str) -> str:
     with db.session_scope(d.engine) as s:
         return db.get_job(s, job_id=job_id).ray_submission_id
+
+
+class FlakyJobs(FakeJobs):
+    """The Jobs API of a head whose dashboard agent is still starting: `failures` submissions answer 500."""
+
+    def __init__(self, failures: int, error: str = "Request failed with status code 500: No available agent to "
+                                                  "submit job, please try again later."):
+        super().__init__()
+        self.failures, self.error, self.tries = failures, error, 0
+
+    def submit_job(self, *, entrypoint, submission_id, runtime_env, metadata):
+        self.tries += 1
+        if self.tries <= self.failures:
+            raise RuntimeError(self.error)
+        return super().submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
+                                  metadata=metadata)
+
+
+def test_a_submission_the_jobs_api_cannot_take_yet_is_tried_again_not_failed(make_dispatcher):
+    """Found on a fresh autoscaling head: the first submission got "No available agent ... try again later"
+    and the job failed for good. It goes back to the queue, shows why, and starts when the API takes it."""
+    d = make_dispatcher(FakeCluster(CPU=8))
+    d.client = FlakyJobs(failures=2)
+    job = add_job(d, 1, **README_JOB)
+    for _ in range(2):
+        d.launch()
+        shown = view(d, job)
+        assert shown["status"] == "queued", shown
+        assert shown["admission"]["reason"].startswith("waiting for the Ray Jobs API")
+    d.launch()
+    shown = view(d, job)
+    assert shown["status"] == "running" and d.client.tries == 3
+    with db.session_scope(d.engine) as s:
+        assert db.get_job(s, job_id=job).attempts == 1  # the failed tries used no restart of the run
+    # a refusal that trying again cannot change fails the job at once
+    d2 = make_dispatcher(FakeCluster(CPU=16))  # the first job still runs
+    d2.client = FlakyJobs(failures=1, error="Request failed with status code 400: bad runtime_env")
+    other = add_job(d2, 2, **README_JOB)
+    d2.launch()
+    assert view(d2, other)["status"] == "failed" and "status code 400" in view(d2, other)["error_message"]

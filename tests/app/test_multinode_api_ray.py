@@ -38,7 +38,7 @@ def test_a_job_spread_over_two_nodes_with_its_files_in_a_bucket_survives_a_node_
     env = {"RAYGRPO_HOME": str(home), "DATABASE_URL": f"sqlite:///{home / 'raygrpo.db'}", "REDIS_URL": "",
            "RAYGRPO_DEFAULT_MODEL": tiny_model_dir, "RAYGRPO_JWT_SECRET": secret, "RAYGRPO_API_PORT": str(port),
            "RAYGRPO_STORAGE_URL": f"{s3_bucket}/raygrpo", "RAYGRPO_CACHE": str(tmp_path / "cache"),
-           "RAYGRPO_MAX_RUNNING_JOBS": "1", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
+           "RAYGRPO_MAX_RUNNING_JOBS": "1", "RAYGRPO_RATE_LIMITS": "training.get_status=0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     for k, v in env.items():  # the nodes' environment, as a KubeRay pod spec sets it
         monkeypatch.setenv(k, v)
