@@ -57,6 +57,13 @@ def notify_waiting(reporters: list[Any], reason: str | None) -> None:
             r.on_waiting(reason)
 
 
+def notify_placed(reporters: list[Any], rank_nodes: list[str]) -> None:
+    """Optional `on_placed(rank_nodes)`: the Ray node of each policy rank, at the first step of each attempt."""
+    for r in reporters:
+        if hasattr(r, "on_placed"):
+            r.on_placed(rank_nodes)
+
+
 def notify_resume(reporters: list[Any], step: int) -> None:
     for r in reporters:
         if hasattr(r, "on_resume"):

@@ -29,7 +29,15 @@ from typing import Any
 from grpo import storage
 from grpo.config import ConfigError, GRPOConfig, load_config
 from grpo.gang import Booking
-from grpo.report import LocalReporter, RayMetricsReporter, Reporter, RunMonitor, notify_resume, notify_waiting
+from grpo.report import (
+    LocalReporter,
+    RayMetricsReporter,
+    Reporter,
+    RunMonitor,
+    notify_placed,
+    notify_resume,
+    notify_waiting,
+)
 
 log = logging.getLogger("grpo.run")
 
@@ -708,6 +716,8 @@ class _Driver:
         self.monitor: Any = None
         self.waiting_for_nodes = False
         """booked, but the cluster has not the nodes yet: shown as waiting until the first step"""
+        self.placed = False
+        """the reporters know where this attempt's policy ranks are (notify_placed at its first step)"""
 
     # ---- stops ---------------------------------------------------------------------------------------
     def check_stop(self) -> str | None:
@@ -826,10 +836,14 @@ class _Driver:
                 log.info("policy workers resumed from the checkpoint of step %d: the steps after it run again",
                          resumed_at)
             notify_resume(self.reporters, resumed_at)
+            self.placed = False  # this attempt's ranks may sit on other nodes
         for r in self.reporters:
             if rows:
                 r.on_trajectories(rows)
         cost = self.cost()
+        if metrics and not self.placed:
+            self.placed = True
+            notify_placed(self.reporters, _rank_nodes(self.monitor))
         for m in metrics:
             m["cost_usd"] = cost
             if self.progress is None:

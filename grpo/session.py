@@ -165,6 +165,9 @@ class SessionWorker:
                  dtype: str = "float32", torch_threads: int = 1, lora: dict | None = None, seed: int = 0):
         from transformers import AutoModelForCausalLM
 
+        from grpo.storage import local_copy
+
+        model = local_copy(model)  # a checkpoint at the storage URL (checkpoint:<id>): this node's copy
         torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
         self.rank, self.world = rank, world
@@ -339,7 +342,9 @@ class SessionWorker:
         elif self.rank == 0:
             self.model.save_pretrained(path)
         if self.rank == 0:
-            AutoTokenizer.from_pretrained(tokenizer).save_pretrained(path)
+            from grpo.storage import local_copy
+
+            AutoTokenizer.from_pretrained(local_copy(tokenizer)).save_pretrained(path)
         return path
 
 

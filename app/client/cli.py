@@ -634,8 +634,20 @@ def plot(ctx: typer.Context, job_id: str,
     with o.client() as c:
         s = _run(lambda: c.get_status(job_id))
     candidates = [o.home / "jobs" / job_id / "run" / "metrics.jsonl"]
-    if s.best_checkpoint and s.best_checkpoint.path:  # an admin's reply names the run's folder
-        candidates.insert(0, Path(s.best_checkpoint.path).parent / "metrics.jsonl")
+    best = s.best_checkpoint.path if s.best_checkpoint and s.best_checkpoint.path else None  # an admin's reply
+    if best and "://" in best:  # the run's files in a bucket (RAYGRPO_STORAGE_URL): read with the engine's storage
+        try:
+            from grpo import storage
+        except ImportError:
+            err.print("[red]the run's files are in a bucket[/red]: plot it where raygrpo[engine] is installed")
+            raise typer.Exit(EXIT_API_ERROR) from None
+        remote = storage.join(best.rsplit("/", 1)[0], "metrics.jsonl")
+        local = Path(tempfile.mkdtemp(prefix="raygrpo-plot-")) / "metrics.jsonl"
+        if storage.is_file(remote):
+            storage.download(remote, local)
+        candidates.insert(0, local)
+    elif best:
+        candidates.insert(0, Path(best).parent / "metrics.jsonl")
     path = next((p for p in candidates if p.exists()), None)
     if path is None:
         err.print(f"[red]no metrics for {job_id}[/red]: looked at {', '.join(map(str, candidates))} "

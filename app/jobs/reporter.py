@@ -47,6 +47,7 @@ class DBReporter:
 
         self.webhooks = webhooks or Webhooks.from_settings(get_settings())
         self.total_steps = cfg.num_steps
+        self.rank_nodes: list[str] = []
         self._decile = 0
 
     def on_start(self, cfg: GRPOConfig, *, job_id: str | None) -> None:
@@ -69,8 +70,9 @@ class DBReporter:
         from app.research.series import record_job_metrics
 
         cost = self._cost(metrics.get("cost_usd", 0.0))
+        shown = {**metrics, "rank_nodes": self.rank_nodes} if self.rank_nodes else metrics
         with session_scope(self.engine) as s:
-            job = record_progress(s, job_id=self.job_id, step=int(metrics["step"]), metrics=metrics, cost_usd=cost)
+            job = record_progress(s, job_id=self.job_id, step=int(metrics["step"]), metrics=shown, cost_usd=cost)
             # the runs linked to this job (runs.create with job_id) get the step as metric series
             record_job_metrics(s, job_id=self.job_id, step=int(metrics["step"]), metrics=metrics)
             if self.budget:
@@ -104,6 +106,10 @@ class DBReporter:
         rows = [dict(r, steps=_without_nul(r["steps"])) if r.get("steps") else r for r in rows]
         with session_scope(self.engine) as s:
             add_trajectories(s, job_id=self.job_id, rows=rows)
+
+    def on_placed(self, rank_nodes: list[str]) -> None:
+        """Where this attempt's policy ranks run: kept with every step's metrics (get_status's rank_nodes)."""
+        self.rank_nodes = list(rank_nodes)
 
     def on_waiting(self, reason: str | None) -> None:
         """The run waits for resources, holding none (grpo.gang): shown as its `admission` by get_status."""

@@ -461,7 +461,7 @@ def status_of(job: TrainingJob, best: Any | None) -> dict[str, Any]:
             **({"path": best.path} if caller_is_admin() else {})},  # server paths: admins only
         "error_message": job.error_message, "stop_reason": job.stop_reason,
         "admission": admission_of(job),
-        "rank_nodes": m.get("rank_nodes"),  # the Ray node of each policy rank, once the run has ended
+        "rank_nodes": m.get("rank_nodes"),  # the Ray node of each policy rank, from the attempt's first step
     }
 
 

@@ -92,6 +92,7 @@ def test_a_job_spread_over_two_nodes_with_its_files_in_a_bucket_survives_a_node_
         workers = list_actors(address=dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         spread = {w.node_id for w in workers}
         assert len(workers) == 2 and len(spread) == 2  # one rank per node
+        assert set(status()["rank_nodes"]) == spread  # shown while it runs
         lost = next(n for n in nodes if n.node_id in spread)
         cluster.remove_node(lost, allow_graceful=False)
         fresh = cluster.add_node(num_cpus=3)
