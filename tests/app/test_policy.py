@@ -158,3 +158,19 @@ def test_completion_top_logprobs_keyed_by_text_keep_the_likelier_of_two_ids_with
     out = _logprobs("completion", [(65, -0.1, [(65, -0.1), (200, -1.0), (201, -2.0)])],
                     decode=lambda t: "A" if t == 65 else "\ufffd")
     assert out["top_logprobs"] == [{"A": -0.1, "\ufffd": -1.0}] and out["tokens"] == ["A"]
+
+
+def test_a_checkpoint_in_a_bucket_serves_the_same_model(engine, tiny_model_dir, s3_bucket, tmp_path, monkeypatch):
+    """models.deploy of a checkpoint whose run kept its files at a storage URL: the engine loads this node's
+    copy of it, the same weights and the same greedy text as the local folder."""
+    from pathlib import Path
+
+    from grpo import storage
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    url = f"{s3_bucket}/jobs/job_x/run/checkpoint_1"
+    storage.upload(Path(tiny_model_dir), url)
+    remote = PolicyEngine(url, device="cpu", torch_threads=1)
+    assert remote.path == url and remote.digest == engine.digest
+    ids = engine.encode("digit 3:")
+    assert remote.generate([GenRequest(ids, 5, 0.0, 1.0)])[0].texts == engine.generate([GenRequest(ids, 5, 0.0, 1.0)])[0].texts
