@@ -93,8 +93,8 @@ class GRPOConfig(BaseModel):
     num_steps: int = Field(100, ge=1, le=10_000_000)
     """optimizer steps in the run"""
     target_reward: float | None = Field(None, ge=-1e9, le=1e9)
-    """end the run as completed (with a checkpoint) once the mean training reward of the last
-    `target_window` steps reaches this; None runs all `num_steps`"""
+    """end the run as completed once the mean training reward of the last `target_window` steps reaches this:
+    the step that reached it is the last, with its checkpoint; None runs all `num_steps`"""
     target_window: int = Field(10, ge=1, le=10_000)
     """steps in the running mean `target_reward` is checked against"""
     micro_batch_size: int = Field(64, ge=1, le=65_536)

@@ -73,9 +73,13 @@ def notify_resume(reporters: list[Any], step: int) -> None:
 class RunMonitor:
     """Mailbox between rank 0 and the driver (a Ray actor with num_cpus=0; async, so waits cost nothing)."""
 
-    def __init__(self) -> None:
+    def __init__(self, target_reward: float | None = None, target_window: int = 1) -> None:
         import asyncio
 
+        self.target_reward, self.target_window = target_reward, target_window
+        self.rewards: dict[int, float] = {}
+        """reward_mean by step, for the target: decided here, so the run stops at the step that reached it
+        (the driver learns of a step only after the next one has begun)"""
         self.metrics: list[dict[str, float]] = []
         self.rows: list[dict[str, Any]] = []
         self.stop_reason: str | None = None
@@ -103,13 +107,20 @@ class RunMonitor:
         the attempt that was lost, and the driver tells the reporters to drop what they stored of it."""
         self.metrics = [m for m in self.metrics if m["step"] <= step]
         self.rows = [r for r in self.rows if r["step"] <= step]
+        self.rewards = {s: r for s, r in self.rewards.items() if s <= step}
         self.resumed_at = step if self.resumed_at is None else min(self.resumed_at, step)
         await self._notify()
 
     async def record(self, step: int, metrics: dict[str, float], rows: list[dict[str, Any]]) -> str | None:
+        """Rank 0's step: its metrics and trajectories; returns why the run stops after it (None: go on)."""
         self.metrics.append(dict(metrics, step=step))
         self.rows += rows
         self.posted += 1
+        self.rewards[step] = float(metrics.get("reward_mean", 0.0))
+        if self.target_reward is not None:
+            window = [self.rewards.get(s) for s in range(step - self.target_window + 1, step + 1)]
+            if None not in window and sum(window) / len(window) >= self.target_reward:
+                self.stop_reason = self.stop_reason or "completed"  # the target: stop at this very step
         await self._notify()
         return self.stop_reason
 

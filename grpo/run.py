@@ -297,7 +297,8 @@ def build_actors(cfg: GRPOConfig, *, wait: bool = True, placement_group: Any = N
     # of the weights in its object store: docs/deploy.md sizes it).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     board = ray.remote(num_cpus=0)(WeightBoard).options(scheduling_strategy=here).remote()
-    monitor = ray.remote(num_cpus=0)(RunMonitor).options(scheduling_strategy=here).remote()
+    monitor = ray.remote(num_cpus=0)(RunMonitor).options(scheduling_strategy=here).remote(cfg.target_reward,
+                                                                                         cfg.target_window)
     rollout_cls = ray.remote(
         num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker, max_restarts=-1, max_task_retries=-1
     )(RolloutWorker)

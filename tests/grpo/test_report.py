@@ -26,6 +26,25 @@ def test_the_monitor_drops_the_lost_attempts_steps_and_reports_the_resume_first(
     asyncio.run(go())
 
 
+def test_the_target_stops_the_run_at_the_step_that_reached_it():
+    """The monitor answers rank 0's record of the very step whose window reached the target (the driver
+    learns of a step after the next has begun: deciding there cost a step or two); a resume forgets the
+    rewards of the steps it re-runs."""
+    async def go():
+        m = RunMonitor(target_reward=0.5, target_window=3)
+        steps = ((1, 0.9), (2, 0.1), (3, 0.3), (4, 0.8), (5, 0.7))
+        got = [await m.record(step, {"reward_mean": r}, []) for step, r in steps]
+        assert got == [None, None, None, None, "completed"]  # steps 3-5: 0.6; 2-4: 0.4; 1-3: 0.43
+        m2 = RunMonitor(target_reward=0.5, target_window=3)
+        assert [await m2.record(s, {"reward_mean": r}, []) for s, r in ((1, 0.2), (2, 0.6), (3, 0.6))] == [None, None, None]
+        await m2.resumed(2)  # step 3 runs again, lower
+        assert await m2.record(3, {"reward_mean": 0.1}, []) is None  # (0.2 + 0.6 + 0.1) / 3 = 0.3
+        assert await m2.record(4, {"reward_mean": 0.9}, []) == "completed"  # (0.6 + 0.1 + 0.9) / 3 = 0.53
+        assert await RunMonitor().record(1, {"reward_mean": 1.0}, []) is None  # no target: never
+
+    asyncio.run(go())
+
+
 def test_a_checkpoint_waits_until_every_post_before_it_is_stored():
     """Rank 0 asks `wait_stored` before any rank writes a checkpoint: it returns only once the driver has
     acknowledged a drain holding every post made before the call (rank 0's record and the other ranks'
