@@ -120,3 +120,27 @@ def s3_bucket(s3_server) -> str:
     name = f"raygrpo-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture
+def local_nodes(monkeypatch):
+    """Ray nodes on this machine, a cluster of the test's own (Ray's `ray.cluster_utils.Cluster`: a raylet and
+    an object store per node): `make(head_cpus, *node_cpus)` -> (cluster, nodes), its dashboard URL as
+    `cluster.dashboard_url`. The nodes inherit this process's environment as it is then (set the test's
+    variables first). Every cluster made is shut down after the test."""
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    made = []
+
+    def make(head_cpus: float, *node_cpus: float):
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "dashboard_host": "127.0.0.1"})
+        made.append(cluster)
+        nodes = [cluster.add_node(num_cpus=n) for n in node_cpus]
+        cluster.wait_for_nodes()
+        cluster.dashboard_url = f"http://{cluster.head_node.address_info['webui_url']}"
+        return cluster, nodes
+
+    yield make
+    for cluster in made:
+        cluster.shutdown()

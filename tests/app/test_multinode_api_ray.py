@@ -29,8 +29,8 @@ ROWS = [{"query": f"digit {d}:", "expected_outcome": str(d)} for d in range(10)]
 
 
 def test_a_job_spread_over_two_nodes_with_its_files_in_a_bucket_survives_a_node_loss(tiny_model_dir, tmp_path,
-                                                                                     s3_bucket, monkeypatch):
-    from ray.cluster_utils import Cluster
+                                                                                     s3_bucket, monkeypatch,
+                                                                                     local_nodes):
     from ray.job_submission import JobSubmissionClient
     from ray.util.state import list_actors
 
@@ -39,16 +39,13 @@ def test_a_job_spread_over_two_nodes_with_its_files_in_a_bucket_survives_a_node_
            "RAYGRPO_DEFAULT_MODEL": tiny_model_dir, "RAYGRPO_JWT_SECRET": secret, "RAYGRPO_API_PORT": str(port),
            "RAYGRPO_STORAGE_URL": f"{s3_bucket}/raygrpo", "RAYGRPO_CACHE": str(tmp_path / "cache"),
            "RAYGRPO_MAX_RUNNING_JOBS": "1", "RAYGRPO_RATE_LIMITS": "training.get_status=0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     for k, v in env.items():  # the nodes' environment, as a KubeRay pod spec sets it
         monkeypatch.setenv(k, v)
     # The head holds one CPU (the API replica and the dispatcher); the policy ranks need a node each.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "dashboard_host": "127.0.0.1"})
-    nodes = [cluster.add_node(num_cpus=3) for _ in range(2)]
+    cluster, nodes = local_nodes(1, 3, 3)
+    dashboard = cluster.dashboard_url
     stack = None
     try:
-        cluster.wait_for_nodes()
-        dashboard = f"http://{cluster.head_node.address_info['webui_url']}"
         stack = subprocess.Popen([sys.executable, "-m", "app.api.serve"], env={**os.environ, "RAY_ADDRESS": cluster.address},
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         url = f"http://127.0.0.1:{port}/api/v1/jsonrpc"
@@ -130,4 +127,3 @@ def test_a_job_spread_over_two_nodes_with_its_files_in_a_bucket_survives_a_node_
                 stack.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 stack.kill()
-        cluster.shutdown()

@@ -27,24 +27,21 @@ def _rows(url: str) -> list[dict]:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_run_spread_over_two_nodes_survives_losing_one_and_resumes_from_the_bucket(tiny_model_dir, tmp_path,
-                                                                                      s3_bucket, monkeypatch):
+                                                                                      s3_bucket, monkeypatch,
+                                                                                      local_nodes):
     """Two policy ranks with STRICT_SPREAD (one per node), checkpoints in the bucket. Once the first checkpoint
     is there, the node of a policy rank is removed and a fresh node added: Ray Train restarts the worker group
     on the new node from the checkpoint in the bucket, and every step is stored exactly once."""
-    from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # The head holds no CPU: the policy ranks, actors and rewards all run on the worker nodes.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "dashboard_host": "127.0.0.1"})
-    nodes = [cluster.add_node(num_cpus=3) for _ in range(2)]
+    cluster, nodes = local_nodes(0, 3, 3)
+    dashboard = cluster.dashboard_url
     proc = None
     try:
-        cluster.wait_for_nodes()
-        dashboard = f"http://{cluster.head_node.address_info['webui_url']}"
         run = f"{s3_bucket}/runs/spread"
         steps = 10
         args = ["-m", "grpo.run", f"model={tiny_model_dir}", f"storage={s3_bucket}/runs", "run_name=spread",
@@ -98,4 +95,3 @@ def test_a_run_spread_over_two_nodes_survives_losing_one_and_resumes_from_the_bu
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
-        cluster.shutdown()
