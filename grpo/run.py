@@ -342,9 +342,9 @@ def rank_checkpoints(kept: list[tuple[Any, dict[str, Any]]]) -> tuple[list[str],
         value = (metrics or {}).get("eval_reward")
         scored = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if scored:
-            scores[storage.url_of(checkpoint.filesystem, checkpoint.path)] = float(value)
+            scores[storage.url_of(getattr(checkpoint, "filesystem", None), checkpoint.path)] = float(value)
         ranked.append((scored, float(value) if scored else 0.0, int((metrics or {}).get("step", 0)),
-                       storage.url_of(checkpoint.filesystem, checkpoint.path)))
+                       storage.url_of(getattr(checkpoint, "filesystem", None), checkpoint.path)))
     ranked.sort(reverse=True)
     return [path for *_, path in ranked], scores
 

@@ -54,9 +54,9 @@ def join(location: str, *names: str) -> str:
     return "/".join([location.rstrip("/"), *names])
 
 
-def url_of(fs: pafs.FileSystem, path: str) -> str:
+def url_of(fs: pafs.FileSystem | None, path: str) -> str:
     """The URL (or local path) of `path` in `fs`: Ray Train's checkpoints carry (filesystem, path)."""
-    if isinstance(fs, pafs.LocalFileSystem):
+    if fs is None or isinstance(fs, pafs.LocalFileSystem):
         return path
     return f"{fs.type_name}://{path}"
 

@@ -69,7 +69,11 @@ def fake_autoscaling_cluster(tmp: Path, *, head_cpus: int, node_cpus: int, max_n
     ray_cli = str(Path(sys.executable).parent / "ray")
     subprocess.run([ray_cli, "start", "--head", f"--port={port}", f"--autoscaling-config={path}",
                     f"--num-cpus={head_cpus}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                    f"--ray-client-server-port={client_port}", f"--temp-dir={temp_dir}"],
+                    f"--ray-client-server-port={client_port}", f"--temp-dir={temp_dir}",
+                    # every port of its own: the defaults (the agent's 52365, metrics) are the test session's
+                    # cluster's, and a head without its dashboard agent cannot take a Ray Job
+                    f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                    f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
                    env=env, check=True, capture_output=True, timeout=180)
     try:
         yield f"{ip}:{port}", f"http://127.0.0.1:{dashboard_port}"
