@@ -134,9 +134,20 @@ def local_nodes(monkeypatch):
     made = []
 
     def make(head_cpus: float, *node_cpus: float):
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "dashboard_host": "127.0.0.1"})
+        import socket
+
+        def port() -> int:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                return s.getsockname()[1]
+
+        # Ports of its own: on the defaults (the dashboard's 8265, the agent's 52365) a second cluster on this
+        # machine (the session's) has no dashboard and no agent, so no state API and no Ray Job
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "dashboard_host": "127.0.0.1",
+                                                                "dashboard_port": port(),
+                                                                "dashboard_agent_listen_port": port()})
         made.append(cluster)
-        nodes = [cluster.add_node(num_cpus=n) for n in node_cpus]
+        nodes = [cluster.add_node(num_cpus=n, dashboard_agent_listen_port=port()) for n in node_cpus]
         cluster.wait_for_nodes()
         cluster.dashboard_url = f"http://{cluster.head_node.address_info['webui_url']}"
         return cluster, nodes
