@@ -75,8 +75,10 @@ def case(name: str, model: str, bucket: str, args: argparse.Namespace, *, nodes:
     from grpo.run import latest_checkpoint
     from grpo.trainer import checkpoint_step
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "dashboard_host": "127.0.0.1"})
-    workers = [cluster.add_node(num_cpus=n) for n in nodes]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "dashboard_host": "127.0.0.1",
+                                                            "dashboard_port": _free_port(),
+                                                            "dashboard_agent_listen_port": _free_port()})
+    workers = [cluster.add_node(num_cpus=n, dashboard_agent_listen_port=_free_port()) for n in nodes]
     cluster.wait_for_nodes()
     run = f"{bucket}/{name}"
     cmd = [sys.executable, "-m", "grpo.run", f"model={model}", "task=digit", f"storage={bucket}", f"run_name={name}",

@@ -122,7 +122,7 @@ def test_a_missing_input_at_a_url_is_refused_naming_the_field(s3_bucket, tiny_mo
 
 
 def test_a_local_folder_that_some_nodes_do_not_see_is_refused(tmp_path, monkeypatch):
-    """The decision; the probe itself (a Ray task per node) runs in the multi-node test."""
+    """The decision; the probe itself (a Ray task per node) runs in test_multinode_ray.py."""
     import ray
 
     nodes = [{"NodeID": f"{c}" * 40, "Alive": True, "Resources": {"CPU": 2.0}} for c in "abc"]
