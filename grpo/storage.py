@@ -119,12 +119,8 @@ def write_bytes(location: str, data: bytes) -> None:
 def upload(local: Path, location: str) -> None:
     """A local file or folder to `location` (a folder's files keep their relative paths)."""
     fs, path = resolve(location)
-    if local.is_dir():
-        fs.create_dir(path, recursive=True)
-        pafs.copy_files(str(local), path, destination_filesystem=fs)
-    else:
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        pafs.copy_files(str(local), path, destination_filesystem=fs)
+    fs.create_dir(path if local.is_dir() else path.rsplit("/", 1)[0], recursive=True)
+    pafs.copy_files(str(local), path, destination_filesystem=fs)
 
 
 def download(location: str, local: Path) -> None:
