@@ -64,7 +64,10 @@ def fake_autoscaling_cluster(tmp: Path, *, head_cpus: int, node_cpus: int, max_n
     temp_dir = tempfile.mkdtemp(prefix="rg-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1", "RAY_enable_autoscaler_v2": "1",
            "RAY_CLOUD_INSTANCE_ID": HEAD_NODE_ID, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": HEAD_NODE_ID,
-           "RAY_AUTH_MODE": "disabled"}
+           "RAY_AUTH_MODE": "disabled",
+           # every process of this cluster carries it, the nodes the autoscaler adds included: how they are found
+           # to be stopped after
+           "RAYGRPO_TEST_CLUSTER": temp_dir}
     env.pop("RAY_ADDRESS", None)
     ray_cli = str(Path(sys.executable).parent / "ray")
     subprocess.run([ray_cli, "start", "--head", f"--port={port}", f"--autoscaling-config={path}",
@@ -80,11 +83,27 @@ def fake_autoscaling_cluster(tmp: Path, *, head_cpus: int, node_cpus: int, max_n
     finally:
         import psutil
 
+        # the cluster's processes and all they started, by their marker: the agents rename themselves
+        # (`ray::DashboardAgent`), and those of a node the autoscaler removed are orphans by then; one left
+        # behind spins on its lost raylet and takes a core for the rest of the session
+        doomed: dict[int, psutil.Process] = {}
         for proc in psutil.process_iter(["cmdline"]):
             with contextlib.suppress(psutil.Error):
-                if any(temp_dir in arg or f"{ip}:{port}" in arg for arg in proc.info["cmdline"] or []):
-                    proc.send_signal(signal.SIGKILL)
+                if (any(temp_dir in arg or f"{ip}:{port}" in arg for arg in proc.info["cmdline"] or [])
+                        or proc.environ().get("RAYGRPO_TEST_CLUSTER") == temp_dir):
+                    doomed[proc.pid] = proc
+                    doomed.update((child.pid, child) for child in proc.children(recursive=True))
+        for proc in doomed.values():
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGKILL)
+        psutil.wait_procs(list(doomed.values()), timeout=30)
         shutil.rmtree(temp_dir, ignore_errors=True)
+        left = []
+        for proc in psutil.process_iter(["name"]):
+            with contextlib.suppress(psutil.Error):
+                if proc.environ().get("RAYGRPO_TEST_CLUSTER") == temp_dir:
+                    left.append(f"{proc.pid} {proc.info['name']}")
+        assert not left, f"processes of the fake cluster outlived it: {left}"
 
 
 def test_a_job_bigger_than_the_nodes_waits_for_the_autoscaler_runs_and_the_nodes_go_after(tiny_model_dir, tmp_path):
