@@ -206,12 +206,21 @@ class RolloutWorker:
         seed: int | None = None,
         min_version: int = 0,
         prompt_ids: list[list[int]] | None = None,
+        compact: bool = True,
+        sync_every: int | None = None,
     ) -> Rollout:
         """Sample `group_size` completions for each prompt (or each of `prompt_ids`, already tokenized).
 
         `min_version` lets a caller insist on a policy at least that new: a worker that holds an
         older one (it was restarted and came back with the initial weights, or missed a publish)
         pulls the latest from the weight board first.
+
+        Rows that have stopped leave the decode batch (`compact`; their KV-cache rows are dropped) once an
+        eighth of the batch has stopped, so the model runs on the rows still sampling. The loop reads the
+        device's state (which rows are alive) once every `sync_every` tokens (default: every token on the CPU,
+        where reading costs nothing, every 4 on an accelerator, where each read stalls the launch queue), and
+        never between. What is sampled does not depend on either: tokens are drawn over the full batch's rows
+        (a stopped row's draw is thrown away), so a seed gives the same completions compacted or not.
         """
         if min_version > self.version:
             self.pull_weights(min_version)
@@ -241,27 +250,40 @@ class RolloutWorker:
         attn = mask.repeat_interleave(group_size, dim=0)  # (N, Lp)
         pos = position_ids(attn)[:, -1]  # (N,)
 
-        # 2. decode one token a step for all rows; finished rows keep feeding pad (masked out)
+        # 2. decode one token a step. `rows` maps the decode batch to the full batch's rows: stopped rows feed pad
+        # (masked out) until the next read of `alive` drops them from the batch and the cache.
         tokens = torch.full((n, max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)  # (N, L)
         logps = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=self.device)  # (N, L)
         alive = torch.ones(n, dtype=torch.bool, device=self.device)  # (N,)
         live = torch.zeros((n, max_new_tokens), dtype=torch.bool, device=self.device)  # (N, L)
+        rows = torch.arange(n, device=self.device)  # (B,) full-batch row of each decode row, B <= N
+        every = sync_every or (1 if self.device.type == "cpu" else 4)
         steps = 0
         for t in range(max_new_tokens):
-            tok, lp = sample_token(logits, temperature, top_p, gen)  # (N,), (N,)
+            full = logits if len(rows) == n else logits.new_zeros((n, logits.shape[-1])).index_copy_(0, rows, logits)
+            tok, lp = sample_token(full, temperature, top_p, gen)  # (N,), (N,) drawn over all N rows
             tok = torch.where(alive, tok, self.pad_id)
             tokens[:, t], logps[:, t], live[:, t] = tok, torch.where(alive, lp, 0.0), alive
             alive = alive & ~torch.isin(tok, self._stop)
             steps = t + 1
-            if not alive.any() or t == max_new_tokens - 1:
+            if t == max_new_tokens - 1:
                 break
-            attn = torch.cat([attn, torch.ones((n, 1), dtype=torch.bool, device=self.device)], dim=1)  # (N, Lp+t+1)
+            if (t + 1) % every == 0:  # the one read of the device's state in `every` tokens
+                keep = alive[rows]  # (B,)
+                still = int(keep.sum())
+                if still == 0:
+                    break
+                if compact and len(rows) - still >= max(1, len(rows) // 8):
+                    idx = keep.nonzero().squeeze(-1)  # (B',)
+                    cache.batch_select_indices(idx)
+                    rows, attn, pos = rows[idx], attn[idx], pos[idx]
+            attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=torch.bool, device=self.device)], dim=1)  # (B, T)
             pos = pos + 1
             out = self.model(
-                input_ids=tok[:, None], attention_mask=attn, position_ids=pos[:, None],
+                input_ids=tok[rows][:, None], attention_mask=attn, position_ids=pos[:, None],
                 past_key_values=cache, use_cache=True,
             )
-            logits = out.logits[:, -1]  # (N, V)
+            logits = out.logits[:, -1]  # (B, V)
 
         tokens, logps, live = tokens[:, :steps].cpu(), logps[:, :steps].cpu(), live[:, :steps].cpu()
         ended = (torch.isin(tokens, self._stop.cpu()) & live).any(dim=1)

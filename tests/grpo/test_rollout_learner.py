@@ -256,3 +256,39 @@ def test_without_stop_tokens_every_row_decodes_to_the_limit_on_every_seed(tiny_m
     for seed in range(6):
         r = worker.generate(["digit 1:", "x"], group_size=4, max_new_tokens=12, seed=seed)
         assert bool((r.lengths == 12).all()) and set(r.finish_reasons) == {"length"}, (seed, r.lengths)
+
+
+@pytest.mark.parametrize("sync_every", [1, 3])
+def test_rows_that_stop_leave_the_decode_batch_and_draw_the_same_tokens(tiny_model_dir, sync_every):
+    worker = RolloutWorker(tiny_model_dir)
+    prompts = ["digit 1:", "a much longer prompt 7:"]
+    worker.set_stop_ids([])
+    free = worker.generate(prompts, group_size=4, max_new_tokens=16, seed=5)
+    # A row draws the same tokens whatever ends the others: stop on what row 0 drew third and row 5 ninth, and
+    # every row's length follows from its free run
+    stops = sorted({int(free.completion_ids[0, 2]), int(free.completion_ids[5, 8])})
+    expected = [next((k + 1 for k, tok in enumerate(row) if tok in stops), 16) for row in free.completion_ids.tolist()]
+    assert min(expected) < 16 and len(set(expected)) > 1
+    worker.set_stop_ids(stops)
+    batches: list[int] = []
+    hook = worker.model.register_forward_pre_hook(lambda m, a, kw: batches.append(kw["input_ids"].shape[0]),
+                                                  with_kwargs=True)
+    try:
+        plain = worker.generate(prompts, group_size=4, max_new_tokens=16, seed=5, compact=False, sync_every=1)
+        plain_batches, batches[:] = batches[:], []
+        packed = worker.generate(prompts, group_size=4, max_new_tokens=16, seed=5, compact=True, sync_every=sync_every)
+    finally:
+        hook.remove()
+    assert plain.lengths.tolist() == expected == packed.lengths.tolist()
+    width = plain.completion_ids.shape[1]
+    assert not packed.completion_mask[:, width:].any()  # columns after the last read of the device: all stopped
+    assert torch.equal(packed.completion_ids[:, :width], plain.completion_ids)
+    torch.testing.assert_close(packed.logprobs[:, :width], plain.logprobs, atol=1e-4, rtol=1e-4)
+    assert packed.finish_reasons == plain.finish_reasons
+    for i, n in enumerate(expected):
+        assert packed.completion_ids[i, :n].tolist() == free.completion_ids[i, :n].tolist()
+    # the uncompacted loop runs every decode step on all 8 rows; the compacted one on the rows still sampling
+    assert set(plain_batches[1:]) == {8}
+    alive_after = [sum(n > t for n in expected) for t in range(1, 16)]
+    assert min(batches[1:]) < 8 and sum(batches[1:]) < sum(plain_batches[1:])
+    assert all(b >= a for b, a in zip(batches[1:], alive_after, strict=False))  # never drops a row still sampling
