@@ -244,11 +244,12 @@ def test_detach_cancel_and_bad_config(job, home, tmp_path):
     assert "expected a mapping" in run(home, "submit", str(_write(tmp_path / "x.yaml", "[1, 2]")), code=2).stderr
 
 
-def test_three_readme_shaped_jobs_at_once_all_complete_and_never_share_the_cluster(job, home):
+def test_readme_shaped_jobs_at_once_all_complete_and_never_share_the_cluster(job, home):
     """Two jobs used to deadlock: each got its actors, then both worker groups waited for CPUs forever.
-    Three jobs of the README's shape (2 policy workers, 2 rollout and 2 reward actors: 5 CPUs) on a
-    6-CPU stack: the dispatcher admits one at a time by resources, the others wait as `queued` with
-    the reason shown, and all complete. One that no cluster of this size can hold is refused at once."""
+    Two jobs of the README's shape (2 policy workers, 2 rollout and 2 reward actors: 5 CPUs) submitted at
+    once on a 6-CPU stack: the dispatcher admits one at a time by resources, the other waits as `queued`
+    with the reason shown, and both complete. One that no cluster of this size can hold is refused at once.
+    (Three jobs at once on the job API's own stack: tests/app/test_api_ray.py, dispatcher kill.)"""
     _, _, spec_path = job
     spec = yaml.safe_load(spec_path.read_text())
     spec.pop("evaluation_data")
@@ -259,11 +260,11 @@ def test_three_readme_shaped_jobs_at_once_all_complete_and_never_share_the_clust
     too_big = _write(spec_path.parent / "too-big.yaml", yaml.safe_dump(spec))
     refused = run(home, "submit", "--detach", str(too_big), code=3).stderr  # refused at once, nothing queued
     assert "-40002" in refused and "cannot fit this cluster: needs 7 CPU" in refused, refused
-    ids = [run(home, "submit", "--detach", str(shaped)).stdout.strip() for _ in range(3)]
+    ids = [run(home, "submit", "--detach", str(shaped)).stdout.strip() for _ in range(2)]
 
     most_running, waited, final = 0, set(), {}
     deadline = time.time() + 600
-    while len(final) < 3 and time.time() < deadline:
+    while len(final) < 2 and time.time() < deadline:
         statuses = {j: json.loads(run(home, "--json", "status", j).stdout) for j in ids}
         most_running = max(most_running, sum(s["status"] == "running" for s in statuses.values()))
         waited |= {j for j, s in statuses.items()

@@ -161,13 +161,14 @@ def _assert_each_step_once(run_dir: Path, steps: int, per_step: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("interval", [1, 10])
-def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tmp_path, interval):
+def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
     """The driver dies right after the checkpoint of step k is written and before its next drain (a fault hook,
     not a sleep: the window that lost step k's records when they were still in the mailbox). The same command
-    resumes it after step k, and every step is stored once: k's records were durable before its checkpoint
-    counted (grpo.report), the steps after it are re-run and replace what the lost run wrote."""
-    k = 2 * interval if interval < 5 else interval
+    resumes it after step k (the newest of two checkpoints, with steps between them that no checkpoint
+    holds), and every step is stored once: k's records were durable before its checkpoint counted
+    (grpo.report), the steps after it are re-run and replace what the lost run wrote."""
+    interval = 3
+    k = 2 * interval
     steps = k + 2
     args = _cli_args(tiny_model_dir, tmp_path, "resume", num_steps=steps, checkpoint_interval=interval)
     run_dir = tmp_path / "runs" / "resume"
@@ -333,19 +334,20 @@ def test_learns_the_digit_task_from_random_init_with_a_sandboxed_reward_source(r
 
 
 @pytest.mark.slow
-def test_learns_the_digit_task_with_an_installed_plugin_reward(tiny_model_dir, tmp_path):
+def test_a_run_scores_with_an_installed_plugin_reward(tiny_model_dir, tmp_path):
     """A reward installed as a plugin (a distribution with a `raygrpo.rewards` entry point), named in the
-    config by its entry point's name, trains the digit task through `python -m grpo.run` as a user runs it."""
+    config by its entry point's name, scores a run of `python -m grpo.run` as a user runs it. The plugin's
+    reward is a mark no built-in gives (3/8 for a digit answer): every step's rewards are the plugin's.
+    (That a user's reward trains the policy: the sandboxed-source run above learns the task.)"""
     site = tmp_path / "site"
     (site / "digit_share_plugin-1.0.dist-info").mkdir(parents=True)
     (site / "digit_share_plugin-1.0.dist-info" / "METADATA").write_text(
         "Metadata-Version: 2.1\nName: digit-share-plugin\nVersion: 1.0\n")
     (site / "digit_share_plugin-1.0.dist-info" / "entry_points.txt").write_text(
         "[raygrpo.rewards]\ndigit_share = digit_share_plugin:reward\n")
-    (site / "digit_share_plugin.py").write_text(DIGIT_SOURCE)
-    args = _cli_args(tiny_model_dir, tmp_path, "plugin", num_steps=300, prompts_per_step=16, group_size=8,
-                     max_new_tokens=8, learning_rate=1e-3, kl_coef=0.02, checkpoint_interval=0,
-                     reward="digit_share", target_reward=0.8, target_window=20)
+    (site / "digit_share_plugin.py").write_text(
+        "def reward(prompt, completion, expected):\n    return 0.375 if expected.strip().isdigit() else 0.0\n")
+    args = _cli_args(tiny_model_dir, tmp_path, "plugin", num_steps=3, checkpoint_interval=0, reward="digit_share")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
     proc = subprocess.run([sys.executable, "-m", "grpo.run", *args], cwd=tmp_path, env=env, capture_output=True,
@@ -353,11 +355,10 @@ def test_learns_the_digit_task_with_an_installed_plugin_reward(tiny_model_dir, t
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     run_dir = tmp_path / "runs" / "plugin"
     rows = _rows(run_dir / "metrics.jsonl")
-    rewards = [m["reward_mean"] for m in rows]
-    start, end = sum(rewards[:10]) / 10, sum(rewards[-20:]) / 20
-    assert start < 0.3 and end >= 0.8, f"mean reward {start:.3f} -> {end:.3f} in {len(rewards)} steps"
-    assert len(rewards) < 300 and sum(m["reward_errors"] for m in rows) == 0
+    assert [m["step"] for m in rows] == [1, 2, 3]
+    assert all(m["reward_mean"] == 0.375 and m["reward_std"] == 0.0 and m["reward_errors"] == 0 for m in rows), rows
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
 
 class _CancelAfter:
     """A reporter that asks the run to stop once it has seen `n` steps (as the job API's cancel does)."""
