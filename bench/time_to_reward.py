@@ -23,7 +23,9 @@ batch. Sides run one after another, every other seed in reverse order, so backgr
 
 For each side and seed: seconds from process start (api: from the request) to the first step, the step at
 which the mean of the last `--window` steps' rewards first reaches `--target`, the seconds to that step, and
-the process's whole time; then medians and the ratios ours / TRL and ours / bare.
+the seconds to the end as a user waits for it: the process's exit (api: `get_status` saying `completed` with
+the final checkpoint stored), the last step stored and the seconds from it to the end. Then medians, the ratios ours / TRL and ours / bare on the time to the end (to
+the target in brackets), and one JSON line with the medians and ratios.
 """
 
 from __future__ import annotations
@@ -184,10 +186,12 @@ def start_api(home: Path, model_dir: Path, env: dict[str, str]) -> tuple[subproc
 
 
 def api_side(seed: int, model_dir: Path, out: Path, args: argparse.Namespace,
-             env: dict[str, str]) -> tuple[list[tuple[int, float, float]], float]:
+             env: dict[str, str]) -> tuple[list[tuple[int, float, float]], float, float]:
     """The same run through the job API as an operator runs it: `python -m app.api.serve` (embedded database,
     local Ray; its start-up is not timed: the service is up before a user submits), then `training.start_grpo`
-    with the SDK. Timed from the request: the job's metrics.jsonl rows as they appear. The API is stopped after."""
+    with the SDK. Timed from the request: the job's metrics.jsonl rows as they appear, and the end as a user
+    sees it: `get_status` saying `completed` with the final checkpoint stored (polled every 0.2 s).
+    -> (rows, t0, seconds to completed). The API is stopped after."""
     from app.client.sdk import Client
 
     home = out / f"api-{seed}"
@@ -214,14 +218,17 @@ def api_side(seed: int, model_dir: Path, out: Path, args: argparse.Namespace,
                 now = time.time() - t0
                 seen.extend((r["step"], r["reward_mean"], now) for r in rows_[len(seen):])
             polls += 1
-            if polls % 20 == 0:  # the status once a second: polling the API harder would load the machine
+            if polls % 4 == 0:  # the status every 0.2 s: what a user polling for the end sees
                 status = client.get_status(job.job_id)
                 if status.done:
+                    done_s = time.time() - t0
                     break
             time.sleep(0.05)
         if status.status != "completed":
             raise SystemExit(f"api seed {seed}: job {status.status}: {status.error_message}")
-        return seen, t0
+        if status.best_checkpoint is None:
+            raise SystemExit(f"api seed {seed}: completed without a checkpoint")
+        return seen, t0, done_s
     finally:
         api.terminate()
         api.wait(timeout=120)
@@ -264,17 +271,18 @@ def run_side(side: str, seed: int, model_dir: Path, out: Path, args: argparse.Na
         if proc.returncode:
             raise SystemExit(f"{side} seed {seed}: exit {proc.returncode}: {' '.join(cmd)}")
     elif side == "api":
-        seen, t0 = api_side(seed, model_dir, out, args, env)
+        seen, t0, done_s = api_side(seed, model_dir, out, args, env)
     else:
         raise SystemExit(f"unknown side {side!r}")
-    total = time.time() - t0
+    total = done_s if side == "api" else time.time() - t0
     reached = None
     for i in range(args.window - 1, len(seen)):
         if sum(m for _, m, _ in seen[i - args.window + 1 : i + 1]) / args.window >= args.target:
             reached = seen[i]
             break
     return {"side": side, "seed": seed, "first_step_s": seen[0][2] if seen else None, "total_s": total,
-            "steps": reached[0] if reached else None, "seconds": reached[2] if reached else None}
+            "steps": reached[0] if reached else None, "seconds": reached[2] if reached else None,
+            "last_step": seen[-1][0] if seen else None, "tail_s": total - seen[-1][2] if seen else None}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -313,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{datetime.date.today()}  {os.cpu_count()} cores, 1-min load at the end "
           f"{os.getloadavg()[0]:.1f}; digit task, {args.prompts} x {args.group}, {args.max_new} new tokens, "
           f"lr {args.lr}, target {args.target} over {args.window} steps, seeds {seeds}")
-    print(f"{'side':<6} {'first step s':>12} {'steps to target':>16} {'s to target':>12} {'process s':>10}")
+    print(f"{'side':<6} {'first step s':>12} {'steps to target':>16} {'s to target':>12} {'end s':>10} "
+          f"{'last step':>9} {'after it s':>10}")
     med: dict[str, float] = {}
     for side in sides:
         rows = [r for r in results if r["side"] == side]
@@ -328,13 +337,23 @@ def main(argv: list[str] | None = None) -> None:
             return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
 
         print(f"{side:<6} {fmt(m('first_step_s', rows), 12, 1)} {fmt(m('steps', done), 16, 0)} "
-              f"{fmt(med[side], 12, 1)} {fmt(m('total_s', rows), 10, 1)}   ({len(done)}/{len(rows)} reached)")
+              f"{fmt(med[side], 12, 1)} {fmt(m('total_s', rows), 10, 1)} {fmt(m('last_step', rows), 9, 0)} "
+              f"{fmt(m('tail_s', rows), 10, 1)}   ({len(done)}/{len(rows)} reached)")
+    summary: dict[str, object] = {"date": str(datetime.date.today()), "cores": os.cpu_count(), "seeds": seeds}
+    for side in sides:
+        rows = [r for r in results if r["side"] == side]
+        summary[side] = {k: statistics.median([r[k] for r in rows if r[k] is not None] or [float("nan")])
+                         for k in ("first_step_s", "steps", "seconds", "total_s", "last_step", "tail_s")}
+        summary[side]["reached"] = sum(r["steps"] is not None for r in rows)
+    # What a user waits for: the process's exit (api: the job `completed` with its checkpoint)
     for ours in ("run", "api"):
         for base in ("trl", "bare"):
-            if med.get(ours) and med.get(base):
-                print(f"time to target, {ours} / {base}: {med[ours] / med[base]:.2f}x")
-    if med.get("run") and med.get("api"):
-        print(f"time to target, api - run: {med['api'] - med['run']:+.1f} s")
+            if ours in summary and base in summary:
+                ratio = summary[ours]["total_s"] / summary[base]["total_s"]
+                summary[f"{ours}/{base}"] = round(ratio, 3)
+                print(f"to the end, {ours} / {base}: {ratio:.2f}x   (to the target: "
+                      f"{summary[ours]['seconds'] / summary[base]['seconds']:.2f}x)")
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
