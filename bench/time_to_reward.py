@@ -190,8 +190,8 @@ def api_side(seed: int, model_dir: Path, out: Path, args: argparse.Namespace,
     """The same run through the job API as an operator runs it: `python -m app.api.serve` (embedded database,
     local Ray; its start-up is not timed: the service is up before a user submits), then `training.start_grpo`
     with the SDK. Timed from the request: the job's metrics.jsonl rows as they appear, and the end as a user
-    sees it: `get_status` saying `completed` with the final checkpoint stored (polled every 0.2 s).
-    -> (rows, t0, seconds to completed). The API is stopped after."""
+    sees it: `get_status` saying `completed` with the final checkpoint stored (polled every 0.2 s once the
+    target is reached, else every second). -> (rows, t0, seconds to completed). The API is stopped after."""
     from app.client.sdk import Client
 
     home = out / f"api-{seed}"
@@ -218,7 +218,10 @@ def api_side(seed: int, model_dir: Path, out: Path, args: argparse.Namespace,
                 now = time.time() - t0
                 seen.extend((r["step"], r["reward_mean"], now) for r in rows_[len(seen):])
             polls += 1
-            if polls % 4 == 0:  # the status every 0.2 s: what a user polling for the end sees
+            near = len(seen) >= args.window and sum(m for _, m, _ in seen[-args.window:]) / args.window >= args.target
+            # the status every second, every 0.2 s once the target is reached (the end is near): finely timed
+            # and inside the API's rate limit (100 calls a minute)
+            if polls % (4 if near else 20) == 0:
                 status = client.get_status(job.job_id)
                 if status.done:
                     done_s = time.time() - t0
