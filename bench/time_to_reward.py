@@ -326,36 +326,31 @@ def main(argv: list[str] | None = None) -> None:
           f"lr {args.lr}, target {args.target} over {args.window} steps, seeds {seeds}")
     print(f"{'side':<6} {'first step s':>12} {'steps to target':>16} {'s to target':>12} {'end s':>10} "
           f"{'last step':>9} {'after it s':>10}")
-    med: dict[str, float] = {}
-    for side in sides:
-        rows = [r for r in results if r["side"] == side]
-        done = [r for r in rows if r["steps"] is not None]
+    def median(rows: list[dict], key: str) -> float | None:
+        vals = [r[key] for r in rows if r[key] is not None]
+        return statistics.median(vals) if vals else None
 
-        def m(key: str, rs: list[dict]) -> float | None:
-            vals = [r[key] for r in rs if r[key] is not None]
-            return statistics.median(vals) if vals else None
+    def fmt(v: float | None, width: int, digits: int) -> str:
+        return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
 
-        med[side] = m("seconds", done)
-        def fmt(v: float | None, width: int, digits: int) -> str:
-            return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
-
-        print(f"{side:<6} {fmt(m('first_step_s', rows), 12, 1)} {fmt(m('steps', done), 16, 0)} "
-              f"{fmt(med[side], 12, 1)} {fmt(m('total_s', rows), 10, 1)} {fmt(m('last_step', rows), 9, 0)} "
-              f"{fmt(m('tail_s', rows), 10, 1)}   ({len(done)}/{len(rows)} reached)")
     summary: dict[str, object] = {"date": str(datetime.date.today()), "cores": os.cpu_count(), "seeds": seeds}
     for side in sides:
         rows = [r for r in results if r["side"] == side]
-        summary[side] = {k: statistics.median([r[k] for r in rows if r[k] is not None] or [float("nan")])
-                         for k in ("first_step_s", "steps", "seconds", "total_s", "last_step", "tail_s")}
-        summary[side]["reached"] = sum(r["steps"] is not None for r in rows)
+        med = {k: median(rows, k) for k in ("first_step_s", "steps", "seconds", "total_s", "last_step", "tail_s")}
+        med["reached"] = sum(r["steps"] is not None for r in rows)
+        summary[side] = med
+        print(f"{side:<6} {fmt(med['first_step_s'], 12, 1)} {fmt(med['steps'], 16, 0)} "
+              f"{fmt(med['seconds'], 12, 1)} {fmt(med['total_s'], 10, 1)} {fmt(med['last_step'], 9, 0)} "
+              f"{fmt(med['tail_s'], 10, 1)}   ({med['reached']}/{len(rows)} reached)")
     # What a user waits for: the process's exit (api: the job `completed` with its checkpoint)
     for ours in ("run", "api"):
         for base in ("trl", "bare"):
             if ours in summary and base in summary:
                 ratio = summary[ours]["total_s"] / summary[base]["total_s"]
                 summary[f"{ours}/{base}"] = round(ratio, 3)
-                print(f"to the end, {ours} / {base}: {ratio:.2f}x   (to the target: "
-                      f"{summary[ours]['seconds'] / summary[base]['seconds']:.2f}x)")
+                to_target = (f"{summary[ours]['seconds'] / summary[base]['seconds']:.2f}x"
+                             if summary[ours]["seconds"] and summary[base]["seconds"] else "-")
+                print(f"to the end, {ours} / {base}: {ratio:.2f}x   (to the target: {to_target})")
     print(json.dumps(summary))
 
 

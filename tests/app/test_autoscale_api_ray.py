@@ -86,11 +86,13 @@ def fake_autoscaling_cluster(tmp: Path, *, head_cpus: int, node_cpus: int, max_n
         # the cluster's processes and all they started, by their marker: the agents rename themselves
         # (`ray::DashboardAgent`), and those of a node the autoscaler removed are orphans by then; one left
         # behind spins on its lost raylet and takes a core for the rest of the session
+        def marked(proc: psutil.Process) -> bool:
+            return proc.environ().get("RAYGRPO_TEST_CLUSTER") == temp_dir
+
         doomed: dict[int, psutil.Process] = {}
         for proc in psutil.process_iter(["cmdline"]):
             with contextlib.suppress(psutil.Error):
-                if (any(temp_dir in arg or f"{ip}:{port}" in arg for arg in proc.info["cmdline"] or [])
-                        or proc.environ().get("RAYGRPO_TEST_CLUSTER") == temp_dir):
+                if any(temp_dir in arg or f"{ip}:{port}" in arg for arg in proc.info["cmdline"] or []) or marked(proc):
                     doomed[proc.pid] = proc
                     doomed.update((child.pid, child) for child in proc.children(recursive=True))
         for proc in doomed.values():
@@ -101,7 +103,7 @@ def fake_autoscaling_cluster(tmp: Path, *, head_cpus: int, node_cpus: int, max_n
         left = []
         for proc in psutil.process_iter(["name"]):
             with contextlib.suppress(psutil.Error):
-                if proc.environ().get("RAYGRPO_TEST_CLUSTER") == temp_dir:
+                if marked(proc):
                     left.append(f"{proc.pid} {proc.info['name']}")
         assert not left, f"processes of the fake cluster outlived it: {left}"
 
