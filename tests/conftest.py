@@ -12,6 +12,11 @@ import os
 import pytest
 import torch
 
+# Ray Train's preemption watcher (an actor per run polling the nodes for a drain notice, for spot instances)
+# has nothing to watch on the local clusters of the tests: one process less to start per run. Set before any
+# cluster starts, so every raylet a test starts, and the runs on it, inherit it.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

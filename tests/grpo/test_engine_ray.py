@@ -471,7 +471,9 @@ def test_a_cancel_ends_a_run_that_waits_for_resources(ray_session, tiny_model_di
         remove_placement_group(blocker)
     status, error, summary, ended_at = reporter.ended
     assert result.status == status == "cancelled" and result.steps == 0 and error is None, (where, result)
-    assert ended_at - reporter.cancelled_at < 10, where  # seconds, not the worker group's start timeout
+    # seconds, not Ray Train's 60 s worker-group start timeout (CI measured over 10 on a loaded machine: the
+    # state API that finds the controller answers slowly there)
+    assert ended_at - reporter.cancelled_at < 30, (where, ended_at - reporter.cancelled_at)
     assert _no_placement_group_left(), where
 
 

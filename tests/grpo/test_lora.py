@@ -1,7 +1,7 @@
 """LoRA: only the adapter trains and is published; the reference is the base with the adapter off.
 
-Unit tests run the engine's pieces in one process (no Ray); the slow test trains the digit task through
-Ray with a rank-8 adapter and reloads its checkpoint with `peft`.
+Unit tests run the engine's pieces in one process (no Ray); the Ray test runs four steps of a rank-8 adapter
+on two workers and reloads its checkpoint with `peft` (the learning curve is bench/learning_curves.py).
 """
 
 from __future__ import annotations
@@ -101,37 +101,38 @@ def test_the_reference_is_the_base_with_the_adapter_off(tiny_model_dir):
 
 
 ATTENTION_AND_HEAD = ["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]
-"""The slow test's adapter targets. A random-init model's output layer maps every hidden state to near-uniform
+"""The adapter targets of the Ray test and of bench/learning_curves.py. A random-init model's output layer maps every hidden state to near-uniform
 logits (std ~0.2), so adapters on attention alone cannot make a digit likely (measured: reward flat at 0.01 for
 300 steps with q/v or all-linear); the head's adapter learns "a digit", the attention's "which one"."""
 
 
 @pytest.mark.ray
-@pytest.mark.slow
-def test_lora_learns_the_digit_task_on_two_workers_and_its_checkpoint_loads_with_peft(ray_session, tiny_model_dir,
-                                                                                       tmp_path):
+def test_a_lora_run_on_two_workers_publishes_the_adapter_and_its_checkpoint_loads_with_peft(ray_session,
+                                                                                          tiny_model_dir, tmp_path):
+    """Four steps of a rank-8 adapter on two DDP workers, checked by their mechanics: only the adapter trains
+    and is published, the checkpoint is a PEFT adapter directory holding the policy the run ended with, and
+    the merged export computes what base + adapter compute. (That such a run learns the digit task, 0.8 in
+    about a hundred steps, is `python bench/learning_curves.py --curve lora-digit`: docs/benchmarks.md.)"""
     import json
 
     import ray
     from peft import PeftModel
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from grpo.run import build_actors, run
 
-    cfg = GRPOConfig(model=tiny_model_dir, output_dir=str(tmp_path / "runs"), run_name="lora", num_steps=300,
-                     prompts_per_step=16, group_size=8, max_new_tokens=6, learning_rate=2e-3, kl_coef=0.0,
+    cfg = GRPOConfig(model=tiny_model_dir, output_dir=str(tmp_path / "runs"), run_name="lora", num_steps=4,
+                     prompts_per_step=8, group_size=4, max_new_tokens=6, learning_rate=2e-3, kl_coef=0.0,
                      loss_agg="token-mean", lora_rank=8, lora_target_modules=ATTENTION_AND_HEAD,
-                     num_policy_workers=2, eval_size=10, checkpoint_interval=100, target_reward=0.8,
-                     target_window=20, cpus_per_worker=1, cpus_per_reward_worker=0.5, lora_merged_export=True)
+                     num_policy_workers=2, eval_size=10, checkpoint_interval=2, cpus_per_worker=1,
+                     cpus_per_reward_worker=0.5, lora_merged_export=True)
     handles = build_actors(cfg)
     try:
         result = run(cfg, handles=handles)
-        assert result.status == "completed", result.error
+        assert result.status == "completed" and result.steps == 4, result.error
         rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        rewards = [r["reward_mean"] for r in rows]
-        assert sum(rewards[:10]) / 10 < 0.1 and sum(rewards[-20:]) / 20 >= 0.8, (len(rewards), rewards[-20:])
-        print(f"LoRA rank 8, 2 workers: mean reward {sum(rewards[:10]) / 10:.3f} -> {sum(rewards[-20:]) / 20:.3f} "
-              f"in {len(rewards)} steps, {rows[-1]['elapsed_s']:.0f} s of training")
+        assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
         full = sum(t.numel() * t.element_size() for t in
                    AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict().values())
@@ -142,6 +143,9 @@ def test_lora_learns_the_digit_task_on_two_workers_and_its_checkpoint_loads_with
         assert (ckpt / "adapter_config.json").is_file() and (ckpt / "adapter_model.safetensors").is_file()
         assert not (ckpt / "model.safetensors").exists()  # an adapter directory, not a second copy of the base
         assert json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"] == cfg.model
+        adapter = load_file(str(ckpt / "adapter_model.safetensors"))
+        lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+        assert lora_b and all(float(v.abs().max()) > 0 for v in lora_b)  # B starts at zero: every adapter trained
 
         evals = cfg.load_dataset().eval[: cfg.eval_size]
         prompts = [s.input for s in evals]
