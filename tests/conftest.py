@@ -131,28 +131,36 @@ def s3_bucket(s3_server) -> str:
 def local_nodes(monkeypatch):
     """Ray nodes on this machine, a cluster of the test's own (Ray's `ray.cluster_utils.Cluster`: a raylet and
     an object store per node): `make(head_cpus, *node_cpus)` -> (cluster, nodes), its dashboard URL as
-    `cluster.dashboard_url`. The nodes inherit this process's environment as it is then (set the test's
-    variables first). Every cluster made is shut down after the test."""
+    `cluster.dashboard_url`, `cluster.add_own_node(cpus)` to add a node later. The nodes inherit this process's
+    environment as it is then (set the test's variables first). Every cluster made is shut down after the
+    test, and every process its nodes started with it: the agents of a node removed mid-test are orphans by
+    then, and one left behind spins on its lost raylet and takes a core for the rest of the session."""
+    import contextlib
+    import socket
+    import uuid
+
+    import psutil
     from ray.cluster_utils import Cluster
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    marker = uuid.uuid4().hex
+    monkeypatch.setenv("RAYGRPO_TEST_CLUSTER", marker)  # inherited by every process of the clusters made here
     made = []
 
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
     def make(head_cpus: float, *node_cpus: float):
-        import socket
-
-        def port() -> int:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                return s.getsockname()[1]
-
         # Ports of its own: on the defaults (the dashboard's 8265, the agent's 52365) a second cluster on this
         # machine (the session's) has no dashboard and no agent, so no state API and no Ray Job
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "dashboard_host": "127.0.0.1",
                                                                 "dashboard_port": port(),
                                                                 "dashboard_agent_listen_port": port()})
         made.append(cluster)
-        nodes = [cluster.add_node(num_cpus=n, dashboard_agent_listen_port=port()) for n in node_cpus]
+        cluster.add_own_node = lambda cpus: cluster.add_node(num_cpus=cpus, dashboard_agent_listen_port=port())
+        nodes = [cluster.add_own_node(n) for n in node_cpus]
         cluster.wait_for_nodes()
         cluster.dashboard_url = f"http://{cluster.head_node.address_info['webui_url']}"
         return cluster, nodes
@@ -160,3 +168,23 @@ def local_nodes(monkeypatch):
     yield make
     for cluster in made:
         cluster.shutdown()
+
+    def marked(proc: psutil.Process) -> bool:
+        return proc.environ().get("RAYGRPO_TEST_CLUSTER") == marker
+
+    def survivors() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["name"]):
+            with contextlib.suppress(psutil.Error):
+                if proc.pid != os.getpid() and marked(proc):
+                    found.append(proc)
+        return found
+
+    orphans = survivors()
+    for proc in orphans:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(orphans, timeout=30)
+    if orphans:
+        print(f"killed {len(orphans)} process(es) the cluster's shutdown left:", [p.info["name"] for p in orphans])
+    assert not survivors(), "processes of the test's cluster outlived its shutdown and a SIGKILL"

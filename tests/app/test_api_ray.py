@@ -123,9 +123,18 @@ def completed_job(api):
 
 def production_only(api) -> None:
     """Cost, cancel and pause are the same code on both databases; they run on the production backend
-    (PostgreSQL with the Redis queue), and the embedded one keeps the job lifecycle and the API surface."""
+    (PostgreSQL with the Redis queue), and the embedded one keeps the job lifecycle and the API surface.
+    The two fault tests split: the dispatcher and replicas killed on the production backend, the driver
+    killed (the job requeued through the database queue) on the embedded one; the queues' requeue itself is
+    tests/app/test_queue.py's, on both."""
     if api_backend(api) == "sqlite":
         pytest.skip("run on postgresql+redis only")
+
+
+def embedded_only(api) -> None:
+    """See production_only."""
+    if api_backend(api) != "sqlite":
+        pytest.skip("run on sqlite with the database queue only")
 
 
 def test_a_job_runs_as_a_ray_job_to_completed_with_trajectories_and_checkpoints(api, completed_job):
@@ -208,6 +217,7 @@ def test_killing_the_dispatcher_and_the_replica_loses_no_job_and_runs_none_twice
 
     from app.jobs.dispatcher import ACTOR_NAME, NAMESPACE
 
+    production_only(api)
     # three jobs, two run at once: one queued and two running when the kills land
     jobs = [rpc(api, "training.start_grpo", **job_params(n_iterations=12, checkpoint_interval=4))["job_id"]
             for _ in range(3)]
@@ -244,9 +254,11 @@ def test_killing_the_dispatcher_and_the_replica_loses_no_job_and_runs_none_twice
 def test_a_job_whose_driver_dies_right_after_a_checkpoint_resumes_and_stores_every_step_once(api):
     """The run's driver is killed right after the checkpoint of step 3 is written and before its next drain
     (grpo.run's fault hook). The dispatcher sees its Ray Job end FAILED without a word and queues the job
-    again; the new run resumes after step 3, and every step is stored exactly once, on both databases."""
+    again; the new run resumes after step 3, and every step is stored exactly once (on the embedded database
+    and its queue; test_cli.py stops a whole stack mid-job and resumes it)."""
     from ray.job_submission import JobSubmissionClient
 
+    embedded_only(api)
     url, client, home = api
     job = rpc(api, "training.start_grpo", **job_params())
     run_dir = home / "jobs" / job["job_id"] / "run"

@@ -1,6 +1,8 @@
 """The job API on a Ray cluster of several nodes (Ray's own `ray.cluster_utils.Cluster`: a raylet and an object
 store per node, on this machine), the run files at the cluster's storage URL on a loopback S3 server
-(RAYGRPO_STORAGE_URL, credentials from the nodes' AWS_* variables as a KubeRay Secret gives them).
+(RAYGRPO_STORAGE_URL, credentials from the nodes' AWS_* variables as a KubeRay Secret gives them). The run
+across two nodes is the engine's too (`python -m grpo.run` with `storage=`): this test's run is that command,
+as the dispatcher's Ray Job.
 
 The stack is `python -m app.api.serve` against RAY_ADDRESS, as on a cluster: its settings reach the replicas,
 the dispatcher and every run's driver through the nodes' environment, never through a Ray Job's runtime_env."""
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -92,7 +95,7 @@ def test_a_job_spread_over_two_nodes_with_its_files_in_a_bucket_survives_a_node_
         assert set(status()["rank_nodes"]) == spread  # shown while it runs
         lost = next(n for n in nodes if n.node_id in spread)
         cluster.remove_node(lost, allow_graceful=False)
-        fresh = cluster.add_node(num_cpus=3)
+        fresh = cluster.add_own_node(3)
 
         deadline = time.monotonic() + 600
         while (current := status())["status"] not in ("completed", "failed", "cancelled"):
@@ -110,6 +113,12 @@ def test_a_job_spread_over_two_nodes_with_its_files_in_a_bucket_survives_a_node_
         assert per_step == dict.fromkeys(range(1, steps + 1), 16)
         metrics = [json.loads(x) for x in storage.read_bytes(f"{run}/metrics.jsonl").decode().splitlines()]
         assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+        # resumed from the bucket's checkpoint, not from step 0 (the driver on the head lived: one Ray Job);
+        # the inputs a worker loaded came from the bucket, not from a path on the head
+        logs = JobSubmissionClient(dashboard).get_job_logs(job_id)
+        resumed = [int(m) for m in re.findall(r"resumed from the checkpoint of step (\d+)", logs)]
+        assert len(resumed) == 1 and resumed[0] >= 2, logs[-3000:]
+        assert storage.listdir(f"{run}/inputs/model")
         # the best checkpoint lives in the bucket (admins see where), and serves an evaluation on the cluster
         best = rpc("training.get_status", admin, job_id=job_id)["best_checkpoint"]
         assert best["path"].startswith(run) and checkpoint_step(best["path"]) == best["step"]

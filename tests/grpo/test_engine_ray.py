@@ -166,7 +166,8 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
     not a sleep: the window that lost step k's records when they were still in the mailbox). The same command
     resumes it after step k (the newest of two checkpoints, with steps between them that no checkpoint
     holds), and every step is stored once: k's records were durable before its checkpoint counted
-    (grpo.report), the steps after it are re-run and replace what the lost run wrote."""
+    (grpo.report), the steps after it are re-run and replace what the lost run wrote. The same window for a
+    run submitted as a Ray Job, requeued by the job API's dispatcher: tests/app/test_api_ray.py."""
     interval = 3
     k = 2 * interval
     steps = k + 2
@@ -200,38 +201,6 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_ray_job_whose_driver_dies_after_a_checkpoint_resumes_and_stores_every_step_once(
-        ray_session, tiny_model_dir, tmp_path):
-    """The same window for a run submitted as a Ray Job: its entrypoint is killed right after the checkpoint of
-    step 3; submitted again, it resumes after step 3 and every step is stored once."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(os.environ["RAYGRPO_TEST_DASHBOARD_URL"])
-    args = _cli_args(tiny_model_dir, tmp_path, "job", num_steps=5, checkpoint_interval=3, cpus_per_worker=0.5,
-                     cpus_per_reward_worker=0.5)
-    run_dir = tmp_path / "runs" / "job"
-    _arm(run_dir, 3)
-    entrypoint = f"{sys.executable} -m grpo.run " + " ".join(args)
-    env = {"RAYGRPO_FAULT_HOOKS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-
-    def until_done(sid: str) -> JobStatus:
-        deadline = time.time() + 400
-        while (status := client.get_job_status(sid)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            assert time.time() < deadline, client.get_job_logs(sid)[-3000:]
-            time.sleep(0.5)
-        return status
-
-    first = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env})
-    assert until_done(first) == JobStatus.FAILED  # the driver was killed, as the hook says
-    assert "the checkpoint of step 3 exists; kill" in client.get_job_logs(first)
-    second = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env})
-    assert until_done(second) == JobStatus.SUCCEEDED, client.get_job_logs(second)[-3000:]
-    assert re.search(r"^step 4/5", client.get_job_logs(second), re.M)
-    _assert_each_step_once(run_dir, 5, 32)
 
 
 @pytest.mark.ray
