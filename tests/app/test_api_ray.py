@@ -1,8 +1,11 @@
 """The job API on Ray Serve with the Dispatcher running jobs as Ray Jobs, driven over real HTTP.
 
-One Serve app with two replicas per module param on the session's local Ray: SQLite with the database
-as the queue, or PostgreSQL with the Redis queue. Each job here is a real GRPO run of the tiny model.
-Callers authenticate with a JWT signed by the secret the replicas get in their environment.
+One Serve app with two replicas on the session's local Ray, on the production backend: PostgreSQL migrated
+with Alembic and the Redis queue. Each job here is a real GRPO run of the tiny model. Callers authenticate
+with a JWT signed by the secret the replicas get in their environment. The embedded backend (SQLite, the
+database as the queue) runs on Ray Serve with real jobs in the stacks of test_cli.py (a job, two at once,
+the stack stopped mid-job), test_sessions_ray.py, test_hostile_tenant.py and test_multinode_api_ray.py; every
+method on both databases in process: test_api.py.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from raygrpo_test_services import bearer, stop_ray_jobs
 
 from app.settings import DEFAULT_RATE_LIMITS, Settings
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.services]
 
 ROWS = [{"query": f"digit {d}:", "expected_outcome": str(d)} for d in range(10)]
 
@@ -37,10 +40,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql+redis", marks=pytest.mark.services)])
-def api(request, ray_session, tmp_path_factory, tiny_model_dir):
-    """The Serve app on SQLite with the database as the queue, or on PostgreSQL (migrated with Alembic,
-    as in production) with the Redis queue."""
+@pytest.fixture(scope="module")
+def api(ray_session, tmp_path_factory, tiny_model_dir):
+    """The Serve app on PostgreSQL (migrated with Alembic, as in production) with the Redis queue."""
     import ray
     from ray import serve
 
@@ -49,29 +51,27 @@ def api(request, ray_session, tmp_path_factory, tiny_model_dir):
     from app.jobs.dispatcher import ACTOR_NAME, NAMESPACE
 
     home = tmp_path_factory.mktemp("api-home")
-    env = {"RAYGRPO_HOME": str(home), "DATABASE_URL": f"sqlite:///{home / 'raygrpo.db'}", "REDIS_URL": "",
+    env = {"RAYGRPO_HOME": str(home),
            "RAYGRPO_DEFAULT_MODEL": tiny_model_dir, "RAYGRPO_CANCEL_WAIT_S": "90", "RAYGRPO_MAX_RUNNING_JOBS": "2",
            "RAYGRPO_JWT_SECRET": secrets.token_urlsafe(32),
            "RAYGRPO_FAULT_HOOKS": "1",  # armed per run by a FAULT file (grpo.run.FaultHook); inert elsewhere
            # the tests poll; one method keeps a small limit to show the buckets are shared by the replicas
            "RAYGRPO_RATE_LIMITS": ",".join(f"{m}=0" for m in DEFAULT_RATE_LIMITS) + f",auth.whoami={WHOAMI_LIMIT}"}
     with contextlib.ExitStack() as stack:
-        if request.param == "postgresql+redis":
-            from raygrpo_test_services import fresh_postgres, unavailable
-            from sqlalchemy.engine import make_url
+        import redis
+        from raygrpo_test_services import fresh_postgres, unavailable
+        from sqlalchemy.engine import make_url
 
-            # With a password (the test server trusts local connections and ignores it): it must reach the
-            # runs' drivers without showing in their Ray Jobs (test_a_job_runs_as_a_ray_job...).
-            env["DATABASE_URL"] = make_url(stack.enter_context(fresh_postgres())).set(
-                password=DB_PASSWORD).render_as_string(hide_password=False)
-            upgrade(env["DATABASE_URL"])
-            import redis
-
-            env["REDIS_URL"] = (os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0").rsplit("/", 1)[0] + "/14"
-            try:
-                redis.Redis.from_url(env["REDIS_URL"]).flushdb()  # db 14 is this module's alone
-            except redis.RedisError as e:
-                unavailable("Redis", e)
+        # With a password (the test server trusts local connections and ignores it): it must reach the
+        # runs' drivers without showing in their Ray Jobs (test_a_job_runs_as_a_ray_job...).
+        env["DATABASE_URL"] = make_url(stack.enter_context(fresh_postgres())).set(
+            password=DB_PASSWORD).render_as_string(hide_password=False)
+        upgrade(env["DATABASE_URL"])
+        env["REDIS_URL"] = (os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0").rsplit("/", 1)[0] + "/14"
+        try:
+            redis.Redis.from_url(env["REDIS_URL"]).flushdb()  # db 14 is this module's alone
+        except redis.RedisError as e:
+            unavailable("Redis", e)
         url = start(port=_free_port(), env=env, replicas=2)
         settings = Settings(jwt_secret=env["RAYGRPO_JWT_SECRET"])
         client = httpx.Client(timeout=180, headers=bearer(settings, "ray-tester", "researcher"))
@@ -115,26 +115,10 @@ def wait_for(api, job_id, states, timeout=300):
 
 @pytest.fixture(scope="module")
 def completed_job(api):
-    """One 6-step job run to its end on each backend; the tests of what a finished job answers share it."""
+    """One 6-step job run to its end; the tests of what a finished job answers share it."""
     job = rpc(api, "training.start_grpo", **job_params(), evaluation_data=ROWS[:5])
     assert job["status"] == "queued"
     return job, wait_for(api, job["job_id"], {"completed", "failed", "cancelled"})
-
-
-def production_only(api) -> None:
-    """Cost, cancel and pause are the same code on both databases; they run on the production backend
-    (PostgreSQL with the Redis queue), and the embedded one keeps the job lifecycle and the API surface.
-    The two fault tests split: the dispatcher and replicas killed on the production backend, the driver
-    killed (the job requeued through the database queue) on the embedded one; the queues' requeue itself is
-    tests/app/test_queue.py's, on both."""
-    if api_backend(api) == "sqlite":
-        pytest.skip("run on postgresql+redis only")
-
-
-def embedded_only(api) -> None:
-    """See production_only."""
-    if api_backend(api) != "sqlite":
-        pytest.skip("run on sqlite with the database queue only")
 
 
 def test_a_job_runs_as_a_ray_job_to_completed_with_trajectories_and_checkpoints(api, completed_job):
@@ -166,7 +150,6 @@ def test_a_job_runs_as_a_ray_job_to_completed_with_trajectories_and_checkpoints(
 
 
 def test_cancelling_a_running_job_checkpoints_it(api):
-    production_only(api)
     job = rpc(api, "training.start_grpo", **job_params(n_iterations=2000, checkpoint_interval=0))
     wait_for(api, job["job_id"], {"running"})
     deadline = time.time() + 180
@@ -182,7 +165,6 @@ def test_cancelling_a_running_job_checkpoints_it(api):
 
 
 def test_a_tiny_budget_stops_the_run_within_about_a_step(api):
-    production_only(api)
     # ~72 s of the run's 2.5 logical CPUs at $0.05 per CPU-hour: the Ray Train workers' start-up (~20 s
     # on 2 cores, metered: they hold their CPUs) and then some steps of ~0.3 s
     budget = Decimal("0.0025")
@@ -217,7 +199,6 @@ def test_killing_the_dispatcher_and_the_replica_loses_no_job_and_runs_none_twice
 
     from app.jobs.dispatcher import ACTOR_NAME, NAMESPACE
 
-    production_only(api)
     # three jobs, two run at once: one queued and two running when the kills land
     jobs = [rpc(api, "training.start_grpo", **job_params(n_iterations=12, checkpoint_interval=4))["job_id"]
             for _ in range(3)]
@@ -254,11 +235,10 @@ def test_killing_the_dispatcher_and_the_replica_loses_no_job_and_runs_none_twice
 def test_a_job_whose_driver_dies_right_after_a_checkpoint_resumes_and_stores_every_step_once(api):
     """The run's driver is killed right after the checkpoint of step 3 is written and before its next drain
     (grpo.run's fault hook). The dispatcher sees its Ray Job end FAILED without a word and queues the job
-    again; the new run resumes after step 3, and every step is stored exactly once (on the embedded database
-    and its queue; test_cli.py stops a whole stack mid-job and resumes it)."""
+    again; the new run resumes after step 3, and every step is stored exactly once (test_cli.py stops a whole
+    stack on the embedded database mid-job and resumes it)."""
     from ray.job_submission import JobSubmissionClient
 
-    embedded_only(api)
     url, client, home = api
     job = rpc(api, "training.start_grpo", **job_params())
     run_dir = home / "jobs" / job["job_id"] / "run"
@@ -336,7 +316,6 @@ def test_every_method_and_error_through_the_serve_app(api, completed_job):
 
 
 def test_pause_then_resume_continues_from_the_checkpoint(api):
-    production_only(api)
     job = rpc(api, "training.start_grpo", **job_params(n_iterations=20, checkpoint_interval=0))["job_id"]
     deadline = time.time() + 180
     while rpc(api, "training.get_status", job_id=job)["current_iteration"] < 3:
@@ -381,11 +360,7 @@ def test_auth_rate_limits_and_metrics_across_two_replicas(api):
     replies = [client.post(url, json=whoami, headers=caller) for _ in range(3 * WHOAMI_LIMIT)]
     allowed = [r for r in replies if r.status_code == 200]
     refused = [r for r in replies if r.status_code == 429]
-    shared = api_backend(api) == "postgresql+redis"
-    if shared:
-        assert len(allowed) == WHOAMI_LIMIT and len(refused) == 2 * WHOAMI_LIMIT
-    else:  # no Redis: each replica has its own buckets, so at most one bucket per replica
-        assert WHOAMI_LIMIT <= len(allowed) <= 2 * WHOAMI_LIMIT
+    assert len(allowed) == WHOAMI_LIMIT and len(refused) == 2 * WHOAMI_LIMIT
     assert refused[0].json()["error"]["code"] == -42900 and int(refused[0].headers["Retry-After"]) >= 1
     assert allowed[0].headers["X-RateLimit-Limit"] == str(WHOAMI_LIMIT)
     time.sleep(int(refused[-1].headers["Retry-After"]) + 0.5)  # the bucket refills: the caller may go on
@@ -394,13 +369,8 @@ def test_auth_rate_limits_and_metrics_across_two_replicas(api):
     scrapes = [client.get(base + "/metrics").text for _ in range(6)]
     for text in scrapes:
         assert "training_jobs_total" in text and "http_request_duration_seconds_bucket" in text
-    if shared:  # request counters live in Redis: every replica reports the whoami refusals of both
-        assert all('jsonrpc_requests_total{code="-42900",method="auth.whoami"}' in t for t in scrapes)
-
-
-def api_backend(api) -> str:
-    _, _, home = api
-    return "sqlite" if (home / "raygrpo.db").exists() else "postgresql+redis"
+    # request counters live in Redis: every replica reports the whoami refusals of both
+    assert all('jsonrpc_requests_total{code="-42900",method="auth.whoami"}' in t for t in scrapes)
 
 
 def test_losing_one_of_two_replicas_hangs_no_request(api):
