@@ -276,6 +276,7 @@ def test_readme_shaped_jobs_at_once_all_complete_and_never_share_the_cluster(job
     assert waited, "no job was seen waiting for resources"
 
 
+@pytest.mark.long
 def test_down_then_up_mid_job_resumes_it_and_stores_every_step_once(stack, home, tiny_model_dir, tmp_path):
     """`raygrpo down` right after the checkpoint of step 8 is written and before the run's next drain (its
     fault hook holds the driver there: the window that lost step 8's records), then `up` on the same home:

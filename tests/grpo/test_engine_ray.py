@@ -447,6 +447,8 @@ def test_a_cancel_ends_a_run_that_waits_for_resources(ray_session, tiny_model_di
 
 
 @pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.long
 def test_two_ray_job_runs_that_fit_only_one_at_a_time_both_complete(ray_session, tiny_model_dir, tmp_path):
     """Two `ray job submit` runs at once, each needing 6 of the 8 CPUs (4 for actors, 2 for workers). Asked
     for piecemeal, both got their actors (8 CPUs) and both worker groups waited forever. Booked whole
