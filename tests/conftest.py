@@ -133,18 +133,16 @@ def local_nodes(monkeypatch):
     an object store per node): `make(head_cpus, *node_cpus)` -> (cluster, nodes), its dashboard URL as
     `cluster.dashboard_url`, `cluster.add_own_node(cpus)` to add a node later. The nodes inherit this process's
     environment as it is then (set the test's variables first). Every cluster made is shut down after the
-    test, and every process its nodes started with it: the agents of a node removed mid-test are orphans by
-    then, and one left behind spins on its lost raylet and takes a core for the rest of the session."""
-    import contextlib
+    test, and every process its nodes started with it (tests/cluster_processes.py)."""
     import socket
     import uuid
 
-    import psutil
+    from cluster_processes import MARKER_ENV, reap
     from ray.cluster_utils import Cluster
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     marker = uuid.uuid4().hex
-    monkeypatch.setenv("RAYGRPO_TEST_CLUSTER", marker)  # inherited by every process of the clusters made here
+    monkeypatch.setenv(MARKER_ENV, marker)  # inherited by every process of the clusters made here
     made = []
 
     def port() -> int:
@@ -168,23 +166,5 @@ def local_nodes(monkeypatch):
     yield make
     for cluster in made:
         cluster.shutdown()
-
-    def marked(proc: psutil.Process) -> bool:
-        return proc.environ().get("RAYGRPO_TEST_CLUSTER") == marker
-
-    def survivors() -> list[psutil.Process]:
-        found = []
-        for proc in psutil.process_iter(["name"]):
-            with contextlib.suppress(psutil.Error):
-                if proc.pid != os.getpid() and marked(proc):
-                    found.append(proc)
-        return found
-
-    orphans = survivors()
-    for proc in orphans:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(orphans, timeout=30)
-    if orphans:
-        print(f"killed {len(orphans)} process(es) the cluster's shutdown left:", [p.info["name"] for p in orphans])
-    assert not survivors(), "processes of the test's cluster outlived its shutdown and a SIGKILL"
+    if killed := reap(marker):
+        print(f"killed {len(killed)} process(es) the cluster's shutdown left:", killed)

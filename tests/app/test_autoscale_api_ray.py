@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cluster_processes import MARKER_ENV, reap
 from raygrpo_test_services import bearer, free_port
 
 from app.settings import Settings
@@ -67,7 +67,7 @@ def fake_autoscaling_cluster(tmp: Path, *, head_cpus: int, node_cpus: int, max_n
            "RAY_AUTH_MODE": "disabled",
            # every process of this cluster carries it, the nodes the autoscaler adds included: how they are found
            # to be stopped after
-           "RAYGRPO_TEST_CLUSTER": temp_dir}
+           MARKER_ENV: temp_dir}
     env.pop("RAY_ADDRESS", None)
     ray_cli = str(Path(sys.executable).parent / "ray")
     subprocess.run([ray_cli, "start", "--head", f"--port={port}", f"--autoscaling-config={path}",
@@ -81,31 +81,10 @@ def fake_autoscaling_cluster(tmp: Path, *, head_cpus: int, node_cpus: int, max_n
     try:
         yield f"{ip}:{port}", f"http://127.0.0.1:{dashboard_port}"
     finally:
-        import psutil
-
-        # the cluster's processes and all they started, by their marker: the agents rename themselves
-        # (`ray::DashboardAgent`), and those of a node the autoscaler removed are orphans by then; one left
-        # behind spins on its lost raylet and takes a core for the rest of the session
-        def marked(proc: psutil.Process) -> bool:
-            return proc.environ().get("RAYGRPO_TEST_CLUSTER") == temp_dir
-
-        doomed: dict[int, psutil.Process] = {}
-        for proc in psutil.process_iter(["cmdline"]):
-            with contextlib.suppress(psutil.Error):
-                if any(temp_dir in arg or f"{ip}:{port}" in arg for arg in proc.info["cmdline"] or []) or marked(proc):
-                    doomed[proc.pid] = proc
-                    doomed.update((child.pid, child) for child in proc.children(recursive=True))
-        for proc in doomed.values():
-            with contextlib.suppress(psutil.Error):
-                proc.send_signal(signal.SIGKILL)
-        psutil.wait_procs(list(doomed.values()), timeout=30)
+        # the cluster's processes by their marker, and by their command line those that name its folder or
+        # address (with all they started)
+        reap(temp_dir, also=lambda proc: any(temp_dir in arg or f"{ip}:{port}" in arg for arg in proc.cmdline()))
         shutil.rmtree(temp_dir, ignore_errors=True)
-        left = []
-        for proc in psutil.process_iter(["name"]):
-            with contextlib.suppress(psutil.Error):
-                if marked(proc):
-                    left.append(f"{proc.pid} {proc.info['name']}")
-        assert not left, f"processes of the fake cluster outlived it: {left}"
 
 
 def test_a_job_bigger_than_the_nodes_waits_for_the_autoscaler_runs_and_the_nodes_go_after(tiny_model_dir, tmp_path):
