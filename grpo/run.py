@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib
+import json
 import logging
 import math
 import os
@@ -62,10 +63,13 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "adapter_model.safetensors")
 
 
-def check_model(field: str, path: str, *, tokenizer: bool = False) -> None:
-    """A local model (or tokenizer) directory that `from_pretrained` will load: its config parses and its
-    weights (tokenizer files) are there. Hub ids are left to the workers, which download them; a URL is
-    checked by its listing (nothing is downloaded to the driver)."""
+def check_model(field: str, path: str, *, tokenizer: bool = False, deep: bool = False) -> None:
+    """A local model (or tokenizer) directory that `from_pretrained` will load: its config.json is a JSON
+    object naming a `model_type` and its weights (tokenizer files) are there. `deep` also has transformers
+    parse the config (an unknown architecture): the job API does, once per job; a run's own process does not,
+    since importing transformers there costs its start 2-3 s of CPU and every worker that loads the model
+    says the same at once. Hub ids are left to the workers, which download them; a URL is checked by its
+    listing (nothing is downloaded to the driver)."""
     if storage.is_url(path):
         try:
             names = set(storage.listdir(path))
@@ -84,10 +88,14 @@ def check_model(field: str, path: str, *, tokenizer: bool = False) -> None:
         if not any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
             raise ConfigError(f"{field}: {path} has no tokenizer files (tokenizer.json or tokenizer_config.json)")
         return
-    from transformers import AutoConfig
-
     try:
-        AutoConfig.from_pretrained(path)
+        config = json.loads((local / "config.json").read_text())
+        if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+            raise ValueError("config.json names no model_type")
+        if deep:
+            from transformers import AutoConfig
+
+            AutoConfig.from_pretrained(path)
     except Exception as e:  # OSError, ValueError, JSON errors: all say the directory is not a model
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{field}: {path} is not a loadable model: {first}") from None
@@ -95,13 +103,15 @@ def check_model(field: str, path: str, *, tokenizer: bool = False) -> None:
         raise ConfigError(f"{field}: {path} has a config but no weights ({', '.join(WEIGHT_FILES[:3])}, ...)")
 
 
-def preflight(cfg: GRPOConfig, *, probe_source: Callable[[str, float], None] | None = None) -> None:
+def preflight(cfg: GRPOConfig, *, probe_source: Callable[[str, float], None] | None = None,
+              deep: bool = False) -> None:
     """Everything that can be checked before an actor starts: the model files, the task/dataset and the
     reward. A reward given as source is probed in the sandbox by `probe_source(source, timeout_s)`: here by
-    default; the job API runs it as a Ray task instead, so no user code runs below its own process."""
+    default; the job API runs it as a Ray task instead, so no user code runs below its own process. `deep`:
+    transformers parses the model's config too (`check_model`)."""
     from grpo.rewards import RewardError, resolve
 
-    check_model("model", cfg.model)
+    check_model("model", cfg.model, deep=deep)
     check_model("tokenizer", cfg.tokenizer or cfg.model, tokenizer=True)
 
     for name in ("dataset", "eval_dataset"):
@@ -288,8 +298,9 @@ def build_actors(cfg: GRPOConfig, *, wait: bool = True, placement_group: Any = N
         PlacementGroupSchedulingStrategy,
     )
 
+    from grpo.board import WeightBoard
     from grpo.rewards import RewardWorker
-    from grpo.rollout import RolloutWorker, WeightBoard
+    from grpo.rollout import RolloutWorker
 
     reward_spec = cfg.reward or cfg.load_dataset().reward
     # The board and the monitor hold the run's state and are not restarted: they live on the driver's node,
@@ -542,6 +553,9 @@ def _connect(cfg: GRPOConfig) -> GRPOConfig:
         elif os.environ.get("RAY_ADDRESS"):
             ray.init()
         else:  # a local cluster: declare enough logical CPUs for the actors this run asks for
+            # Ray Train's preemption watcher waits for a cloud's notice that a node will go: one process (and
+            # a second of CPU at every start) for nothing on this machine. Read by the processes Ray starts.
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus(cfg))))
     check_fits_cluster(cfg)  # before any reporter marks the run started or any actor is asked for
     check_shared_storage(cfg)

@@ -335,7 +335,8 @@ def engine_config(params: StartParams, *, settings: Settings, engine: Any, datas
         cfg = load_config(None, mapping)
         from grpo.run import check_memory_plan, preflight
 
-        preflight(cfg, probe_source=functools.partial(probe_on_cluster, resources=settings.reward_worker_resources))
+        preflight(cfg, probe_source=functools.partial(probe_on_cluster, resources=settings.reward_worker_resources),
+                  deep=True)
         ray = sys.modules.get("ray")
         check_memory_plan(cfg, ray.cluster_resources() if ray is not None and ray.is_initialized() else None)
     except ConfigError as e:

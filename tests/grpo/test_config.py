@@ -123,3 +123,33 @@ def test_reward_actors_may_ask_for_a_custom_resource(tiny_model_dir):
     for bad in ({"CPU": 1}, {"sandbox": 0}, {"": 1}):
         with pytest.raises(ConfigError, match="reward_worker_resources"):
             load_config(None, {"model": tiny_model_dir, "reward_worker_resources": bad})
+
+
+def test_a_model_folder_is_checked_without_transformers_and_deeply_where_asked(tmp_path, tiny_model_dir):
+    """A run's own process checks the model folder from its files (importing transformers there costs every
+    start 2-3 s of CPU); the job API asks for the deep check, which also has transformers parse the config."""
+    import shutil
+    import subprocess
+    import sys
+
+    from grpo.run import check_model
+
+    def broken(name: str, config: str):
+        path = tmp_path / name
+        shutil.copytree(tiny_model_dir, path)
+        (path / "config.json").write_text(config)
+        return str(path)
+
+    check_model("model", tiny_model_dir, deep=True)
+    for config, words in [('{"model_type": "llama"', "not a loadable model"), ("[1, 2]", "names no model_type"),
+                          ('{"hidden_size": 8}', "names no model_type")]:
+        for deep in (False, True):
+            with pytest.raises(ConfigError, match=f"model: .* {words}"):
+                check_model("model", broken(f"m{len(list(tmp_path.iterdir()))}", config), deep=deep)
+    unknown = broken("unknown", '{"model_type": "no-such-architecture"}')
+    check_model("model", unknown)  # left to the workers that load it
+    with pytest.raises(ConfigError, match="model: .* not a loadable model: .*no-such-architecture"):
+        check_model("model", unknown, deep=True)
+    probe = ("import sys; from grpo.run import check_model; check_model('model', sys.argv[1]); "
+             "assert 'transformers' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", probe, tiny_model_dir], check=True)
