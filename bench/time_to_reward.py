@@ -1,6 +1,6 @@
 """Time to a trained policy: seconds to a running mean reward of 0.9, ours against TRL and a bare loop.
 
-    python bench/time_to_reward.py [--sides run,api,trl,bare] [--seeds 0,1] [--target 0.9] [--window 10]
+    python bench/time_to_reward.py [--sides run,async,api,trl,bare] [--seeds 0,1] [--target 0.9] [--window 10]
                                    [--max-steps 400] [--prompts 16] [--group 8] [--max-new 6] [--lr 1e-3] [--threads 1]
 
 What a user waits for is not one step but the whole run. Every side is its own process, started by this script,
@@ -11,9 +11,12 @@ batch. Sides run one after another, every other seed in reverse order, so backgr
   run   `python -m grpo.run` with its defaults otherwise (a local Ray, 1 policy worker, 1 rollout and 1 reward
         actor) and `target_reward`/`target_window`, so it ends when done; rows of its metrics.jsonl are timed
         when this script first sees them (polled every 50 ms)
-  api   the same run through the job API: `python -m app.api.serve` (embedded database, local Ray) is started
+  async the same with `async_rollouts=true` (the next batch sampled while the policy updates: one step of
+        staleness, truncated importance sampling)
+  api   the same run through the job API: `raygrpo up` (a local Ray head, the API, embedded database) is started
         and waited for untimed, as a service is up before anyone submits; then `training.start_grpo` with the
-        SDK, timed from the request; the job's metrics.jsonl rows as for `run`
+        SDK, timed from the request; the job's metrics.jsonl rows as for `run`, and once it is `completed` the
+        seconds until none of the run's actors is left on the cluster (Ray's state API)
   trl   this file with `--child trl`: TRL's GRPOTrainer (transformers generate, no vLLM) with one optimizer
         step per generation batch of P x G, loss "dapo" (token-mean), beta 0, no gradient checkpointing;
         needs the bench extra (`pip install -e ".[bench]"`)
@@ -153,50 +156,57 @@ def trl_child(args: argparse.Namespace) -> None:
         trainer.train()
 
 
-def start_api(home: Path, model_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str, str]:
-    """`python -m app.api.serve` (embedded database, its own local Ray) on a free port, waited for until ready;
-    -> (process, URL, an admin token). The caller terminates the process."""
-    import socket
-
+def start_api(home: Path, model_dir: Path, env: dict[str, str]) -> tuple[dict[str, str], str, dict[str, str]]:
+    """`raygrpo up` (a local Ray head on free ports and the job API on it, embedded database), waited for until
+    it answers; -> (its stack.json: rpc_url, dashboard_url, ...), an admin token, and the environment that
+    names its home. The caller runs `raygrpo down` with that environment."""
     import httpx
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**env, "RAYGRPO_HOME": str(home), "RAYGRPO_MODEL_ROOTS": str(model_dir.parent),
-           "RAYGRPO_API_PORT": str(port)}
+    env = {**env, "RAYGRPO_HOME": str(home), "RAYGRPO_MODEL_ROOTS": str(model_dir.parent)}
     home.mkdir(parents=True, exist_ok=True)
-    with open(home / "api.log", "w") as log:
-        api = subprocess.Popen([sys.executable, "-m", "app.api.serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    cli = str(Path(sys.executable).with_name("raygrpo"))
+    with open(home / "up.log", "w") as log:
+        if subprocess.run([cli, "up", "--port", "0"], env=env, stdout=log, stderr=subprocess.STDOUT).returncode:
+            raise SystemExit(f"raygrpo up failed; see {home / 'up.log'}")
+    stack = json.loads((home / "stack.json").read_text())
     deadline = time.time() + 300
-    while True:
-        if api.poll() is not None or time.time() > deadline:
-            api.terminate()
-            raise SystemExit(f"the job API did not start; see {home / 'api.log'}")
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
-                break
-        except Exception:  # noqa: BLE001 - not listening or not ready yet
-            pass
+    while httpx.get(f"{stack['api_url']}/health/ready", timeout=5).status_code != 200:
+        if time.time() > deadline:
+            raise SystemExit(f"the job API did not get ready; see {home / 'up.log'}")
         time.sleep(0.5)
-    token = subprocess.run([sys.executable, "-m", "app.api.auth", "token"], env=env, check=True,
-                           capture_output=True, text=True).stdout.strip()
-    return api, url, token
+    token = subprocess.run([cli, "token", "--role", "admin"], env=env, check=True, capture_output=True,
+                           text=True).stdout.strip()
+    return stack, token, env
+
+
+CLUSTER_ACTORS = {"ReservationLedger", "_AutoscalingCoordinatorActor"}
+
+
+def alive_actors(dashboard: str) -> dict[str, str]:
+    """{actor id: class name} of the cluster's live actors (Ray's state API on the stack's dashboard)."""
+    os.environ["RAY_AUTH_MODE"] = "token"  # as `raygrpo up` runs its head: read when Ray is first imported
+    from ray.util.state import list_actors
+
+    return {a.actor_id: a.class_name for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")],
+                                                          limit=10_000, raise_on_missing_output=False)}
 
 
 def api_side(seed: int, model_dir: Path, out: Path, args: argparse.Namespace,
-             env: dict[str, str]) -> tuple[list[tuple[int, float, float]], float, float]:
-    """The same run through the job API as an operator runs it: `python -m app.api.serve` (embedded database,
-    local Ray; its start-up is not timed: the service is up before a user submits), then `training.start_grpo`
-    with the SDK. Timed from the request: the job's metrics.jsonl rows as they appear, and the end as a user
-    sees it: `get_status` saying `completed` with the final checkpoint stored (polled every 0.2 s once the
-    target is reached, else every second). -> (rows, t0, seconds to completed). The API is stopped after."""
+             env: dict[str, str]) -> tuple[list[tuple[int, float, float]], float, float, float]:
+    """The same run through the job API on a running `raygrpo up` stack (embedded database, a local Ray head;
+    its start-up is not timed: the service is up before a user submits), then `training.start_grpo` with the
+    SDK. Timed from the request: the job's metrics.jsonl rows as they appear, and the end as a user sees it:
+    `get_status` saying `completed` with the final checkpoint stored (polled every 0.2 s once the target is
+    reached, else every second); then the seconds until the run's actors are gone from the cluster.
+    -> (rows, t0, seconds to completed, seconds from completed to no actor of the run). The stack is stopped
+    after (`raygrpo down`)."""
     from app.client.sdk import Client
 
     home = out / f"api-{seed}"
-    api, url, token = start_api(home, model_dir, env)
+    stack, token, env = start_api(home, model_dir, env)
+    url = stack["api_url"]
     try:
+        before = alive_actors(stack["dashboard_url"])  # the service's own: Serve, the dispatcher
         from grpo.tasks import load_dataset
 
         data = load_dataset("digit", eval_size=0, seed=seed)
@@ -231,10 +241,17 @@ def api_side(seed: int, model_dir: Path, out: Path, args: argparse.Namespace,
             raise SystemExit(f"api seed {seed}: job {status.status}: {status.error_message}")
         if status.best_checkpoint is None:
             raise SystemExit(f"api seed {seed}: completed without a checkpoint")
-        return seen, t0, done_s
+        # the run's actors (Train controller and workers, rollout and reward actors, board, monitor) must go;
+        # two detached actors are the cluster's, made by the first run and kept for the next: our reservation
+        # ledger and Ray Train's autoscaling coordinator
+        while left := {k: v for k, v in alive_actors(stack["dashboard_url"]).items()
+                       if k not in before and v not in CLUSTER_ACTORS}:
+            if time.time() - t0 - done_s > 120:
+                raise SystemExit(f"api seed {seed}: the run's actors still alive 120 s after completed: {left}")
+            time.sleep(0.2)
+        return seen, t0, done_s, time.time() - t0 - done_s
     finally:
-        api.terminate()
-        api.wait(timeout=120)
+        subprocess.run([str(Path(sys.executable).with_name("raygrpo")), "down"], env=env, capture_output=True)
 
 
 def run_side(side: str, seed: int, model_dir: Path, out: Path, args: argparse.Namespace) -> dict:
@@ -253,13 +270,14 @@ def run_side(side: str, seed: int, model_dir: Path, out: Path, args: argparse.Na
                 row = json.loads(line)
                 seen.append((row["step"], row["reward_mean"], row["t"]))
         proc.wait()
-    elif side == "run":
-        name = f"ttr-{seed}"
+    elif side in ("run", "async"):
+        name = f"ttr-{side}-{seed}"
         cmd = [sys.executable, "-m", "grpo.run", f"model={model_dir}", "task=digit", f"output_dir={out}",
                f"run_name={name}", f"seed={seed}", f"prompts_per_step={args.prompts}", f"group_size={args.group}",
                f"max_new_tokens={args.max_new}", f"learning_rate={args.lr}", "kl_coef=0.0", "loss_agg=token-mean",
                "eval_size=0", "checkpoint_interval=0", f"num_steps={args.max_steps}", f"torch_threads={args.threads}",
-               f"target_reward={args.target}", f"target_window={args.window}"]
+               f"target_reward={args.target}", f"target_window={args.window}",
+               f"async_rollouts={'true' if side == 'async' else 'false'}"]
         metrics = out / name / "metrics.jsonl"
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while True:
@@ -274,7 +292,7 @@ def run_side(side: str, seed: int, model_dir: Path, out: Path, args: argparse.Na
         if proc.returncode:
             raise SystemExit(f"{side} seed {seed}: exit {proc.returncode}: {' '.join(cmd)}")
     elif side == "api":
-        seen, t0, done_s = api_side(seed, model_dir, out, args, env)
+        seen, t0, done_s, actors_gone_s = api_side(seed, model_dir, out, args, env)
     else:
         raise SystemExit(f"unknown side {side!r}")
     total = done_s if side == "api" else time.time() - t0
@@ -285,7 +303,8 @@ def run_side(side: str, seed: int, model_dir: Path, out: Path, args: argparse.Na
             break
     return {"side": side, "seed": seed, "first_step_s": seen[0][2] if seen else None, "total_s": total,
             "steps": reached[0] if reached else None, "seconds": reached[2] if reached else None,
-            "last_step": seen[-1][0] if seen else None, "tail_s": total - seen[-1][2] if seen else None}
+            "last_step": seen[-1][0] if seen else None, "tail_s": total - seen[-1][2] if seen else None,
+            **({"actors_gone_s": actors_gone_s} if side == "api" else {})}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -336,14 +355,16 @@ def main(argv: list[str] | None = None) -> None:
     summary: dict[str, object] = {"date": str(datetime.date.today()), "cores": os.cpu_count(), "seeds": seeds}
     for side in sides:
         rows = [r for r in results if r["side"] == side]
-        med = {k: median(rows, k) for k in ("first_step_s", "steps", "seconds", "total_s", "last_step", "tail_s")}
+        med = {k: median(rows, k) for k in ("first_step_s", "steps", "seconds", "total_s", "last_step", "tail_s",
+                                            *(("actors_gone_s",) if side == "api" else ()))}
         med["reached"] = sum(r["steps"] is not None for r in rows)
         summary[side] = med
         print(f"{side:<6} {fmt(med['first_step_s'], 12, 1)} {fmt(med['steps'], 16, 0)} "
               f"{fmt(med['seconds'], 12, 1)} {fmt(med['total_s'], 10, 1)} {fmt(med['last_step'], 9, 0)} "
-              f"{fmt(med['tail_s'], 10, 1)}   ({med['reached']}/{len(rows)} reached)")
+              f"{fmt(med['tail_s'], 10, 1)}   ({med['reached']}/{len(rows)} reached)"
+              + (f"; actors gone {med['actors_gone_s']:.1f} s after completed" if side == "api" else ""))
     # What a user waits for: the process's exit (api: the job `completed` with its checkpoint)
-    for ours in ("run", "api"):
+    for ours in ("run", "async", "api"):
         for base in ("trl", "bare"):
             if ours in summary and base in summary:
                 ratio = summary[ours]["total_s"] / summary[base]["total_s"]

@@ -269,6 +269,7 @@ class Dispatcher:
         self.poll_s = poll_s
         self.periodic = list(periodic)
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a job was queued: the next round now, not at the next poll
         self._thread: threading.Thread | None = None
         if autostart:  # as an actor: also after Ray restarts it, reconcile and loop again
             self.start()
@@ -277,6 +278,7 @@ class Dispatcher:
     def start(self) -> bool:
         """Reconcile, then loop in a background thread (idempotent)."""
         if self._thread is None or not self._thread.is_alive():
+            self._create_ledger()
             self.reconcile()
             self._thread = threading.Thread(target=self.serve_forever, name="dispatcher", daemon=True)
             self._thread.start()
@@ -293,7 +295,28 @@ class Dispatcher:
             if every and self.periodic and time.monotonic() >= next_reconcile:
                 next_reconcile = time.monotonic() + every
                 self.run_periodic()
-            self._stop.wait(self.poll_s)
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def wake(self) -> None:
+        """Start the next round now (a job was just queued or resumed) rather than at the next poll."""
+        self._wake.set()
+
+    @staticmethod
+    def _create_ledger() -> None:
+        """The cluster's reservation ledger (grpo.gang), made now rather than by the first run's driver, which
+        would wait for its process to start before asking for anything (a run's workers cannot reuse idle
+        processes: the job's runtime env differs)."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        try:
+            from grpo.gang import ledger
+
+            ledger()
+        except Exception:  # the first run makes it then
+            log.exception("could not create the reservation ledger")
 
     def run_periodic(self) -> dict[str, str]:
         """The reconcilers once (e.g. policy deployments the database holds and Serve lost, deployed again)."""
@@ -309,6 +332,7 @@ class Dispatcher:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def ping(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -597,6 +621,20 @@ class Dispatcher:
             self.push_missing()
         log.info("reconciled: requeued %s, finalised %s", requeued, finalised)
         return {"requeued": requeued, "finalised": finalised}
+
+
+def wake_dispatcher() -> None:
+    """Tell the dispatcher actor of this cluster that a job was queued (fire and forget). Without Ray, or with no
+    dispatcher yet, nothing: its next poll finds the job."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    try:
+        ray.get_actor(ACTOR_NAME, namespace=NAMESPACE).wake.remote()
+    except Exception:  # noqa: BLE001 - no dispatcher (yet): it polls
+        pass
 
 
 def ensure_dispatcher(settings: Settings, periodic: Sequence[Callable[[Any], dict[str, str]]] = ()) -> Any:

@@ -545,6 +545,10 @@ def start_grpo(p: StartParams, ctx: Context) -> StartResult:
         if created and ctx.queue is not None:
             ctx.queue.push(result.job_id, priority=priority)
             ctx.queue.set_status(result.job_id, JobStatus.queued)
+        if created:
+            from app.jobs.dispatcher import wake_dispatcher
+
+            wake_dispatcher()
         return result
     finally:
         for leftover in (tmp, tmp_eval):
@@ -649,6 +653,9 @@ def resume(p: JobParams, ctx: Context) -> dict[str, Any]:
         ctx.queue.ack(p.job_id)  # its last run's entry may still be in the processing list; push skips those
         ctx.queue.push(p.job_id, priority=priority)
         ctx.queue.set_status(p.job_id, JobStatus.queued)
+    from app.jobs.dispatcher import wake_dispatcher
+
+    wake_dispatcher()
     return {"job_id": p.job_id, "status": "queued"}
 
 

@@ -417,3 +417,28 @@ def test_a_submission_the_jobs_api_cannot_take_yet_is_tried_again_not_failed(mak
     other = add_job(d2, 2, **README_JOB)
     d2.launch()
     assert view(d2, other)["status"] == "failed" and "status code 400" in view(d2, other)["error_message"]
+
+
+def test_a_queued_job_wakes_the_dispatcher_without_waiting_for_its_poll(make_dispatcher):
+    """start_grpo wakes the dispatcher (wake_dispatcher): the job is submitted at once, not up to a poll later.
+    The poll here is an hour: only the wake can start the second job within the bound."""
+    import time
+
+    d = make_dispatcher(FakeCluster(CPU=10.0), max_running_jobs=2)
+    d.poll_s = 3600.0
+    first = add_job(d, 0, **README_JOB)
+    d.start()  # the first round runs at once and starts the first job
+    try:
+        deadline = time.monotonic() + 60
+        while view(d, first)["status"] != "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert view(d, first)["status"] == "running"
+        second = add_job(d, 1, **README_JOB)
+        d.wake()
+        while view(d, second)["status"] != "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert view(d, second)["status"] == "running"
+    finally:
+        d.stop()
+        d._thread.join(timeout=60)
+    assert not d._thread.is_alive()  # stop wakes the loop too
