@@ -147,6 +147,21 @@ def test_a_job_runs_as_a_ray_job_to_completed_with_trajectories_and_checkpoints(
     # it stored its steps in the API's database, and no secret shows in what `ray job list` prints
     info = jobs.get_job_info(job["job_id"])
     assert DB_PASSWORD not in repr((info.entrypoint, info.runtime_env, info.metadata))
+    # nothing of the run stays on the cluster (bench/time_to_reward.py times it): its Train controller and
+    # workers, rollout and reward actors, board and monitor. Ray Train's autoscaling coordinator is detached,
+    # made by the first run for every later one.
+    from ray.util.state import list_actors
+
+    def left() -> list[str]:
+        return [a.class_name for a in list_actors(address=os.environ["RAYGRPO_TEST_DASHBOARD_URL"],
+                                                  filters=[("job_id", "=", info.driver_info.id), ("state", "=", "ALIVE")],
+                                                  raise_on_missing_output=False)
+                if a.class_name not in ("_AutoscalingCoordinatorActor", "ReservationLedger")]
+
+    deadline = time.time() + 60
+    while left() and time.time() < deadline:
+        time.sleep(0.5)
+    assert left() == []
 
 
 def test_cancelling_a_running_job_checkpoints_it(api):
