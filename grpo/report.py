@@ -21,8 +21,10 @@ starts after a step whose records died in the mailbox with the driver.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -188,6 +190,7 @@ class LocalReporter:
         self.metrics_path = run_dir / "metrics.jsonl"
         self.traj_path = run_dir / "trajectories.jsonl"
         self.synced_at = time.monotonic()
+        self.plot_imported = False
         if storage_url is not None:
             for path in (self.metrics_path, self.traj_path):
                 remote = storage.join(storage_url, path.name)
@@ -211,6 +214,10 @@ class LocalReporter:
     def on_step(self, metrics: dict[str, float]) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({k: _clean(v) for k, v in metrics.items()}) + "\n")
+        if not self.plot_imported:  # while the run trains, not after its last step (0.3 s of the end)
+            self.plot_imported = True
+            threading.Thread(target=importlib.import_module, args=("matplotlib.figure",), daemon=True,
+                             name="import-matplotlib").start()
         step = int(metrics.get("step", 0))
         if (self.checkpoint_interval and step % self.checkpoint_interval == 0) or \
                 time.monotonic() - self.synced_at > self.sync_s:
@@ -254,14 +261,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_curves(rows: list[dict[str, Any]], out: Path) -> Path:
-    """Reward (train and eval), loss and KL against step, one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Reward (train and eval), loss and KL against step, one PNG. Matplotlib's object API with the Agg
+    canvas: no pyplot (its import and global state cost the end of every run 0.1 s more)."""
+    from matplotlib.figure import Figure
 
     steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
     axes[0].plot(steps, [r.get("reward_mean") for r in rows], label="train reward")
     ev = [(r["step"], r["eval_reward"]) for r in rows if r.get("eval_reward") is not None]
     if ev:
@@ -277,7 +283,6 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
 
 

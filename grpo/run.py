@@ -984,11 +984,27 @@ def exit_now(code: int) -> None:
     the rest, ~2.3 s on 2 cores, measured) is skipped: a user waits for the prompt to come back."""
     import ray
 
+    _stop_autoscaler_monitor()
     ray.shutdown()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _stop_autoscaler_monitor() -> None:
+    """The autoscaler monitor of a local cluster this process started: `ray.shutdown` stops its processes one
+    by one, giving each 1 s to leave on SIGTERM, and the monitor always takes all of it (measured, Ray 2.60:
+    1.0 of the 1.1 s of the shutdown; raylet, GCS and dashboard go in 0.03 s each). Nothing needs it once the
+    run is over: it is killed first. A cluster this process did not start has no such process here."""
+    try:
+        from ray._private import ray_constants, worker
+
+        node = worker._global_node
+        for info in (node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node is not None else []):
+            info.process.kill()
+    except Exception:  # noqa: BLE001 - Ray's internals moved: ray.shutdown still stops it, 1 s slower
+        pass
 
 
 if __name__ == "__main__":
