@@ -190,8 +190,8 @@ class GRPOConfig(BaseModel):
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     """parallel strategy of the policy workers: ddp (a full copy each) or fsdp (FSDP2: each decoder layer
     sharded across the workers, sharded checkpoints); both run on GPUs (NCCL) and CPUs (gloo). auto: the
-    memory plan (grpo.memplan) picks FSDP2 when a whole replica's training state would not fit one device,
-    DDP otherwise (and where the device memory is unknown, or with LoRA)"""
+    memory plan (grpo.memplan) picks FSDP2 when a whole replica's training state would not fit one device
+    (with LoRA: the frozen base and the adapter's state), DDP otherwise and where the device memory is unknown"""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """how Ray places the policy workers (Ray Train's placement group strategy): PACK on as few nodes as
     possible, SPREAD over as many, STRICT_SPREAD one node each (refused at once where there are fewer nodes),
@@ -320,9 +320,9 @@ class GRPOConfig(BaseModel):
                 raise ValueError(f"reward_worker_resources: {name!r}: a custom resource with a positive amount "
                                  "(CPUs are cpus_per_reward_worker)")
         if self.lora_rank:
-            if self.strategy == "fsdp":
-                raise ValueError("lora_rank: LoRA runs with strategy 'ddp' or 'auto' (the adapter is small; FSDP2 is for full "
-                                 "fine-tuning)")
+            if self.strategy == "fsdp" and self.lora_merged_export:
+                raise ValueError("lora_merged_export: not with strategy 'fsdp' (merging gathers the whole model on one "
+                                 "rank); merge the adapter directory of a checkpoint offline, or use 'ddp'")
             try:
                 import peft  # noqa: F401
             except ImportError:

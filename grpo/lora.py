@@ -2,7 +2,8 @@
 
 With `lora_rank` set, the policy workers and every rollout actor build the same adapter (`add_adapter`, from
 `GRPOConfig.lora_config()`) on the same base weights. Only the adapter's parameters require gradients, so the
-optimizer holds only them and DDP all-reduces only them; each step rank 0 publishes `adapter_state` — a few
+optimizer holds only them and DDP all-reduces only them (under FSDP2 the frozen base is sharded with the adapter
+and only the adapter's gradients are reduce-scattered); each step rank 0 publishes `adapter_state` — a few
 percent of the model — instead of the full weights, and the actors load it into their copy. The KL reference
 is the policy with its adapter disabled (`AdapterOff`): no second copy of the base in memory.
 
@@ -30,11 +31,14 @@ def is_adapter_key(key: str) -> bool:
 
 def adapter_state(model: nn.Module, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The adapter's tensors only, on the CPU, keyed as in the PEFT model's state dict (so a rollout actor's
-    PEFT model of the same config loads them with load_state_dict). `dtype` casts them, e.g. to bf16."""
+    PEFT model of the same config loads them with load_state_dict). `dtype` casts them, e.g. to bf16. Under
+    FSDP2 every rank must call this: each adapter tensor is gathered from its shards (a few MB in all)."""
     inner = getattr(model, "module", model)  # under DDP
     out = {}
     for k, v in inner.state_dict().items():
         if is_adapter_key(k):
+            if hasattr(v, "full_tensor"):  # a DTensor shard (FSDP2): all ranks gather it
+                v = v.full_tensor()
             v = v.detach().to("cpu")
             out[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v.clone()
     if not out:

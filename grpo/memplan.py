@@ -293,8 +293,8 @@ def plan(cfg: Any, dims: ModelDims, *, device_memory_gib: float | None = None, s
 
 def choose_strategy(cfg: Any, dims: ModelDims, *, device_memory_gib: float | None, device: str) -> str:
     """`strategy: auto`: DDP when a whole replica's training state fits one device (or nothing says how
-    much a device has), FSDP2 when it would not; LoRA always DDP (the adapter is small)."""
-    if getattr(cfg, "lora_rank", 0) or cfg.num_policy_workers == 1 or device_memory_gib is None:
+    much a device has), FSDP2 when it would not (with LoRA: when the frozen base alone does not fit)."""
+    if cfg.num_policy_workers == 1 or device_memory_gib is None:
         return "ddp"
     replica, _ = _policy(cfg, dims, "ddp", cfg.num_policy_workers, device)
     return "ddp" if replica.total_gib <= device_memory_gib * (1 - HEADROOM) else "fsdp"

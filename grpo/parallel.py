@@ -58,7 +58,10 @@ class Collectives:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks FSDP2 shards one by one (HF causal LMs keep them at `model.layers`)."""
+    """The repeated blocks FSDP2 shards one by one (HF causal LMs keep them at `model.layers`; a PEFT model
+    keeps the HF model under it, with the adapter's modules inside its layers)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None:

@@ -418,8 +418,10 @@ def publish(w: Worker, version: int, *, restart: bool = False) -> None:
     not awaited here: an actor runs rank 0's calls in order, so it loads before rank 0's next generate, and
     any other caller's generate carries min_version and pulls from the board if it got there first."""
     dtype = getattr(torch, w.cfg.dtype)
-    if w.cfg.lora_rank:  # the adapter only (a few MB): the actors hold the same base
-        buckets = iter([lora.adapter_state(w.learner.model, dtype=dtype)] if w.rank == 0 else [])
+    if w.cfg.lora_rank:  # the adapter only (a few MB): the actors hold the same base; FSDP2: every rank gathers
+        gather = w.rank == 0 or parallel.is_fsdp(w.learner.model)
+        state = lora.adapter_state(w.learner.model, dtype=dtype) if gather else None
+        buckets = iter([state] if w.rank == 0 else [])
     else:
         buckets = parallel.weight_buckets(w.learner.model, dtype=dtype, bucket_bytes=w.cfg.publish_bucket_mb << 20)
     puts, nbytes = [], 0
@@ -452,9 +454,12 @@ def save_checkpoint(w: Worker, step: int, metrics: dict[str, float]) -> None:
             parallel.save_hf(w.learner.model, d if w.rank == 0 else None)
         if ref is not None:  # the warm-up's reference, gathered the same way when it is sharded
             parallel.save_hf(ref, d / REFERENCE_DIR if w.rank == 0 else None, dtype=getattr(torch, w.cfg.dtype))
+        adapter = None
+        if w.cfg.lora_rank and (w.rank == 0 or parallel.is_fsdp(w.learner.model)):  # FSDP2: every rank gathers
+            adapter = lora.adapter_state(w.learner.model)
         if w.rank == 0:
             if w.cfg.lora_rank:  # a PEFT adapter directory (adapter_config.json names the base by its path)
-                w.learner.base_model.save_pretrained(d)
+                w.learner.base_model.save_pretrained(d, state_dict=adapter)
                 if w.cfg.lora_merged_export:
                     merged = copy.deepcopy(w.learner.base_model).merge_and_unload()
                     merged.save_pretrained(d / "merged")

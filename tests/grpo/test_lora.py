@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("peft")
 
+from grpo import parallel  # noqa: E402
 from grpo.config import GRPOConfig  # noqa: E402
 from grpo.learner import Learner, score_batch  # noqa: E402
 from grpo.lora import AdapterOff, adapter_state, add_adapter, nbytes  # noqa: E402
@@ -27,7 +28,7 @@ def _cfg(model: str, **kw) -> GRPOConfig:
     return GRPOConfig(**(base | kw))
 
 
-def test_lora_needs_ddp_and_builds_the_same_adapter_config(tiny_model_dir):
+def test_lora_builds_the_same_adapter_config_and_runs_sharded_without_the_merged_export(tiny_model_dir):
     cfg = _cfg(tiny_model_dir, lora_target_modules=["q_proj", "v_proj", "o_proj"])
     assert cfg.lora_config() == {"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "task_type": "CAUSAL_LM",
                                  "target_modules": ["q_proj", "v_proj", "o_proj"]}
@@ -35,8 +36,9 @@ def test_lora_needs_ddp_and_builds_the_same_adapter_config(tiny_model_dir):
     assert _cfg(tiny_model_dir, lora_target_modules=["all-linear"]).lora_config()["target_modules"] == "all-linear"
     from grpo.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="lora_rank: LoRA runs with strategy 'ddp'"):
-        load_config(None, {"model": tiny_model_dir, "lora_rank": 8, "strategy": "fsdp"})
+    assert load_config(None, {"model": tiny_model_dir, "lora_rank": 8, "strategy": "fsdp"}).strategy == "fsdp"
+    with pytest.raises(ConfigError, match="lora_merged_export: not with strategy 'fsdp'"):
+        load_config(None, {"model": tiny_model_dir, "lora_rank": 8, "strategy": "fsdp", "lora_merged_export": True})
 
 
 def test_only_the_adapter_trains_is_published_and_loads_into_a_sampler(tiny_model_dir):
@@ -107,12 +109,14 @@ logits (std ~0.2), so adapters on attention alone cannot make a digit likely (me
 
 
 @pytest.mark.ray
-def test_a_lora_run_on_two_workers_publishes_the_adapter_and_its_checkpoint_loads_with_peft(ray_session,
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_lora_run_on_two_workers_publishes_the_adapter_and_its_checkpoint_loads_with_peft(ray_session, strategy,
                                                                                           tiny_model_dir, tmp_path):
-    """Four steps of a rank-8 adapter on two DDP workers, checked by their mechanics: only the adapter trains
-    and is published, the checkpoint is a PEFT adapter directory holding the policy the run ended with, and
-    the merged export computes what base + adapter compute. (That such a run learns the digit task, 0.8 in
-    about a hundred steps, is `python bench/learning_curves.py --curve lora-digit`: docs/benchmarks.md.)"""
+    """Four steps of a rank-8 adapter on two workers, DDP or FSDP2 (the frozen base sharded with the adapter),
+    checked by their mechanics: only the adapter trains and is published, the checkpoint is a PEFT adapter
+    directory holding the policy the run ended with, and (DDP) the merged export computes what base + adapter
+    compute. (That such a run learns the digit task, 0.8 in about a hundred steps, is
+    `python bench/learning_curves.py --curve lora-digit`: docs/benchmarks.md.)"""
     import json
 
     import ray
@@ -126,7 +130,7 @@ def test_a_lora_run_on_two_workers_publishes_the_adapter_and_its_checkpoint_load
                      prompts_per_step=8, group_size=4, max_new_tokens=6, learning_rate=2e-3, kl_coef=0.0,
                      loss_agg="token-mean", lora_rank=8, lora_target_modules=ATTENTION_AND_HEAD,
                      num_policy_workers=2, eval_size=10, checkpoint_interval=2, cpus_per_worker=1,
-                     cpus_per_reward_worker=0.5, lora_merged_export=True)
+                     cpus_per_reward_worker=0.5, strategy=strategy, lora_merged_export=strategy == "ddp")
     handles = build_actors(cfg)
     try:
         result = run(cfg, handles=handles)
@@ -160,6 +164,10 @@ def test_a_lora_run_on_two_workers_publishes_the_adapter_and_its_checkpoint_load
         # evaluation and models.deploy open a checkpoint with AutoModelForCausalLM: the adapter on its base
         assert RolloutWorker(str(ckpt)).generate(prompts, group_size=1, max_new_tokens=cfg.max_new_tokens,
                                                  temperature=0.0).texts == served
+        if strategy == "fsdp":
+            assert not (ckpt / "merged").exists()
+            assert (ckpt / parallel.SHARDS_DIR).is_dir()  # the resume's shards: adapter, base and AdamW state
+            return
         # the merged export is an ordinary model computing what base + adapter compute (to rounding)
         merged = ckpt / "merged"
         assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()

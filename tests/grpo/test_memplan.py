@@ -88,8 +88,14 @@ def test_auto_is_ddp_where_a_replica_fits_and_without_a_device_size(tiny_model_d
     dims = memplan.ModelDims.from_config(tiny_model_dir)
     assert memplan.plan(small, dims, device_memory_gib=80).strategy == "ddp"
     assert memplan.plan(_cfg(), memplan.ModelDims.from_config(QWEN_7B)).strategy == "ddp"  # nothing to compare with
-    assert memplan.plan(_cfg(lora_rank=8), memplan.ModelDims.from_config(QWEN_7B), device_memory_gib=80).strategy \
-        == "ddp"
+    # LoRA: DDP where a replica (the frozen base, the adapter and its AdamW state, activations) fits one device,
+    # FSDP2 where it does not (the 7B base alone is 28 GiB in fp32)
+    assert memplan.plan(_cfg(tiny_model_dir, num_policy_workers=2, lora_rank=8), dims,
+                        device_memory_gib=80).strategy == "ddp"
+    lora_7b = memplan.plan(_cfg(lora_rank=8), memplan.ModelDims.from_config(QWEN_7B), device_memory_gib=24)
+    assert lora_7b.strategy == "fsdp"
+    assert memplan.plan(_cfg(lora_rank=8, strategy="ddp"), memplan.ModelDims.from_config(QWEN_7B),
+                        device_memory_gib=24).policy_peak_gib > 5 * lora_7b.policy_peak_gib
 
 
 def test_activation_checkpointing_and_the_logprob_chunk_bound_the_activations():
