@@ -154,22 +154,55 @@ def _rows(p: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return local, start, stop
 
 
+def base_name(name: str) -> str:
+    """The name a parameter of a PEFT (LoRA) model has in its base model's files: PEFT nests the model under
+    `base_model.model.` and keeps each adapted layer's own weight under `base_layer.`."""
+    if name.startswith("base_model.model."):
+        name = name[len("base_model.model."):]
+    return name.replace(".base_layer.", ".")
+
+
+def _init_adapter(name: str, local: torch.Tensor, shape: tuple[int, ...], start: int, stop: int) -> None:
+    """This rank's rows of a fresh LoRA tensor, as PEFT initialises one: B zero (the adapter computes nothing
+    yet), A Kaiming-uniform. A is drawn whole from a generator seeded by its name, so the ranks' rows are
+    rows of one tensor (A is rank x in_features: small)."""
+    import math
+    import zlib
+
+    if ".lora_B." in name:
+        local.zero_()
+        return
+    full = torch.empty(shape, dtype=local.dtype)
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    bound = 1.0 / math.sqrt(shape[1]) if len(shape) > 1 else 1.0  # kaiming_uniform_ with a = sqrt(5)
+    full.uniform_(-bound, bound, generator=gen)
+    local.copy_(full[start:stop])
+
+
 @torch.no_grad()
 def materialize(model: nn.Module, device: torch.device, source: SafetensorsIndex | None) -> None:
-    """Allocate the meta parameters of `model` (sharded or not) on `device` and fill them from `source`."""
+    """Allocate the meta parameters of `model` (sharded or not) on `device` and fill them from `source`. A PEFT
+    model's base weights are read under their names in the base's files; its LoRA tensors, which no file
+    holds, start as PEFT starts them."""
+    from grpo.lora import is_adapter_key
+
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     model.to_empty(device=device)
     for name, b in model.named_buffers():  # to_empty replaced them with uninitialised memory too
-        if source is not None and name in source:
-            b.copy_(source[name].read_rows(0, b.shape[0] if b.dim() else 1))
+        if source is not None and base_name(name) in source:
+            b.copy_(source[base_name(name)].read_rows(0, b.shape[0] if b.dim() else 1))
         else:
             b.copy_(buffers[name])
     if source is None:
         return
     for name, p in model.named_parameters():
         local, start, stop = _rows(p)
-        if local.numel():
-            local.copy_(source[name].read_rows(start, stop))
+        if not local.numel():
+            continue
+        if is_adapter_key(name):
+            _init_adapter(name, local, tuple(p.shape), start, stop)
+        else:
+            local.copy_(source[base_name(name)].read_rows(start, stop))
 
 
 def sharded(path: str | Path, dtype: torch.dtype, shard: Callable[[nn.Module], nn.Module], device: torch.device,

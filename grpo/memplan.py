@@ -237,9 +237,9 @@ def _policy(cfg: Any, d: ModelDims, strategy: str, world: int, device: str) -> t
     r.add("runtime", _runtime(device), "interpreter and libraries" if device == "cpu"
           else "CUDA context, NCCL, allocator slack")
     ref = c * p / shard if cfg.kl_coef > 0 and not lora else 0
-    if shard > 1 and not lora:  # built on the meta device, each rank reads its rows (grpo.loading)
+    if shard > 1:  # built on the meta device (a LoRA adapter on it too), each rank reads its rows (grpo.loading)
         load = 4 * p / shard + 4 * largest / shard
-    elif device == "cpu":  # the whole fp32 model read into host memory, then (LoRA under FSDP2) sharded
+    elif device == "cpu":  # the whole fp32 model read into host memory
         load = 4 * p + 4 * p / shard
     else:  # DDP moves it all to the device
         load = 4 * p

@@ -245,11 +245,14 @@ def build_policy(cfg: GRPOConfig, device: torch.device, resume_dir: Path | None)
     wrap = functools.partial(parallel.wrap_policy, strategy=cfg.strategy, dtype=cfg.dtype, device=device,
                              activation_checkpointing=cfg.uses_activation_checkpointing)
     lora_kw = cfg.lora_config()
+    sharded_resume = resume_dir is not None and parallel.has_shards(resume_dir)
     if lora_kw is not None:  # the base, then a fresh adapter; a resume restores the adapter from the shards
+        if cfg.strategy == "fsdp":  # the adapter goes on the meta model; the base's rows are read by name
+            return loading.sharded(cfg.model, torch.float32, lambda m: wrap(lora.add_adapter(m, lora_kw)), device,
+                                   read=not sharded_resume)
         return wrap(lora.add_adapter(_load_model(str(cfg.model), torch.float32), lora_kw))
     path = resume_dir or Path(cfg.model)
     if cfg.strategy == "fsdp":
-        sharded_resume = resume_dir is not None and parallel.has_shards(resume_dir)
         return loading.sharded(path, torch.float32, wrap, device, read=not sharded_resume)
     return wrap(_load_model(str(path), torch.float32))
 

@@ -88,3 +88,28 @@ def session_step(rank: int, world: int, out: Path, model_dir: str, rows: list, d
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in w.model.parameters())
     return {"logprobs": got["logprobs"], "grad_norm": step["grad_norm"], "weights": weights, "local": local,
             "sharded": hasattr(next(w.model.parameters()), "to_local")}
+
+
+def lora_sharded_load(rank: int, world: int, out: Path, model_dir: str) -> dict:
+    """A LoRA policy under FSDP2 as trainer.build_policy builds it: the adapter on the meta model, sharded, each
+    rank reading its rows of the base by their names in the base's files; what each rank holds, the gathered
+    whole and the logits."""
+    import transformers
+
+    from grpo import trainer
+    from grpo.config import GRPOConfig
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the base was loaded whole")
+
+    transformers.AutoModelForCausalLM.from_pretrained = whole  # in this spawned process only
+    cfg = GRPOConfig(model=model_dir, strategy="fsdp", num_policy_workers=world, lora_rank=4,
+                     lora_target_modules=["q_proj", "v_proj"], kl_coef=0.0)
+    model = trainer.build_policy(cfg, torch.device("cpu"), None)
+    from grpo import parallel
+
+    local_bytes = sum(p.to_local().numel() * p.to_local().element_size() for p in model.parameters())
+    with torch.no_grad():
+        logits = model(input_ids=torch.arange(1, 13).reshape(2, 6)).logits.float()
+    return {"local_bytes": local_bytes, "logits": logits, "full": parallel.full_state_dict(model),
+            "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad)}

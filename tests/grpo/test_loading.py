@@ -79,3 +79,34 @@ def test_two_fsdp_ranks_read_half_the_model_each_and_equal_from_pretrained(tiny_
         if k == "lm_head.weight" and k not in zero["ref_full_after"]:
             continue
         torch.testing.assert_close(zero["ref_full_after"][k], (v + 0.5).to(torch.bfloat16), atol=0, rtol=0, msg=k)
+
+
+def test_a_lora_policy_under_fsdp2_reads_its_base_by_rows_and_starts_with_a_zero_adapter(tiny_model_dir, tmp_path):
+    """LoRA on FSDP2 never holds the whole base on a rank: the adapter goes on the meta model and each rank reads
+    its rows of the base under PEFT's names. Gathered, the base is the checkpoint exactly; B is zero and A one
+    tensor across the ranks, so the policy computes what the base computes."""
+    pytest.importorskip("peft")
+    from dist_helpers import lora_sharded_load
+
+    out = tmp_path / "out"
+    out.mkdir()
+    zero, one = run_ranks(lora_sharded_load, out, tiny_model_dir)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    expected = plain.state_dict()
+    from grpo.loading import base_name
+
+    adapter = {k: v for k, v in zero["full"].items() if "lora_" in k}
+    base = {base_name(k): v for k, v in zero["full"].items() if "lora_" not in k}
+    assert sorted(base) == sorted(expected)
+    for k, v in expected.items():
+        torch.testing.assert_close(base[k], v, atol=0, rtol=0, msg=k)
+    assert adapter and zero["trainable"] == sorted(k for k in one["trainable"]) and len(zero["trainable"]) == len(adapter)
+    assert all(float(v.abs().max()) == 0 for k, v in adapter.items() if "lora_B" in k)
+    assert all(float(v.abs().max()) > 0 and v.std() > 0 for k, v in adapter.items() if "lora_A" in k)
+    total = sum(v.numel() * 4 for v in zero["full"].values())
+    for r in (zero, one):  # each rank materialised about half
+        assert abs(r["local_bytes"] - total / 2) <= 0.02 * total
+    with torch.no_grad():
+        want = plain(input_ids=torch.arange(1, 13).reshape(2, 6)).logits
+    for r in (zero, one):
+        torch.testing.assert_close(r["logits"], want, atol=1e-5, rtol=1e-5)

@@ -178,3 +178,44 @@ def test_a_lora_run_on_two_workers_publishes_the_adapter_and_its_checkpoint_load
     finally:
         for h in handles["rollout_actors"] + handles["reward_actors"] + [handles["weight_board"], handles["monitor"]]:
             ray.kill(h)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_lora_run_under_fsdp2_resumes_from_its_sharded_checkpoint(ray_session, tiny_model_dir, tmp_path):
+    """Two steps, then the same run asked for four: the second attempt builds the PEFT model on the meta device,
+    reads nothing of the base (the checkpoint's shards hold base, adapter and AdamW state) and continues at
+    step 3; every step is stored once and the final adapter is a PEFT directory that moved past step 2's."""
+    import json
+
+    import ray
+    from safetensors.torch import load_file
+
+    from grpo.run import build_actors, run
+
+    def cfg_of(steps: int) -> GRPOConfig:
+        return GRPOConfig(model=tiny_model_dir, output_dir=str(tmp_path / "runs"), run_name="lora-resume",
+                          num_steps=steps, prompts_per_step=8, group_size=4, max_new_tokens=6, learning_rate=2e-3,
+                          kl_coef=0.0, lora_rank=8, lora_target_modules=["q_proj", "v_proj"], strategy="fsdp",
+                          num_policy_workers=2, eval_size=0, checkpoint_interval=2, cpus_per_worker=1,
+                          cpus_per_reward_worker=0.5)
+
+    adapters = []
+    for steps in (2, 4):
+        cfg = cfg_of(steps)
+        handles = build_actors(cfg)
+        try:
+            result = run(cfg, handles=handles)
+        finally:
+            for h in handles["rollout_actors"] + handles["reward_actors"] + [handles["weight_board"],
+                                                                              handles["monitor"]]:
+                ray.kill(h)
+        assert result.status == "completed" and result.steps == steps, result.error
+        adapters.append(load_file(str(Path(result.checkpoint) / "adapter_model.safetensors")))
+        lines = [x for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        if steps == 2:
+            first = lines
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+    assert lines[:2] == first  # steps 1-2 are the first attempt's, not run again: it resumed at step 3
+    assert sorted(adapters[0]) == sorted(adapters[1])
+    assert any(not torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0] if "lora_B" in k)
