@@ -156,6 +156,9 @@ def trl_child(args: argparse.Namespace) -> None:
         trainer.train()
 
 
+CLI = str(Path(sys.executable).with_name("raygrpo"))  # the job API's command line, from this environment
+
+
 def start_api(home: Path, model_dir: Path, env: dict[str, str]) -> tuple[dict[str, str], str, dict[str, str]]:
     """`raygrpo up` (a local Ray head on free ports and the job API on it, embedded database), waited for until
     it answers; -> (its stack.json: rpc_url, dashboard_url, ...), an admin token, and the environment that
@@ -164,9 +167,8 @@ def start_api(home: Path, model_dir: Path, env: dict[str, str]) -> tuple[dict[st
 
     env = {**env, "RAYGRPO_HOME": str(home), "RAYGRPO_MODEL_ROOTS": str(model_dir.parent)}
     home.mkdir(parents=True, exist_ok=True)
-    cli = str(Path(sys.executable).with_name("raygrpo"))
     with open(home / "up.log", "w") as log:
-        if subprocess.run([cli, "up", "--port", "0"], env=env, stdout=log, stderr=subprocess.STDOUT).returncode:
+        if subprocess.run([CLI, "up", "--port", "0"], env=env, stdout=log, stderr=subprocess.STDOUT).returncode:
             raise SystemExit(f"raygrpo up failed; see {home / 'up.log'}")
     stack = json.loads((home / "stack.json").read_text())
     deadline = time.time() + 300
@@ -174,7 +176,7 @@ def start_api(home: Path, model_dir: Path, env: dict[str, str]) -> tuple[dict[st
         if time.time() > deadline:
             raise SystemExit(f"the job API did not get ready; see {home / 'up.log'}")
         time.sleep(0.5)
-    token = subprocess.run([cli, "token", "--role", "admin"], env=env, check=True, capture_output=True,
+    token = subprocess.run([CLI, "token", "--role", "admin"], env=env, check=True, capture_output=True,
                            text=True).stdout.strip()
     return stack, token, env
 
@@ -251,7 +253,7 @@ def api_side(seed: int, model_dir: Path, out: Path, args: argparse.Namespace,
             time.sleep(0.2)
         return seen, t0, done_s, time.time() - t0 - done_s
     finally:
-        subprocess.run([str(Path(sys.executable).with_name("raygrpo")), "down"], env=env, capture_output=True)
+        subprocess.run([CLI, "down"], env=env, capture_output=True)
 
 
 def run_side(side: str, seed: int, model_dir: Path, out: Path, args: argparse.Namespace) -> dict:

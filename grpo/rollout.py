@@ -15,7 +15,6 @@ import time
 import torch
 from torch import Tensor
 
-from grpo.board import WeightBoard  # noqa: F401  (where the engine looked for it before)
 from grpo.parallel import unpack_bucket
 from grpo.sampling import Prompt, PromptFormat, Rollout, left_pad, position_ids, sample_token, stop_token_ids
 

@@ -421,10 +421,9 @@ def publish(w: Worker, version: int, *, restart: bool = False) -> None:
     not awaited here: an actor runs rank 0's calls in order, so it loads before rank 0's next generate, and
     any other caller's generate carries min_version and pulls from the board if it got there first."""
     dtype = getattr(torch, w.cfg.dtype)
-    if w.cfg.lora_rank:  # the adapter only (a few MB): the actors hold the same base; FSDP2: every rank gathers
-        gather = w.rank == 0 or parallel.is_fsdp(w.learner.model)
-        state = lora.adapter_state(w.learner.model, dtype=dtype) if gather else None
-        buckets = iter([state] if w.rank == 0 else [])
+    if w.cfg.lora_rank:  # the adapter only (a few MB): the actors hold the same base
+        state = adapter_on_rank0(w, dtype=dtype)
+        buckets = iter([state] if state is not None else [])
     else:
         buckets = parallel.weight_buckets(w.learner.model, dtype=dtype, bucket_bytes=w.cfg.publish_bucket_mb << 20)
     puts, nbytes = [], 0
@@ -442,6 +441,15 @@ def publish(w: Worker, version: int, *, restart: bool = False) -> None:
         w.loading[:] = [a.load_weights.remote(refs, version) for a in w.actors]
 
 
+def adapter_on_rank0(w: Worker, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+    """The LoRA adapter's tensors on rank 0, None on the others. Under FSDP2 every rank takes part in gathering
+    them (a collective); under DDP rank 0 holds them whole and the others do nothing."""
+    if w.rank != 0 and not parallel.is_fsdp(w.learner.model):
+        return None
+    state = lora.adapter_state(w.learner.model, dtype=dtype)
+    return state if w.rank == 0 else None
+
+
 def save_checkpoint(w: Worker, step: int, metrics: dict[str, float]) -> None:
     """Every rank writes its shard of model and optimizer and its RNG state; rank 0 also writes the full
     model as a Hugging Face directory (gathered and written one safetensors file at a time), the tokenizer,
@@ -457,9 +465,7 @@ def save_checkpoint(w: Worker, step: int, metrics: dict[str, float]) -> None:
             parallel.save_hf(w.learner.model, d if w.rank == 0 else None)
         if ref is not None:  # the warm-up's reference, gathered the same way when it is sharded
             parallel.save_hf(ref, d / REFERENCE_DIR if w.rank == 0 else None, dtype=getattr(torch, w.cfg.dtype))
-        adapter = None
-        if w.cfg.lora_rank and (w.rank == 0 or parallel.is_fsdp(w.learner.model)):  # FSDP2: every rank gathers
-            adapter = lora.adapter_state(w.learner.model)
+        adapter = adapter_on_rank0(w) if w.cfg.lora_rank else None
         if w.rank == 0:
             if w.cfg.lora_rank:  # a PEFT adapter directory (adapter_config.json names the base by its path)
                 w.learner.base_model.save_pretrained(d, state_dict=adapter)

@@ -9,7 +9,8 @@ from dist_helpers import fsdp_buckets, run_ranks
 from transformers import AutoModelForCausalLM
 
 from grpo import parallel
-from grpo.rollout import RolloutWorker, WeightBoard
+from grpo.board import WeightBoard
+from grpo.rollout import RolloutWorker
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
