@@ -100,3 +100,35 @@ def test_start_grpo_refuses_a_job_the_cluster_can_never_hold(ray_session, settin
         gpus = start(num_policy_workers=2, num_rollout_workers=2, gpus_per_worker=8.0)["error"]
         assert gpus["data"]["needs"] == {"GPU": 32.0} and "gpus_per_worker 8" in gpus["message"]
         assert start()["result"]["status"] == "queued"  # 2.5 CPUs fit
+
+
+def test_the_dispatcher_makes_the_clusters_reservation_ledger_when_it_starts(ray_session, settings):
+    """The first job's driver would otherwise wait for the ledger's process before asking for anything."""
+    import time
+
+    import ray
+
+    from grpo.gang import LEDGER_NAME, NAMESPACE
+
+    def ledger_exists() -> bool:
+        try:
+            ray.get_actor(LEDGER_NAME, namespace=NAMESPACE)
+            return True
+        except ValueError:
+            return False
+
+    if ledger_exists():  # made by an earlier test's run: this one needs a cluster without it
+        ray.kill(ray.get_actor(LEDGER_NAME, namespace=NAMESPACE))
+        deadline = time.monotonic() + 60
+        while ledger_exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert not ledger_exists()
+    d = Dispatcher(settings, jobs_client=FakeJobs())
+    d.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not ledger_exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ledger_exists()
+    finally:
+        d.stop()
